@@ -1,0 +1,227 @@
+"""Batching policies for prefill and decode. Time is always an argument (`now_s`): the workers
+pass the wall clock, the simulator in `placement/` passes its simulated clock.
+
+A policy decides *what* runs next and keeps block tables; it never runs a model. One call to
+`schedule` returns a `Batch`; after the batch has run, the caller reports the sampled tokens
+with `complete`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.request import FinishReason, Request, RequestState
+
+
+@dataclass
+class PrefillChunk:
+    """Compute KV for tokens [start, start + num_tokens) of `request.all_token_ids`."""
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the end of the known tokens, so it samples a new token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class Batch:
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefill)
+
+    @property
+    def sampled(self) -> list[Request]:
+        """Requests that get a new token from this batch, in the order tokens are returned."""
+        return [c.request for c in self.prefill if c.is_last] + list(self.decode)
+
+
+class PrefillPolicy:
+    """First come, first served prefill under a token budget.
+
+    A request longer than the budget runs alone. The head of the queue waits for blocks rather
+    than being overtaken (FCFS), which is also the back-pressure: a prefill instance whose KV is
+    still waiting for transfer stops admitting.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int = 8192,
+                 max_batch_size: int = 256):
+        self.bm = block_manager
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.waiting: deque[Request] = deque()
+
+    def add(self, req: Request, now_s: float) -> None:
+        req.mark("queued", now_s)
+        self.waiting.append(req)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    def remove(self, req: Request) -> bool:
+        try:
+            self.waiting.remove(req)
+            return True
+        except ValueError:
+            return False
+
+    def schedule(self, now_s: float, token_budget: int | None = None,
+                 max_chunk_tokens: int | None = None) -> list[PrefillChunk]:
+        """Take requests from the head of the queue while they fit. With `max_chunk_tokens`,
+        a request may be split over several calls (chunked prefill)."""
+        budget = self.max_batch_tokens if token_budget is None else token_budget
+        chunks: list[PrefillChunk] = []
+        used = 0
+        while self.waiting and len(chunks) < self.max_batch_size:
+            req = self.waiting[0]
+            if not req.block_ids:
+                if not self.bm.can_allocate(req.all_token_ids):
+                    break
+                req.block_ids, req.num_cached_tokens = self.bm.allocate(req.all_token_ids)
+                req.num_computed_tokens = req.num_cached_tokens
+            remaining = req.num_tokens - req.num_computed_tokens
+            take = remaining
+            if max_chunk_tokens is not None:
+                take = min(take, budget - used)
+            elif chunks and used + take > budget:
+                break
+            if take <= 0:
+                break
+            chunks.append(PrefillChunk(req, req.num_computed_tokens, take))
+            used += take
+            if req.state is RequestState.QUEUED:
+                req.transition(RequestState.PREFILLING)
+                req.mark("prefill_start", now_s)
+            if take < remaining:
+                break       # a partly prefilled request stays at the head of the queue
+            self.waiting.popleft()
+        return chunks
+
+
+class DecodePolicy:
+    """Continuous batching: every running request advances one token per step. When a step
+    needs a block and none is free, the most recently added request is preempted (its blocks
+    freed, back to QUEUED for recompute) until the rest fit."""
+
+    def __init__(self, block_manager: BlockManager, max_batch_size: int = 256):
+        self.bm = block_manager
+        self.max_batch_size = max_batch_size
+        self.running: list[Request] = []
+
+    def add(self, req: Request, now_s: float) -> None:
+        if req.state is not RequestState.DECODING:
+            req.transition(RequestState.DECODING)
+        req.mark("decode_start", now_s)
+        self.running.append(req)
+
+    def remove(self, req: Request) -> bool:
+        if req in self.running:
+            self.running.remove(req)
+            return True
+        return False
+
+    def schedule(self, now_s: float) -> tuple[list[Request], list[Request]]:
+        batch: list[Request] = []
+        preempted: list[Request] = []
+        candidates = list(self.running[:self.max_batch_size])
+        while candidates:
+            req = candidates.pop(0)
+            while not self.bm.can_append(req.block_ids, req.num_tokens):
+                victim = candidates.pop() if candidates else req
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                self.bm.append(req.block_ids, req.num_tokens)
+                batch.append(req)
+        return batch, preempted
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.bm.free(req.block_ids)
+        req.reset_for_recompute()
+
+
+class ColocatedPolicy:
+    """Prefill and decode on one instance.
+
+    mode="prefill_first" (vLLM's default before chunking): a waiting prefill runs before the
+    next decode step. mode="chunked" (Sarathi-Serve): every step carries all running decodes
+    and fills the rest of `chunk_tokens` with prefill chunks.
+    Preempted requests go back to the head of the prefill queue for recompute.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int = 8192,
+                 max_batch_size: int = 256, mode: str = "prefill_first", chunk_tokens: int = 512):
+        if mode not in ("prefill_first", "chunked"):
+            raise ValueError(f"mode must be prefill_first or chunked, got {mode!r}")
+        self.bm = block_manager
+        self.prefill = PrefillPolicy(block_manager, max_batch_tokens, max_batch_size)
+        self.decode = DecodePolicy(block_manager, max_batch_size)
+        self.mode = mode
+        self.chunk_tokens = chunk_tokens
+
+    def add(self, req: Request, now_s: float) -> None:
+        self.prefill.add(req, now_s)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.prefill.waiting or self.decode.running)
+
+    def schedule(self, now_s: float) -> Batch:
+        if self.mode == "chunked":
+            decode, preempted = self.decode.schedule(now_s)
+            self._requeue(preempted)
+            budget = self.chunk_tokens - len(decode)
+            prefill = self.prefill.schedule(now_s, token_budget=budget, max_chunk_tokens=budget) if budget > 0 else []
+            return Batch(prefill=prefill, decode=decode, preempted=preempted)
+        prefill = self.prefill.schedule(now_s)
+        if prefill:
+            return Batch(prefill=prefill)
+        decode, preempted = self.decode.schedule(now_s)
+        self._requeue(preempted)
+        return Batch(decode=decode, preempted=preempted)
+
+    def _requeue(self, preempted: list[Request]) -> None:
+        for req in reversed(preempted):
+            self.prefill.waiting.appendleft(req)
+
+    def complete(self, batch: Batch, finished: list[Request], now_s: float) -> None:
+        """After the batch ran and tokens were appended: advance chunk progress, move finished
+        prefills into decode, and free finished requests."""
+        done = set(id(r) for r in finished)
+        for c in batch.prefill:
+            c.request.num_computed_tokens = c.start + c.num_tokens
+            if c.is_last and id(c.request) not in done:
+                self.decode.add(c.request, now_s)
+        for req in finished:
+            self.release(req)
+
+    def release(self, req: Request) -> None:
+        """Drop a request from every queue and free its blocks (finish, cancel, failure)."""
+        self.prefill.remove(req)
+        self.decode.remove(req)
+        if req.block_ids:
+            self.bm.free(req.block_ids)
+
+
+def finish(req: Request, reason: FinishReason, now_s: float) -> None:
+    """Move a request to its terminal state for `reason` and stamp the time."""
+    state = {FinishReason.CANCELLED: RequestState.CANCELLED,
+             FinishReason.ERROR: RequestState.FAILED}.get(reason, RequestState.FINISHED)
+    req.finish_reason = reason
+    req.transition(state)
+    req.mark("finish", now_s)
