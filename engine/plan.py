@@ -1,0 +1,161 @@
+"""The plan: what `disagg place` writes, `disagg simulate` replays and `disagg serve` deploys.
+
+Flat dataclasses, one level of nesting, validated in __post_init__; read from JSON or YAML.
+The plan that was simulated is the plan that runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+DEVICES = ("cpu", "cuda")
+TRANSPORTS = ("auto", "gloo", "nccl", "cuda_ipc")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PhaseConfig:
+    """Instances of one phase (prefill, decode, or colocated). Each instance is tp x pp ranks,
+    one Ray actor per rank."""
+
+    num_instances: int = 1
+    tp: int = 1
+    pp: int = 1
+    device: str = "cpu"
+    gpu_type: str = ""             # for planning and reports, e.g. "H100"
+    num_gpus_per_rank: float = 1.0  # < 1 lets several ranks share one GPU (CUDA IPC transport)
+    num_cpus_per_rank: float = 0.0  # Ray CPU resource per rank; 0 packs any number on a laptop
+    torch_threads: int = 0          # intra-op threads per rank on CPU; 0 = torch default
+    max_batch_tokens: int = 4096    # prefill token budget per step
+    max_batch_size: int = 64        # requests per step
+    num_kv_blocks: int = 0          # 0 = size the cache from memory
+    gpu_memory_utilization: float = 0.85
+    max_queue: int = 1024           # requests waiting in this phase before new ones are refused
+
+    def __post_init__(self):
+        _positive(self, "num_instances", "tp", "pp", "max_batch_tokens", "max_batch_size", "max_queue")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.num_kv_blocks < 0:
+            raise ConfigError(f"num_kv_blocks must be >= 0, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_gpus_per_rank < 0 or self.num_cpus_per_rank < 0 or self.torch_threads < 0:
+            raise ConfigError("num_gpus_per_rank, num_cpus_per_rank and torch_threads must be >= 0")
+
+    @property
+    def ranks_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def num_gpus(self) -> int:
+        if self.device != "cuda":
+            return 0
+        return int(round(self.num_instances * self.ranks_per_instance * self.num_gpus_per_rank))
+
+
+@dataclass
+class Plan:
+    """A whole deployment. mode="disaggregated" uses `prefill` and `decode`; mode="colocated"
+    runs `colocated` instances that do both phases (the baseline)."""
+
+    model: str = "embedded"
+    mode: str = "disaggregated"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_model_len: int = 0          # 0 = the model's own limit
+    prefill: PhaseConfig = field(default_factory=PhaseConfig)
+    decode: PhaseConfig = field(default_factory=PhaseConfig)
+    colocated: PhaseConfig = field(default_factory=PhaseConfig)
+    kv_transport: str = "auto"
+    kv_transfer_timeout_s: float = 30.0
+    layerwise_transfer: bool = True
+    enable_prefix_caching: bool = True
+    slo_ttft_s: float = 0.0         # the SLO the plan was made for (0 = none)
+    slo_tpot_s: float = 0.0
+    slo_attainment: float = 0.9
+    workload: str = ""
+    predicted: dict = field(default_factory=dict)   # the optimizer's numbers, for the report
+
+    def __post_init__(self):
+        for name in ("prefill", "decode", "colocated"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(PhaseConfig, value, f"plan.{name}"))
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ConfigError(f"mode must be 'disaggregated' or 'colocated', got {self.mode!r}")
+        if self.kv_transport not in TRANSPORTS:
+            raise ConfigError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        if self.kv_transfer_timeout_s <= 0:
+            raise ConfigError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
+        if not 0 < self.slo_attainment <= 1:
+            raise ConfigError(f"slo_attainment must be in (0, 1], got {self.slo_attainment}")
+
+    @property
+    def phases(self) -> dict[str, PhaseConfig]:
+        if self.mode == "colocated":
+            return {"colocated": self.colocated}
+        return {"prefill": self.prefill, "decode": self.decode}
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(p.num_gpus for p in self.phases.values())
+
+    # I/O -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return _from_dict(cls, data, "plan")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"plan file {p} does not exist")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
+            raise ConfigError(f"plan file {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"plan file {p} must hold an object at the top level")
+        return cls.from_dict(data)
+
+
+def _positive(obj, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{n} must be an integer >= 1, got {v!r}")
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
