@@ -20,11 +20,11 @@ class PrefillChunk:
     request: Request
     start: int
     num_tokens: int
+    is_last: bool = False   # reaches the end of the known tokens, so it samples a new token
 
-    @property
-    def is_last(self) -> bool:
-        """The chunk reaches the end of the known tokens, so it samples a new token."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def __post_init__(self):
+        # Fixed at schedule time: appending the sampled token later must not change it.
+        self.is_last = self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass

@@ -141,12 +141,19 @@ def from_hf_config(d: dict, name: str = "") -> ModelConfig:
     dtype = str(_first(d, "dtype", "torch_dtype", default="bfloat16")).replace("torch.", "")
     if dtype not in DTYPE_BYTES:
         dtype = "bfloat16"
+    # transformers >= 5 writes `rope_parameters` (rope_theta inside); older ones `rope_scaling`.
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or None
+    rope_theta = float(_first(d, "rope_theta", default=(rope or {}).get("rope_theta", 10000.0)))
+    if rope is not None:
+        rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = None
     sliding = d.get("sliding_window") if (arch == "mistral" or d.get("use_sliding_window")) else None
     return ModelConfig(
         arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=int(_first(d, "max_position_embeddings", "n_positions", default=2048)),
-        rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=d.get("rope_scaling"),
+        rope_theta=rope_theta, rope_scaling=rope,
         rms_norm_eps=float(_first(d, "rms_norm_eps", "layer_norm_epsilon", default=1e-5)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", arch in ("opt", "gpt2"))),
         attention_bias=bool(d.get("attention_bias", arch == "qwen2")), dtype=dtype,

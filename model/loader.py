@@ -1,0 +1,172 @@
+"""Load a Llama-family model from an HF folder (config.json + single or sharded safetensors),
+or build one with random ("dummy") weights at a preset's shape.
+
+Each tensor-parallel rank reads only its slice of every weight (safetensors get_slice), so a
+rank never holds the whole model in memory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelLoadError
+from engine.model_config import PRESETS, ModelConfig, from_hf_config
+from model.llama import LlamaModel, TPContext
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(cfg: ModelConfig, dtype: str, device: str) -> torch.dtype:
+    """'auto': the checkpoint's dtype on CUDA; float32 on CPU (CPU bf16 matmuls are slow and
+    the CPU path is the oracle)."""
+    if dtype == "auto":
+        return TORCH_DTYPES[cfg.dtype] if device.startswith("cuda") else torch.float32
+    return TORCH_DTYPES[dtype]
+
+
+def read_model_folder(path: str | Path) -> tuple[ModelConfig, dict[str, Path]]:
+    """Config and a map tensor name -> safetensors file; clear errors for broken folders."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json")
+    try:
+        cfg = from_hf_config(json.loads(cfg_path.read_text()), name=folder.name)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not cfg.runnable:
+        raise ModelLoadError(f"{folder}: architecture {cfg.arch!r} can be planned but not run "
+                             "(runnable: llama, qwen2, mistral)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index} is malformed ({e})") from None
+        files = {name: folder / f for name, f in weight_map.items()}
+    else:
+        single = folder / "model.safetensors"
+        if not single.is_file():
+            raise ModelLoadError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        files = {name: single for name in _tensor_names(single)}
+    missing = {str(f) for f in files.values() if not f.is_file()}
+    if missing:
+        raise ModelLoadError(f"{folder}: shard file(s) missing: {', '.join(sorted(missing))}")
+    return cfg, files
+
+
+def _tensor_names(path: Path) -> list[str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - a corrupt file becomes one clear error
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+class _ShardReader:
+    """Reads row or column slices of named tensors across safetensors shards."""
+
+    def __init__(self, files: dict[str, Path]):
+        from safetensors import safe_open
+        self.files = files
+        self._open = {}
+        self._safe_open = safe_open
+
+    def _handle(self, name):
+        path = self.files.get(name)
+        if path is None:
+            raise ModelLoadError(f"checkpoint lacks tensor {name}")
+        if path not in self._open:
+            self._open[path] = self._safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def has(self, name):
+        return name in self.files
+
+    def get(self, name, dim=None, rank=0, size=1):
+        sl = self._handle(name).get_slice(name)
+        shape = sl.get_shape()
+        if dim is None or size == 1:
+            return sl[:]
+        n = shape[dim] // size
+        if dim == 0:
+            return sl[rank * n:(rank + 1) * n]
+        return sl[:, rank * n:(rank + 1) * n]
+
+
+def load_weights(model: LlamaModel, files: dict[str, Path]) -> None:
+    cfg, tp = model.cfg, model.tp
+    r = _ShardReader(files)
+    sd = {}
+
+    def row(name):     # split output rows across ranks
+        return r.get(name, 0, tp.rank, tp.size)
+
+    def col(name):     # split input columns across ranks
+        return r.get(name, 1, tp.rank, tp.size)
+
+    sd["embed_tokens.weight"] = r.get("model.embed_tokens.weight")
+    head = "lm_head.weight" if r.has("lm_head.weight") and not cfg.tie_word_embeddings else "model.embed_tokens.weight"
+    sd["lm_head.weight"] = r.get(head)
+    sd["norm.weight"] = r.get("model.norm.weight")
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        a = p + "self_attn."
+        sd[o + "self_attn.qkv_proj.weight"] = torch.cat([row(a + "q_proj.weight"), row(a + "k_proj.weight"), row(a + "v_proj.weight")])
+        if cfg.attention_bias:
+            sd[o + "self_attn.qkv_proj.bias"] = torch.cat([row(a + "q_proj.bias"), row(a + "k_proj.bias"), row(a + "v_proj.bias")])
+        sd[o + "self_attn.o_proj.weight"] = col(a + "o_proj.weight")
+        m = p + "mlp."
+        sd[o + "mlp.gate_up_proj.weight"] = torch.cat([row(m + "gate_proj.weight"), row(m + "up_proj.weight")])
+        sd[o + "mlp.down_proj.weight"] = col(m + "down_proj.weight")
+        sd[o + "input_layernorm.weight"] = r.get(p + "input_layernorm.weight")
+        sd[o + "post_attention_layernorm.weight"] = r.get(p + "post_attention_layernorm.weight")
+    own = model.state_dict()
+    for name, t in sd.items():
+        if own[name].shape != t.shape:
+            raise ModelLoadError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model {tuple(own[name].shape)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
+    """Random weights (normal, std 0.02; norms at 1) made on the model's device, same on every
+    rank for replicated tensors. Deterministic for a seed on one device type."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(0.02).to(p.dtype))
+
+
+def build_model(source: str, device: str = "cpu", dtype: str = "auto", tp: TPContext | None = None,
+                dummy_seed: int = 0, max_positions: int = 0) -> LlamaModel:
+    """A model ready to run: from a folder (real weights) or a preset name (dummy weights).
+    The embedded default ('embedded') is a folder made on first use (model/embedded.py)."""
+    from model.embedded import resolve_model_source
+    from model.rope import cos_sin_table
+    source = resolve_model_source(source)
+    tp = tp or TPContext()
+    if source in PRESETS:
+        cfg, files = PRESETS[source], None
+        if not cfg.runnable:
+            raise ModelLoadError(f"preset {source!r} cannot run here")
+    else:
+        cfg, files = read_model_folder(source)
+    torch_dtype = resolve_dtype(cfg, dtype, device)
+    with torch.device("meta"):
+        model = LlamaModel(cfg, tp).to(torch_dtype)
+    model = model.to_empty(device=device)
+    if files is None:
+        init_dummy_weights(model, dummy_seed)
+    else:
+        load_weights(model, files)
+    positions = max_positions or cfg.max_position_embeddings
+    model.cos_sin = cos_sin_table(cfg, positions, device=device)
+    return model.eval()

@@ -1,0 +1,101 @@
+"""Runs one step of the model for a batch described as plain data.
+
+Rank 0 of an instance turns the scheduler's Batch into a StepInput (picklable lists), its
+tensor-parallel peers receive the same StepInput, and every rank runs `execute`. Only rank 0
+computes logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.batching import Batch
+from model.attention_metadata import AttentionMetadata
+from model.llama import LlamaModel
+
+
+@dataclass
+class StepInput:
+    """prefill: (token ids of the chunk, start position, block table, wants logits);
+    decode: (token id, position, block table)."""
+    prefill: list[tuple[list[int], int, list[int], bool]] = field(default_factory=list)
+    decode: list[tuple[int, int, list[int]]] = field(default_factory=list)
+
+    @classmethod
+    def from_batch(cls, batch: Batch) -> "StepInput":
+        pre = [(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start, list(c.request.block_ids), c.is_last)
+               for c in batch.prefill]
+        dec = [(r.last_token_id, r.num_tokens - 1, list(r.block_ids)) for r in batch.decode]
+        return cls(pre, dec)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+def _pad_tables(tables: list[list[int]]) -> list[list[int]]:
+    width = max((len(t) for t in tables), default=1) or 1
+    return [t + [0] * (width - len(t)) for t in tables]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = kv_cache.device
+        self.is_driver = model.tp.rank == 0
+
+    def _slots(self, table: list[int], start: int, n: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    def _tensor(self, data, dtype):
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def prefill(self, chunks, layer_hook=None) -> torch.Tensor | None:
+        ids, pos, slots, cu, prefix, last = [], [], [], [0], [], []
+        for tokens, start, table, _ in chunks:
+            ids += tokens
+            pos += range(start, start + len(tokens))
+            slots += self._slots(table, start, len(tokens))
+            cu.append(cu[-1] + len(tokens))
+            prefix.append(start)
+            last.append(cu[-1] - 1)
+        meta = AttentionMetadata(
+            kind="prefill", slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._tensor(_pad_tables([c[2] for c in chunks]), torch.int32),
+            cu_seqlens=self._tensor(cu, torch.int32), prefix_lens=self._tensor(prefix, torch.int32),
+            max_prefix_len=max(prefix))
+        hidden = self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64),
+                            self.kv_cache, meta, layer_hook)
+        want = [i for i, c in zip(last, chunks) if c[3]]
+        if not self.is_driver or not want:
+            return None
+        return self.model.compute_logits(hidden[self._tensor(want, torch.int64)])
+
+    @torch.inference_mode()
+    def decode(self, seqs) -> torch.Tensor | None:
+        meta = AttentionMetadata(
+            kind="decode",
+            slot_mapping=self._tensor([self._slots(t, p, 1)[0] for _, p, t in seqs], torch.int64),
+            block_tables=self._tensor(_pad_tables([t for _, _, t in seqs]), torch.int32),
+            context_lens=self._tensor([p + 1 for _, p, _ in seqs], torch.int32))
+        hidden = self.model(self._tensor([s[0] for s in seqs], torch.int64),
+                            self._tensor([s[1] for s in seqs], torch.int64), self.kv_cache, meta)
+        return self.model.compute_logits(hidden) if self.is_driver else None
+
+    def execute(self, step: StepInput, layer_hook=None) -> torch.Tensor | None:
+        """Logits [num sampled, vocab] on rank 0 (prefill rows that want logits, then decode
+        rows: the order of Batch.sampled); None on other ranks or when nothing is sampled."""
+        parts = []
+        if step.prefill:
+            parts.append(self.prefill(step.prefill, layer_hook))
+        if step.decode:
+            parts.append(self.decode(step.decode))
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
