@@ -16,7 +16,7 @@ from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from model.input_processor import InputProcessor
 from model.kv_cache import allocate_kv_cache, num_blocks_for_memory
-from model.loader import build_model
+from model.loader import build_model, model_context_len
 from model.output_processor import Delta, OutputProcessor, RequestOutput
 from model.runner import ModelRunner, StepInput
 from model.sampler import Sampler
@@ -40,7 +40,7 @@ class LLM:
         self.model = build_model(source, device=device, dtype=dtype,
                                  max_positions=max_model_len or 0)
         self.cfg = self.model.cfg
-        self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        self.max_model_len = model_context_len(self.cfg, max_model_len)
         folder = Path(source) if Path(source).is_dir() else None
         self.tokenizer = load_tokenizer(folder, self.cfg.bos_token_id, self.cfg.eos_token_id)
         dt = next(self.model.parameters()).dtype

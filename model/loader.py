@@ -145,6 +145,15 @@ def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(0.02).to(p.dtype))
 
 
+def model_context_len(cfg: ModelConfig, requested: int = 0) -> int:
+    """The context length to serve: the model's limit, capped by a sliding window (this runtime
+    attends to the whole context, so it serves only what fits in the window), and by the request."""
+    n = cfg.max_position_embeddings
+    if cfg.sliding_window:
+        n = min(n, cfg.sliding_window)
+    return min(n, requested) if requested else n
+
+
 def build_model(source: str, device: str = "cpu", dtype: str = "auto", tp: TPContext | None = None,
                 dummy_seed: int = 0, max_positions: int = 0) -> LlamaModel:
     """A model ready to run: from a folder (real weights) or a preset name (dummy weights).

@@ -1,0 +1,100 @@
+"""The `disagg` command line.
+
+Every error a user can cause ends as one line on stderr naming the problem, exit code 2;
+never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from engine.errors import DisaggError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=_ids, default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def sampling_from_args(args):
+    from engine.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+                          stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args) -> int:
+    sp = sampling_from_args(args)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    if args.server:
+        from cluster.grpc_client import generate_remote
+        return generate_remote(args.server, prompt, sp, as_json=args.json, token=args.token,
+                               tls_ca=args.tls_ca, timeout_s=args.timeout)
+    from model.llm import LLM
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    rid = llm.add_request(prompt, sp)
+    while llm.has_unfinished:
+        for d in llm.step():
+            if not args.json and d.text:
+                print(d.text, end="", flush=True)
+    out = llm.take_result(rid)
+    if args.json:
+        print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+                          "prompt_token_ids": out.prompt_token_ids,
+                          "usage": {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
+                                    "cached_tokens": out.num_cached_tokens}}))
+    else:
+        print(f"\n[finish_reason={out.finish_reason} tokens={len(out.token_ids)}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text in-process, or through a server with --server")
+    g.add_argument("--model", default="embedded", help="model folder, preset name, or 'embedded' (default)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--server", default=None, help="HOST:PORT of a `disagg serve` gRPC endpoint")
+    g.add_argument("--token", default=os.environ.get("DISAGG_TOKEN"), help="bearer token for --server")
+    g.add_argument("--tls-ca", default=None, help="CA certificate for a TLS server")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except DisaggError as e:
+        print(f"disagg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
