@@ -1,0 +1,216 @@
+"""Per-rank KV transfer agents: a prefill rank's `KVSender` and a decode rank's `KVReceiver`.
+
+Each channel (one prefill rank, one decode rank) has one thread on each end working through
+its jobs strictly in (epoch, seq, group) order. The prefill instance numbers its transfers to
+each decode instance (seq), so every channel between the two carries the same order and no
+two requests can deadlock. A failed or timed-out operation breaks its channel; the jobs after
+it fail at once, and the controller rebuilds the channel under a new epoch.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import TransferError
+from kernels.kv_pack import pack_kv, packed_shape, unpack_kv
+from kv_transfer.channel import Channel, ChannelMaster
+from kv_transfer.shard_plan import Layout, Rect, split_layers, transfer_plan
+
+
+@dataclass(order=True)
+class _Job:
+    key: tuple                               # (epoch, seq, group)
+    run: Callable[[Channel], None] = field(compare=False)
+    future: Future = field(compare=False, default_factory=Future)
+
+
+class _ChannelThread:
+    """Runs the jobs of one channel in key order; a job whose key is not next waits."""
+
+    def __init__(self, name: str, channel: Channel, epoch: int, groups_per_seq: int):
+        self.channel, self.epoch, self.groups = channel, epoch, groups_per_seq
+        self._heap: list[_Job] = []
+        self._cv = threading.Condition()
+        self._next = (epoch, 0, 0)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> Future:
+        with self._cv:
+            if self._closed or job.key[0] != self.epoch:
+                job.future.set_exception(TransferError(f"channel epoch {self.epoch} does not take job {job.key}"))
+            else:
+                heapq.heappush(self._heap, job)
+                self._cv.notify_all()
+        return job.future
+
+    def _advance(self, key):
+        e, s, g = key
+        self._next = (e, s, g + 1) if g + 1 < self.groups else (e, s + 1, 0)
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._closed and not (self._heap and self._heap[0].key <= self._next):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                job = heapq.heappop(self._heap)
+                if job.key < self._next:     # a duplicate of a job already run
+                    job.future.set_exception(TransferError(f"duplicate transfer job {job.key}"))
+                    continue
+                self._advance(job.key)
+            try:
+                job.run(self.channel)
+                job.future.set_result(None)
+            except Exception as e:  # noqa: BLE001 - reported through the future
+                job.future.set_exception(e if isinstance(e, TransferError) else TransferError(str(e)))
+
+    def close(self):
+        with self._cv:
+            self._closed = True
+            for job in self._heap:
+                job.future.set_exception(TransferError("channel closed"))
+            self._heap.clear()
+            self._cv.notify_all()
+        self.channel.close()
+
+
+class _Agent:
+    def __init__(self, kv_cache: torch.Tensor, layout: Layout, rank: int, timeout_s: float, num_groups: int):
+        self.kv_cache = kv_cache
+        self.layout, self.rank = layout, rank
+        self.owner: Rect = layout.rect(rank)
+        self.timeout_s = timeout_s
+        self.num_groups = num_groups
+        self.device = kv_cache.device
+        self.threads: dict[tuple[str, int], _ChannelThread] = {}
+        self.peer_layouts: dict[str, Layout] = {}
+        self.epochs: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _groups(self, rect: Rect) -> list[Rect]:
+        return split_layers(rect, self.num_groups)
+
+    def close_peer(self, peer: str) -> None:
+        with self._lock:
+            for key in [k for k in self.threads if k[0] == peer]:
+                self.threads.pop(key).close()
+
+    def close(self) -> None:
+        for peer in {k[0] for k in self.threads}:
+            self.close_peer(peer)
+
+    def stats(self) -> dict:
+        chans = [t.channel for t in self.threads.values()]
+        return {"kv_bytes": sum(c.num_bytes for c in chans), "kv_messages": sum(c.num_messages for c in chans),
+                "kv_seconds": sum(c.seconds for c in chans),
+                "broken_channels": sum(1 for c in chans if c.broken)}
+
+
+class KVSender(_Agent):
+    """Prefill side. `open` + `connect` build channels; `send` queues a request's pieces."""
+
+    def open(self, peer: str, peer_layout: Layout, epoch: int, kind: str, host: str) -> dict[int, dict]:
+        """First phase of (re)building the channels to decode instance `peer`: close the old
+        ones, open a store per peer rank that receives from this rank; returns addresses."""
+        self.close_peer(peer)
+        self.peer_layouts[peer], self.epochs[peer] = peer_layout, epoch
+        self._masters = getattr(self, "_masters", {})
+        out = {}
+        for p in transfer_plan(self.layout, peer_layout):
+            if p.src_rank == self.rank:
+                m = ChannelMaster(kind, self.device, host, self.timeout_s)
+                self._masters[(peer, p.dst_rank)] = m
+                out[p.dst_rank] = m.address
+        return out
+
+    def connect(self, peer: str) -> None:
+        for (pr, dst), m in list(self._masters.items()):
+            if pr == peer:
+                ch = Channel.connect_sender(m)
+                with self._lock:
+                    self.threads[(peer, dst)] = _ChannelThread(f"kv-send-{peer}-{dst}", ch, self.epochs[peer], self.num_groups)
+                del self._masters[(pr, dst)]
+
+    def send(self, peer: str, epoch: int, seq: int, block_ids: list[int],
+             ready: list[Callable[[], None]] | None = None) -> list[Future]:
+        """Queue the pieces of one request for every peer rank. ready[g]() blocks until layer
+        group g has been computed (layer-wise transfer); None when the KV is complete."""
+        futures = []
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        for p in transfer_plan(self.layout, self.peer_layouts[peer]):
+            if p.src_rank != self.rank:
+                continue
+            thread = self.threads.get((peer, p.dst_rank))
+            for g, rect in enumerate(self._groups(p.rect)):
+                wait = ready[g] if ready else None
+                job = _Job((epoch, seq, g), self._send_job(rect, ids, wait))
+                if thread is None:
+                    job.future.set_exception(TransferError(f"no channel to {peer} rank {p.dst_rank}"))
+                    futures.append(job.future)
+                else:
+                    futures.append(thread.submit(job))
+        return futures
+
+    def _send_job(self, rect: Rect, ids: torch.Tensor, wait):
+        local = rect.local(self.owner)
+        shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
+        nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
+
+        def run(ch: Channel):
+            if wait is not None:
+                wait()
+            ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, ids, local.layers, local.heads, out=buf.view(shape)),
+                    self.kv_cache.dtype)
+        return run
+
+
+class KVReceiver(_Agent):
+    """Decode side. `connect` joins the sender's stores; `receive` waits for one request."""
+
+    def connect(self, peer: str, peer_layout: Layout, epoch: int, addresses: dict[int, dict]) -> None:
+        self.close_peer(peer)
+        self.peer_layouts[peer], self.epochs[peer] = peer_layout, epoch
+        for src, addr in addresses.items():
+            ch = Channel.connect_receiver(addr, self.device, self.timeout_s)
+            with self._lock:
+                self.threads[(peer, int(src))] = _ChannelThread(f"kv-recv-{peer}-{src}", ch, epoch, self.num_groups)
+
+    def receive(self, peer: str, epoch: int, seq: int, block_ids: list[int]) -> None:
+        """Block until every piece of this request that this rank owns has arrived and been
+        unpacked into `block_ids`; raises TransferError on failure or timeout."""
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        futures = []
+        for p in transfer_plan(self.peer_layouts[peer], self.layout):
+            if p.dst_rank != self.rank:
+                continue
+            thread = self.threads.get((peer, p.src_rank))
+            if thread is None:
+                raise TransferError(f"no channel from {peer} rank {p.src_rank}")
+            for g, rect in enumerate(self._groups(p.rect)):
+                futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids))))
+        errors = []
+        for f in futures:
+            try:
+                f.result(timeout=self.timeout_s * (len(futures) + 2))
+            except Exception as e:  # noqa: BLE001 - collected and re-raised as one error
+                errors.append(e)
+        if errors:
+            raise TransferError(f"receiving from {peer} failed: {errors[0]}")
+
+    def _recv_job(self, rect: Rect, ids: torch.Tensor):
+        local = rect.local(self.owner)
+        shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
+        nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
+
+        def run(ch: Channel):
+            ch.recv(nbytes, lambda buf: unpack_kv(buf.view(shape), self.kv_cache, ids, local.layers, local.heads),
+                    self.kv_cache.dtype)
+        return run
