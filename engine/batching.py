@@ -154,6 +154,49 @@ class DecodePolicy:
         self.bm.free(req.block_ids)
         req.reset_for_recompute()
 
+    # Fast-forward: many steps at once, for the simulator in placement/ -------------------
+    def max_steps_without_preemption(self, max_steps: int) -> int:
+        """How many consecutive steps (at most `max_steps`) the current batch can run before a
+        step would need a KV block that is not free, if nobody joins or leaves meanwhile and
+        every batch request gets one token after each step."""
+        batch = self.running[:self.max_batch_size]
+        if max_steps <= 0 or not batch:
+            return max(0, max_steps)
+        free = self.bm.num_free_blocks
+        if self._blocks_needed(batch, max_steps) <= free:
+            return max_steps
+        lo, hi = 0, max_steps           # needed(lo) <= free < needed(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._blocks_needed(batch, mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _blocks_needed(self, batch: list[Request], num_steps: int) -> int:
+        # Step k (0-based) must hold num_tokens + k tokens: the step's input token included.
+        bs = self.bm.block_size
+        need = 0
+        for r in batch:
+            last = len(r.prompt_token_ids) + len(r.output_token_ids) + num_steps - 1
+            extra = -(-last // bs) - len(r.block_ids)
+            if extra > 0:
+                need += extra
+        return need
+
+    def fast_forward(self, num_steps: int) -> list[Request]:
+        """Allocate at once the blocks of `num_steps` consecutive steps of the current batch:
+        what `num_steps` calls of schedule() allocate when every batch request gets one token
+        after each step and no step preempts (max_steps_without_preemption tells how many
+        steps that holds for). Returns the batch; the caller appends `num_steps` tokens to
+        each of its requests."""
+        batch = self.running[:self.max_batch_size]
+        append = self.bm.append
+        for r in batch:
+            append(r.block_ids, len(r.prompt_token_ids) + len(r.output_token_ids) + num_steps - 1)
+        return batch
+
 
 class ColocatedPolicy:
     """Prefill and decode on one instance.
