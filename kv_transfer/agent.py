@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,14 +27,15 @@ from kv_transfer.shard_plan import Layout, Rect, split_layers, transfer_plan
 class _Job:
     key: tuple                               # (epoch, seq, group)
     run: Callable[[Channel], None] = field(compare=False)
+    num_groups: int = field(compare=False, default=1)     # groups of this request on this channel
     future: Future = field(compare=False, default_factory=Future)
 
 
 class _ChannelThread:
     """Runs the jobs of one channel in key order; a job whose key is not next waits."""
 
-    def __init__(self, name: str, channel: Channel, epoch: int, groups_per_seq: int):
-        self.channel, self.epoch, self.groups = channel, epoch, groups_per_seq
+    def __init__(self, name: str, channel: Channel, epoch: int):
+        self.channel, self.epoch = channel, epoch
         self._heap: list[_Job] = []
         self._cv = threading.Condition()
         self._next = (epoch, 0, 0)
@@ -50,9 +52,9 @@ class _ChannelThread:
                 self._cv.notify_all()
         return job.future
 
-    def _advance(self, key):
-        e, s, g = key
-        self._next = (e, s, g + 1) if g + 1 < self.groups else (e, s + 1, 0)
+    def _advance(self, job: _Job):
+        e, s, g = job.key
+        self._next = (e, s, g + 1) if g + 1 < job.num_groups else (e, s + 1, 0)
 
     def _loop(self):
         while True:
@@ -65,7 +67,7 @@ class _ChannelThread:
                 if job.key < self._next:     # a duplicate of a job already run
                     job.future.set_exception(TransferError(f"duplicate transfer job {job.key}"))
                     continue
-                self._advance(job.key)
+                self._advance(job)
             try:
                 job.run(self.channel)
                 job.future.set_result(None)
@@ -93,6 +95,7 @@ class _Agent:
         self.threads: dict[tuple[str, int], _ChannelThread] = {}
         self.peer_layouts: dict[str, Layout] = {}
         self.epochs: dict[str, int] = {}
+        self.faults: dict[str, float] = {}     # test hooks, e.g. {"send_delay_s": 5}
         self._lock = threading.Lock()
 
     def _groups(self, rect: Rect) -> list[Rect]:
@@ -136,22 +139,23 @@ class KVSender(_Agent):
             if pr == peer:
                 ch = Channel.connect_sender(m)
                 with self._lock:
-                    self.threads[(peer, dst)] = _ChannelThread(f"kv-send-{peer}-{dst}", ch, self.epochs[peer], self.num_groups)
+                    self.threads[(peer, dst)] = _ChannelThread(f"kv-send-{peer}-{dst}", ch, self.epochs[peer])
                 del self._masters[(pr, dst)]
 
     def send(self, peer: str, epoch: int, seq: int, block_ids: list[int],
-             ready: list[Callable[[], None]] | None = None) -> list[Future]:
-        """Queue the pieces of one request for every peer rank. ready[g]() blocks until layer
-        group g has been computed (layer-wise transfer); None when the KV is complete."""
+             wait_layers: Callable[[int], None] | None = None) -> list[Future]:
+        """Queue the pieces of one request for every peer rank. `wait_layers(n)` blocks until
+        the first n global layers are in the cache (layer-wise transfer); None when the KV is
+        complete already."""
         futures = []
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         for p in transfer_plan(self.layout, self.peer_layouts[peer]):
             if p.src_rank != self.rank:
                 continue
             thread = self.threads.get((peer, p.dst_rank))
-            for g, rect in enumerate(self._groups(p.rect)):
-                wait = ready[g] if ready else None
-                job = _Job((epoch, seq, g), self._send_job(rect, ids, wait))
+            groups = self._groups(p.rect)
+            for g, rect in enumerate(groups):
+                job = _Job((epoch, seq, g), self._send_job(rect, ids, wait_layers), len(groups))
                 if thread is None:
                     job.future.set_exception(TransferError(f"no channel to {peer} rank {p.dst_rank}"))
                     futures.append(job.future)
@@ -166,7 +170,10 @@ class KVSender(_Agent):
 
         def run(ch: Channel):
             if wait is not None:
-                wait()
+                wait(rect.layers[1])
+            delay = self.faults.pop("send_delay_s", 0.0)
+            if delay:
+                time.sleep(delay)
             ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, ids, local.layers, local.heads, out=buf.view(shape)),
                     self.kv_cache.dtype)
         return run
@@ -181,7 +188,7 @@ class KVReceiver(_Agent):
         for src, addr in addresses.items():
             ch = Channel.connect_receiver(addr, self.device, self.timeout_s)
             with self._lock:
-                self.threads[(peer, int(src))] = _ChannelThread(f"kv-recv-{peer}-{src}", ch, epoch, self.num_groups)
+                self.threads[(peer, int(src))] = _ChannelThread(f"kv-recv-{peer}-{src}", ch, epoch)
 
     def receive(self, peer: str, epoch: int, seq: int, block_ids: list[int]) -> None:
         """Block until every piece of this request that this rank owns has arrived and been
@@ -194,8 +201,9 @@ class KVReceiver(_Agent):
             thread = self.threads.get((peer, p.src_rank))
             if thread is None:
                 raise TransferError(f"no channel from {peer} rank {p.src_rank}")
-            for g, rect in enumerate(self._groups(p.rect)):
-                futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids))))
+            groups = self._groups(p.rect)
+            for g, rect in enumerate(groups):
+                futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids), len(groups))))
         errors = []
         for f in futures:
             try:

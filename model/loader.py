@@ -7,6 +7,7 @@ rank never holds the whole model in memory.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -99,10 +100,20 @@ class _ShardReader:
         return sl[:, rank * n:(rank + 1) * n]
 
 
-def load_weights(model: LlamaModel, files: dict[str, Path]) -> None:
+def load_weights(model: LlamaModel, source) -> None:
+    """Copy weights into `model`, each rank taking its slice. `source`: a map tensor name ->
+    safetensors file, or a DummyReader."""
     cfg, tp = model.cfg, model.tp
-    r = _ShardReader(files)
-    sd = {}
+    r = source if isinstance(source, DummyReader) else _ShardReader(source)
+    own = model.state_dict()
+    missing = set(own)
+
+    def put(name, t):           # one tensor at a time: peak memory stays at one full tensor
+        if own[name].shape != t.shape:
+            raise ModelLoadError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model {tuple(own[name].shape)}")
+        with torch.no_grad():
+            own[name].copy_(t)
+        missing.discard(name)
 
     def row(name):     # split output rows across ranks
         return r.get(name, 0, tp.rank, tp.size)
@@ -110,39 +121,73 @@ def load_weights(model: LlamaModel, files: dict[str, Path]) -> None:
     def col(name):     # split input columns across ranks
         return r.get(name, 1, tp.rank, tp.size)
 
-    sd["embed_tokens.weight"] = r.get("model.embed_tokens.weight")
+    put("embed_tokens.weight", r.get("model.embed_tokens.weight"))
     head = "lm_head.weight" if r.has("lm_head.weight") and not cfg.tie_word_embeddings else "model.embed_tokens.weight"
-    sd["lm_head.weight"] = r.get(head)
-    sd["norm.weight"] = r.get("model.norm.weight")
+    put("lm_head.weight", r.get(head))
+    put("norm.weight", r.get("model.norm.weight"))
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
-        sd[o + "self_attn.qkv_proj.weight"] = torch.cat([row(a + "q_proj.weight"), row(a + "k_proj.weight"), row(a + "v_proj.weight")])
+        put(o + "self_attn.qkv_proj.weight", torch.cat([row(a + "q_proj.weight"), row(a + "k_proj.weight"), row(a + "v_proj.weight")]))
         if cfg.attention_bias:
-            sd[o + "self_attn.qkv_proj.bias"] = torch.cat([row(a + "q_proj.bias"), row(a + "k_proj.bias"), row(a + "v_proj.bias")])
-        sd[o + "self_attn.o_proj.weight"] = col(a + "o_proj.weight")
+            put(o + "self_attn.qkv_proj.bias", torch.cat([row(a + "q_proj.bias"), row(a + "k_proj.bias"), row(a + "v_proj.bias")]))
+        put(o + "self_attn.o_proj.weight", col(a + "o_proj.weight"))
         m = p + "mlp."
-        sd[o + "mlp.gate_up_proj.weight"] = torch.cat([row(m + "gate_proj.weight"), row(m + "up_proj.weight")])
-        sd[o + "mlp.down_proj.weight"] = col(m + "down_proj.weight")
-        sd[o + "input_layernorm.weight"] = r.get(p + "input_layernorm.weight")
-        sd[o + "post_attention_layernorm.weight"] = r.get(p + "post_attention_layernorm.weight")
-    own = model.state_dict()
-    for name, t in sd.items():
-        if own[name].shape != t.shape:
-            raise ModelLoadError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model {tuple(own[name].shape)}")
-    model.load_state_dict(sd, strict=True)
+        put(o + "mlp.gate_up_proj.weight", torch.cat([row(m + "gate_proj.weight"), row(m + "up_proj.weight")]))
+        put(o + "mlp.down_proj.weight", col(m + "down_proj.weight"))
+        put(o + "input_layernorm.weight", r.get(p + "input_layernorm.weight"))
+        put(o + "post_attention_layernorm.weight", r.get(p + "post_attention_layernorm.weight"))
+    if missing:
+        raise ModelLoadError(f"no weights for {', '.join(sorted(missing))}")
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of an HF checkpoint of this architecture."""
+    h, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
+              "lm_head.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+class DummyReader:
+    """A virtual checkpoint of random weights: each tensor comes from a generator seeded by its
+    name, so every tensor-parallel rank slices the same full tensor and TP=N runs the same
+    model as TP=1. Norms are ones; everything else normal with std 0.02."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu"):
+        self.shapes = hf_shapes(cfg)
+        self.seed, self.device = seed, torch.device(device)
+
+    def has(self, name):
+        return name in self.shapes
+
+    def get(self, name, dim=None, rank=0, size=1):
+        shape = self.shapes[name]
+        if "norm" in name:
+            full = torch.ones(shape, device=self.device)
+        else:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) & (2**63 - 1))
+            full = torch.randn(shape, generator=gen, device=self.device).mul_(0.02)
+        if dim is None or size == 1:
+            return full
+        n = shape[dim] // size
+        return full.narrow(dim, rank * n, n)
 
 
 def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
-    """Random weights (normal, std 0.02; norms at 1) made on the model's device, same on every
-    rank for replicated tensors. Deterministic for a seed on one device type."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(0.02).to(p.dtype))
+    """Random weights made on the model's device, identical for every TP degree."""
+    load_weights(model, DummyReader(model.cfg, seed, next(model.parameters()).device))
 
 
 def model_context_len(cfg: ModelConfig, requested: int = 0) -> int:

@@ -1,0 +1,187 @@
+"""The Ray actor that hosts one rank of a prefill or decode instance.
+
+The workers are plain classes; this wraps one in a threaded actor: a loop thread runs the
+worker's steps (rank 0) or follows rank 0's broadcasts (other ranks), Ray calls arrive on other
+threads, and rank 0's events leave through one long-lived streaming call, a batch of events
+per item (never one Ray message per token).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import ray
+
+from model.rank_runtime import WorkerConfig
+
+log = logging.getLogger("disagg.actor")
+_STOP = object()
+
+
+@ray.remote(max_concurrency=64)
+class RankActor:
+    def __init__(self, role: str, cfg: WorkerConfig, max_queue: int = 1024):
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        self.role, self.cfg, self.max_queue = role, cfg, max_queue
+        self.worker = None
+        self._events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = None
+        self._tp_store = None
+        self.faults: dict = {}
+
+    # Setup ----------------------------------------------------------------------------
+    def open_tp(self) -> dict:
+        """Rank 0: open the instance's rendezvous store; returns its address for the peers."""
+        import datetime
+
+        import torch.distributed as dist
+
+        from kv_transfer.channel import local_ip
+        host = local_ip()
+        world = self.cfg.tp * self.cfg.pp
+        self._tp_store = dist.TCPStore(host, 0, world, True, timeout=datetime.timedelta(seconds=120),
+                                       wait_for_workers=False)
+        return {"host": host, "port": self._tp_store.port}
+
+    def init(self, tp_address: dict | None) -> dict:
+        """Build the worker (joins the tensor-parallel group first). Returns what the
+        controller needs: block count, context length, where this rank's GPU is."""
+        from model.rank_runtime import init_tp_group
+        tp_group = ctrl = None
+        if tp_address is not None:
+            tp_group, ctrl = init_tp_group(self.cfg, tp_address["host"], tp_address["port"], self._tp_store)
+        if self.role == "prefill":
+            from prefill_worker.worker import PrefillWorker
+            self.worker = PrefillWorker(self.cfg, tp_group, ctrl, emit=self._emit, max_queue=self.max_queue)
+        else:
+            from decode_worker.worker import DecodeWorker
+            self.worker = DecodeWorker(self.cfg, tp_group, ctrl, emit=self._emit)
+        return {"num_blocks": self.worker.rt.num_blocks, "max_model_len": self.worker.rt.max_model_len,
+                "node_id": ray.get_runtime_context().get_node_id(), "gpu_uuid": _gpu_uuid(self.worker.rt.device)}
+
+    def start_loop(self) -> None:
+        target = self._drive if self.cfg.rank == 0 else self._follow
+        self._thread = threading.Thread(target=target, name=f"{self.role}-loop", daemon=True)
+        self._thread.start()
+
+    def _drive(self):
+        w = self.worker
+        while not self._stop.is_set():
+            try:
+                worked = w.step()
+            except Exception as e:  # noqa: BLE001 - reported to the controller, loop goes on
+                log.exception("%s step failed", self.cfg.instance_id)
+                self._emit([{"type": "error", "message": f"{type(e).__name__}: {e}", "time": time.monotonic()}])
+                worked = False
+                time.sleep(0.05)
+            if not worked:
+                w.wake.wait(0.02)
+                w.wake.clear()
+        if self.cfg.tp * self.cfg.pp > 1:
+            try:
+                w.stop_followers()      # from this thread: never two broadcasts at once
+            except Exception:  # noqa: BLE001 - peers may be gone already
+                pass
+
+    def _follow(self):
+        try:
+            self.worker.follow(self._stop)
+        except Exception:  # noqa: BLE001
+            log.exception("%s rank %d follower stopped", self.cfg.instance_id, self.cfg.rank)
+
+    def _emit(self, events: list[dict]) -> None:
+        if events:
+            self._events.put(events)
+
+    @ray.method(num_returns="streaming")
+    def events(self):
+        """Rank 0's events, as lists: everything that piled up since the last item."""
+        while True:
+            first = self._events.get()
+            if first is _STOP:
+                return
+            batch = list(first)
+            try:
+                while True:
+                    more = self._events.get_nowait()
+                    if more is _STOP:
+                        yield batch
+                        return
+                    batch.extend(more)
+            except queue.Empty:
+                pass
+            yield batch
+
+    # KV channels ------------------------------------------------------------------------
+    def open_kv(self, peer: str, peer_layout, epoch: int, kind: str) -> dict:
+        from kv_transfer.channel import local_ip
+        return self.worker.kv.open(peer, peer_layout, epoch, kind, local_ip())
+
+    def connect_kv_sender(self, peer: str) -> None:
+        self.worker.kv.connect(peer)
+
+    def connect_kv_receiver(self, peer: str, peer_layout, epoch: int, addresses: dict) -> None:
+        self.worker.kv.connect(peer, peer_layout, epoch, addresses)
+
+    def receive_kv(self, peer: str, epoch: int, seq: int, block_ids: list[int]) -> tuple[bool, str]:
+        """Blocks until this rank has its part of one request's KV. (ok, error message)."""
+        try:
+            self.worker.receive(peer, epoch, seq, block_ids)
+            return True, ""
+        except Exception as e:  # noqa: BLE001 - the controller retries the request
+            return False, f"{type(e).__name__}: {e}"
+
+    # Requests (rank 0) --------------------------------------------------------------------
+    def add_request(self, spec) -> None:
+        self.worker.add(spec)
+
+    def cancel(self, request_id: str) -> bool:
+        return self.worker.cancel(request_id)
+
+    def release(self, request_id: str) -> bool:
+        return self.worker.release(request_id)
+
+    def reserve(self, request_id: str, num_tokens: int):
+        return self.worker.reserve(request_id, num_tokens)
+
+    def start_decode(self, request_id, prompt_token_ids, output_token_ids, sampling, arrival_s=0.0) -> None:
+        self.worker.start(request_id, prompt_token_ids, output_token_ids, sampling, arrival_s)
+
+    def stats(self) -> dict:
+        return self.worker.stats()
+
+    def inject_fault(self, kind: str, value: float) -> None:
+        """Test hook: 'send_delay_s' delays this rank's next KV send (a hang when longer than
+        the transfer timeout)."""
+        if kind != "send_delay_s":
+            raise ValueError(f"unknown fault {kind!r}")
+        self.worker.kv.faults[kind] = value
+
+    def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.worker is not None:
+            self.worker.wake.set()
+            if self._thread is not None and self.cfg.rank == 0:
+                self._thread.join(timeout=10)
+            self.worker.kv.close()
+        self._events.put(_STOP)
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _gpu_uuid(device) -> str | None:
+    if device.type != "cuda":
+        return None
+    import torch
+    return str(torch.cuda.get_device_properties(device).uuid)

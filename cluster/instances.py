@@ -1,0 +1,126 @@
+"""Instances of a plan as Ray actors: one actor per rank, packed by a placement group; and the
+KV channels between every prefill and decode instance."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import RankActor
+from engine.errors import ConfigError
+from engine.plan import PhaseConfig, Plan
+from kv_transfer.shard_plan import Layout
+from model.rank_runtime import WorkerConfig
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    role: str
+    phase: PhaseConfig
+    layout: Layout
+    ranks: list = field(default_factory=list)
+    pg: object = None
+    num_blocks: int = 0
+    max_model_len: int = 0
+    node_ids: list = field(default_factory=list)
+    gpu_uuids: list = field(default_factory=list)
+    alive: bool = True
+
+    @property
+    def driver(self):
+        return self.ranks[0]
+
+
+def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -> WorkerConfig:
+    return WorkerConfig(
+        instance_id=instance_id, model=plan.model, device=phase.device, dtype=plan.dtype, tp=phase.tp,
+        pp=phase.pp, rank=rank, block_size=plan.block_size, num_kv_blocks=phase.num_kv_blocks,
+        gpu_memory_utilization=phase.gpu_memory_utilization,
+        gpu_share=phase.num_gpus_per_rank if phase.device == "cuda" else 1.0,
+        max_batch_tokens=phase.max_batch_tokens, max_batch_size=phase.max_batch_size,
+        max_model_len=plan.max_model_len, enable_prefix_caching=plan.enable_prefix_caching,
+        kv_timeout_s=plan.kv_transfer_timeout_s, kv_layer_groups=4 if plan.layerwise_transfer else 1,
+        torch_threads=phase.torch_threads)
+
+
+async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,
+                          num_kv_heads: int) -> Instance:
+    if phase.pp != 1:
+        raise ConfigError(f"{role}: pipeline parallelism (pp={phase.pp}) is planned and simulated but not "
+                          "run by the runtime yet; use pp=1")
+    if num_kv_heads % phase.tp:
+        raise ConfigError(f"{role}: tp={phase.tp} must divide the model's {num_kv_heads} KV heads")
+    inst = Instance(f"{role}-{index}", role, phase, Layout(phase.tp, phase.pp, num_layers, num_kv_heads))
+    world = phase.tp * phase.pp
+    gpus = phase.num_gpus_per_rank if phase.device == "cuda" else 0
+    cpus = max(phase.num_cpus_per_rank, 0.001)
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    inst.pg = placement_group([dict(bundle) for _ in range(world)], strategy="STRICT_PACK" if world > 1 else "PACK")
+    try:
+        await asyncio.wait_for(inst.pg.ready(), timeout=120)
+    except asyncio.TimeoutError:
+        remove_placement_group(inst.pg)
+        raise ConfigError(f"{inst.instance_id}: the Ray cluster cannot place {world} x {bundle} "
+                          f"(available: {ray.available_resources()})") from None
+    for r in range(world):
+        strategy = PlacementGroupSchedulingStrategy(inst.pg, placement_group_bundle_index=r)
+        inst.ranks.append(RankActor.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
+            role, worker_config(plan, phase, inst.instance_id, r), phase.max_queue))
+    tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None
+    infos = await asyncio.gather(*[a.init.remote(tp_addr) for a in inst.ranks])
+    inst.num_blocks = infos[0]["num_blocks"]
+    inst.max_model_len = infos[0]["max_model_len"]
+    inst.node_ids = [i["node_id"] for i in infos]
+    inst.gpu_uuids = [i["gpu_uuid"] for i in infos]
+    await asyncio.gather(*[a.start_loop.remote() for a in inst.ranks])
+    return inst
+
+
+def choose_transport(requested: str, p: Instance, d: Instance) -> str:
+    """gloo for CPU; cuda_ipc when the two instances share a GPU (NCCL refuses two ranks on
+    one GPU); NCCL between distinct GPUs."""
+    devices = {p.phase.device, d.phase.device}
+    if devices == {"cpu"}:
+        if requested not in ("auto", "gloo"):
+            raise ConfigError(f"kv_transport {requested!r} needs GPUs; these instances run on CPU")
+        return "gloo"
+    if devices != {"cuda"}:
+        raise ConfigError("prefill and decode must both run on CPU or both on CUDA")
+    shared = set(p.gpu_uuids) & set(d.gpu_uuids)
+    same_node = set(p.node_ids) == set(d.node_ids) and len(set(p.node_ids)) == 1
+    if requested == "auto":
+        return "cuda_ipc" if shared else "nccl"
+    if requested == "nccl" and shared:
+        raise ConfigError("kv_transport nccl: prefill and decode share a GPU, which NCCL refuses; use cuda_ipc")
+    if requested == "cuda_ipc" and not same_node:
+        raise ConfigError("kv_transport cuda_ipc needs prefill and decode on one node")
+    if requested == "gloo":
+        raise ConfigError("kv_transport gloo moves CPU tensors; these instances run on CUDA")
+    return requested
+
+
+async def connect_pair(p: Instance, d: Instance, epoch: int, kind: str) -> None:
+    """(Re)build every channel between prefill instance p and decode instance d."""
+    addrs = await asyncio.gather(*[r.open_kv.remote(d.instance_id, d.layout, epoch, kind) for r in p.ranks])
+    per_dst: dict[int, dict] = {i: {} for i in range(len(d.ranks))}
+    for src, a in enumerate(addrs):
+        for dst, addr in a.items():
+            per_dst[int(dst)][src] = addr
+    await asyncio.gather(
+        *[r.connect_kv_sender.remote(d.instance_id) for r in p.ranks],
+        *[r.connect_kv_receiver.remote(p.instance_id, p.layout, epoch, per_dst[i]) for i, r in enumerate(d.ranks)])
+
+
+async def shutdown_instance(inst: Instance) -> None:
+    try:
+        await asyncio.wait_for(asyncio.gather(*[r.shutdown.remote() for r in inst.ranks], return_exceptions=True), 20)
+    except asyncio.TimeoutError:
+        pass
+    for r in inst.ranks:
+        ray.kill(r, no_restart=True)
+    if inst.pg is not None:
+        remove_placement_group(inst.pg)

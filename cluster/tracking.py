@@ -1,0 +1,57 @@
+"""What the controller keeps per request, and what it streams back to callers."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from engine.request import Request
+
+
+@dataclass
+class StreamDelta:
+    """One item of a request's stream: new tokens and their text; the last item carries the
+    finish reason, usage counts and the TTFT breakdown."""
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    timings: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class Tracked:
+    req: Request
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    phase: str = "pending"          # pending | prefill | transfer | decode | done
+    attempt: int = 0
+    prefill: object = None          # Instance
+    decode: object = None           # Instance
+    blocks: list[int] | None = None
+    finish_reason: str | None = None   # set once the client's stream has ended
+    cancel_requested: bool = False
+    token_seen: dict = field(default_factory=dict)     # attempt -> asyncio.Event
+    num_cached_tokens: int = 0
+    times: dict = field(default_factory=dict)          # controller clock (monotonic)
+    durations: dict = field(default_factory=dict)      # measured spans, seconds
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def closed(self) -> bool:
+        return self.finish_reason is not None
+
+    def timings(self) -> dict:
+        t, d = self.times, self.durations
+        out = dict(d)
+        if "first_token" in t:
+            out["ttft_s"] = t["first_token"] - t["arrival"]
+        if "finish" in t:
+            out["e2e_s"] = t["finish"] - t["arrival"]
+        n = len(self.req.output_token_ids)
+        if n > 1 and "first_token" in t and "last_token" in t:
+            out["tpot_s"] = (t["last_token"] - t["first_token"]) / (n - 1)
+        return out
