@@ -1,7 +1,19 @@
-"""Paged decode attention: one query token per sequence over its block table."""
+"""Paged decode attention: one query token per sequence over its block table.
+
+Triton path (flash-decoding): program (b, kv_head, split) loads each K/V row of its share of the
+context once and scores it against the whole GQA group of query heads with one small matrix
+product, so KV bytes are read once per query group. With num_splits > 1 each split writes a
+partial output and its log-sum-exp, and a second kernel combines them; with one split the first
+kernel writes the output directly.
+"""
 from __future__ import annotations
 
 import torch
+
+from kernels._launch import (FLOAT_DTYPES, check_shape, check_tensor, device_sms, is_interpreted, jit,
+                             next_pow2, tl, use_triton)
+
+LOG2E = 1.4426950408889634
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -26,6 +38,167 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
+@jit
+def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
+                         stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb,
+                         stride_ob, stride_oh, num_splits,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                         WRITE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(CTX + b)
+    # Splits cover whole BLOCK_N tiles so that only a split's last tile needs a length mask.
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:  # the interpreter's low-precision arithmetic is unreliable; work in fp32 there
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = BT + b.to(tl.int64) * stride_btb
+    head_off = kvh * stride_ch
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + offs_n
+        n_mask = offs < end
+        page = tl.load(bt_row + offs // PAGE, mask=n_mask, other=0).to(tl.int64)
+        rows = page * stride_cb + (offs % PAGE) * stride_ct + head_off
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(KC + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(VC + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (or context) has l_i == 0: it contributes zeros and an lse of -inf.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if WRITE_PARTIAL:
+        row = (b * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_splits + split
+        tl.store(PART_O + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(PART_LSE + row, lse, mask=g_mask)
+    else:
+        o_ptr = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=out_mask)
+
+
+@jit
+def _decode_reduce_kernel(PART_O, PART_LSE, OUT, stride_ob, stride_oh, num_heads, num_splits,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Combine the splits of one (sequence, query head): weights 2^(lse_s - max lse).
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    row = (b * num_heads + h).to(tl.int64) * num_splits + offs_s
+    lse = tl.load(PART_LSE + row, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+    mask = s_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(PART_O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.sum(w[:, None] * o, 0)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def _config(head_dim: int, interpreted: bool) -> dict:
+    """Tile and launch shape. 64-token tiles with 3 stages keep ~100 KB of K/V loads in flight
+    per multiprocessor, several times what HBM latency needs; the interpreter gets small tiles."""
+    if interpreted:
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_N=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Enough splits for ~4 programs per multiprocessor, each split keeping >= 256 tokens so the
+    partial results stay small next to the KV bytes read."""
+    programs = batch * num_kv_heads
+    if programs >= 2 * num_sms:
+        return 1
+    want = -(-4 * num_sms // programs)
+    return max(1, min(want, max_context // 256, 64))
+
+
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None):
+    op = "paged_decode_attention"
+    check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    B, Hq, D = q.shape
+    dev = q.device
+    check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=dev, contiguous=True)
+    _, page, Hk, _ = k_cache.shape
+    check_shape(op, "k_cache", k_cache, (None, None, None, D))
+    check_tensor(op, "v_cache", v_cache, dtypes=(q.dtype,), device=dev, contiguous=True)
+    check_shape(op, "v_cache", v_cache, tuple(k_cache.shape))
+    check_tensor(op, "block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=dev)
+    check_shape(op, "block_tables", block_tables, (B, None))
+    check_tensor(op, "context_lens", context_lens, ndim=1, dtypes=(torch.int32,), device=dev)
+    check_shape(op, "context_lens", context_lens, (B,))
+    if Hq % Hk:
+        raise ValueError(f"{op}: query heads ({Hq}) must be a multiple of KV heads ({Hk})")
+    if D < 16:
+        raise ValueError(f"{op}: head_dim must be >= 16 for the tensor-core path, got {D}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{op}: num_splits must be None or >= 1, got {num_splits}")
+    interpreted = is_interpreted(_decode_split_kernel)
+    cfg = dict(_config(D, interpreted), **(config or {}))
+    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    if B == 0:
+        return out
+    if num_splits is None:
+        num_splits = auto_num_splits(B, Hk, block_tables.shape[1] * page, device_sms(q))
+    group = Hq // Hk
+    partial = num_splits > 1
+    part_o = torch.empty((B, Hq, num_splits, D) if partial else (1,), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((B, Hq, num_splits) if partial else (1,), dtype=torch.float32, device=dev)
+    block_d = next_pow2(D)
+    _decode_split_kernel[(B, Hk, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
+        GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_N=cfg["BLOCK_N"], PAGE=page, WRITE_PARTIAL=partial, UPCAST=interpreted,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if partial:
+        _decode_reduce_kernel[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq,
+                                       num_splits, HEAD_DIM=D, BLOCK_D=block_d,
+                                       BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+    return out
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                            num_splits: int | None = None, impl: str | None = None):
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+    """Attention of one query token per sequence over its paged KV (shapes as in the reference).
+    num_splits: how many parts each context is split into (flash-decoding); None picks from the
+    batch size, KV heads and the block table width. impl: None (Triton on CUDA, reference on
+    CPU), "triton" or "torch"."""
+    if not use_triton("paged_decode_attention", impl, _decode_split_kernel, q, k_cache, v_cache,
+                      block_tables, context_lens):
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                          num_splits)
+    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)

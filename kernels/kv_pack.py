@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._launch import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, jit, tl, use_triton
+
 
 def packed_shape(kv_cache: torch.Tensor, num_blocks: int, layers: tuple[int, int],
                  heads: tuple[int, int]) -> tuple[int, ...]:
@@ -33,9 +35,91 @@ def unpack_kv_ref(buf: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Te
     dst.index_copy_(2, block_ids.to(kv_cache.device).long(), buf.view(shape).to(kv_cache.dtype))
 
 
+@jit
+def _pack_kernel(CACHE, BUF, BLOCK_IDS, stride_l, stride_kv, stride_b, stride_t, layer0, head_offset,
+                 num_packed, ROW: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
+                 UNPACK: tl.constexpr):
+    # Program (j, lc, chunk) moves BLOCK elements of block j, layer-and-kv lc. A packed slab is
+    # TOKENS rows of ROW = heads * head_dim elements; in the cache each row is contiguous too
+    # (the heads are adjacent), rows are stride_t apart. ROW and TOKENS are constexpr so that the
+    # division below compiles to shifts/multiplies and the loads stay 16-byte vectors.
+    j = tl.program_id(0)
+    lc = tl.program_id(1)
+    chunk = tl.program_id(2)
+    bid = tl.load(BLOCK_IDS + j).to(tl.int64)
+    layer = (layer0 + lc // 2).to(tl.int64)
+    cache_base = layer * stride_l + (lc % 2) * stride_kv + bid * stride_b + head_offset
+    buf_base = (lc.to(tl.int64) * num_packed + j) * (TOKENS * ROW)
+    e = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < TOKENS * ROW
+    cache_off = cache_base + (e // ROW) * stride_t + e % ROW
+    if UNPACK:
+        x = tl.load(BUF + buf_base + e, mask=mask)
+        tl.store(CACHE + cache_off, x.to(CACHE.dtype.element_ty), mask=mask)
+    else:
+        x = tl.load(CACHE + cache_off, mask=mask)
+        tl.store(BUF + buf_base + e, x.to(BUF.dtype.element_ty), mask=mask)
+
+
+def _check(op, kv_cache, block_ids, layers, heads):
+    check_tensor(op, "kv_cache", kv_cache, ndim=6, dtypes=FLOAT_DTYPES, contiguous=True)
+    L, two, nb, _, hk, _ = kv_cache.shape
+    if two != 2:
+        raise ValueError(f"{op}: kv_cache dim 1 must be 2 (K and V), got shape {tuple(kv_cache.shape)}")
+    check_tensor(op, "block_ids", block_ids, ndim=1, dtypes=INDEX_DTYPES)
+    if not (0 <= layers[0] < layers[1] <= L):
+        raise ValueError(f"{op}: layers must satisfy 0 <= l0 < l1 <= {L}, got {tuple(layers)}")
+    if not (0 <= heads[0] < heads[1] <= hk):
+        raise ValueError(f"{op}: heads must satisfy 0 <= h0 < h1 <= {hk}, got {tuple(heads)}")
+    # block ids travel with the request's metadata and may still be on the host
+    return block_ids.to(kv_cache.device, non_blocking=True)
+
+
+def _launch(kv_cache, buf, block_ids, layers, heads, unpack: bool):
+    _, _, _, bs, _, d = kv_cache.shape
+    row = (heads[1] - heads[0]) * d
+    tokens_elems = bs * row
+    block = min(4096, 1 << (tokens_elems - 1).bit_length())
+    grid = (len(block_ids), 2 * (layers[1] - layers[0]), -(-tokens_elems // block))
+    s = kv_cache.stride()
+    _pack_kernel[grid](kv_cache, buf, block_ids, s[0], s[1], s[2], s[3], layers[0], heads[0] * d,
+                       len(block_ids), ROW=row, TOKENS=bs, BLOCK=block, UNPACK=unpack, num_warps=4)
+
+
 def pack_kv(kv_cache, block_ids, layers, heads, out=None, impl: str | None = None):
-    return pack_kv_ref(kv_cache, block_ids, layers, heads, out)
+    """Gather layers [l0, l1) x heads [h0, h1) of `block_ids` from kv_cache into a contiguous
+    [l1-l0, 2, len(block_ids), block_size, h1-h0, head_dim] buffer (written into `out` when given:
+    contiguous, same numel, on kv_cache's device). impl: None (Triton on CUDA, reference on CPU),
+    "triton" or "torch"."""
+    op = "pack_kv"
+    if not use_triton(op, impl, _pack_kernel, kv_cache, out):
+        return pack_kv_ref(kv_cache, block_ids, layers, heads, out)
+    block_ids = _check(op, kv_cache, block_ids, layers, heads)
+    shape = packed_shape(kv_cache, len(block_ids), layers, heads)
+    if out is None:
+        out = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
+    else:
+        check_tensor(op, "out", out, dtypes=FLOAT_DTYPES, device=kv_cache.device, contiguous=True)
+        if out.numel() != torch.Size(shape).numel():
+            raise ValueError(f"{op}: out must hold {torch.Size(shape).numel()} elements for packed "
+                             f"shape {shape}, got shape {tuple(out.shape)}")
+    if len(block_ids) > 0:
+        _launch(kv_cache, out, block_ids, layers, heads, unpack=False)
+    return out
 
 
 def unpack_kv(buf, kv_cache, block_ids, layers, heads, impl: str | None = None) -> None:
-    unpack_kv_ref(buf, kv_cache, block_ids, layers, heads)
+    """Scatter a buffer laid out as pack_kv writes it back into kv_cache at `block_ids`.
+    impl as in pack_kv."""
+    op = "unpack_kv"
+    if not use_triton(op, impl, _pack_kernel, kv_cache, buf):
+        unpack_kv_ref(buf, kv_cache, block_ids, layers, heads)
+        return
+    block_ids = _check(op, kv_cache, block_ids, layers, heads)
+    shape = packed_shape(kv_cache, len(block_ids), layers, heads)
+    check_tensor(op, "buf", buf, dtypes=FLOAT_DTYPES, device=kv_cache.device, contiguous=True)
+    if buf.numel() != torch.Size(shape).numel():
+        raise ValueError(f"{op}: buf must hold {torch.Size(shape).numel()} elements for packed "
+                         f"shape {shape}, got shape {tuple(buf.shape)}")
+    if len(block_ids) > 0:
+        _launch(kv_cache, buf, block_ids, layers, heads, unpack=True)

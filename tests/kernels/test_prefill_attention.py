@@ -1,0 +1,105 @@
+"""Causal varlen prefill attention with GQA and a paged prefix, against the reference."""
+import pytest
+import torch
+
+from kernels import prefill_attention as mod
+from tests.kernels.helpers import assert_close, block_tables, cu_seqlens
+
+# (q heads, kv heads, head dim, block size, new lengths, prefix lengths or None). Lengths are
+# ragged, include 0 and 1, and cross the interpreter's 32-row and the GPU's 128-row tiles.
+CASES = [
+    pytest.param(2, 2, 64, 16, [1, 17, 70], None, id="gqa1-d64-bs16"),
+    pytest.param(8, 2, 128, 32, [33, 0, 5, 130], [20, 7, 64, 1], id="gqa4-d128-bs32-prefix"),
+    pytest.param(8, 1, 64, 16, [40, 3], [0, 50], id="gqa8-d64-bs16-prefix"),
+    pytest.param(4, 1, 128, 16, [65, 2], None, id="gqa4-d128-bs16"),
+    pytest.param(2, 1, 80, 16, [19, 33], [16, 5], id="gqa2-d80-prefix"),
+    pytest.param(4, 2, 16, 16, [9, 40], [3, 0], id="gqa2-d16-prefix"),
+]
+LONG = [  # GPU only: many tiles per sequence, long prefixes
+    pytest.param(32, 8, 128, 16, [700, 129, 1000], [300, 0, 1200], id="gqa4-d128-long",
+                 marks=pytest.mark.gpu),
+]
+
+
+def _inputs(target, gen, hq, hk, d, bs, lens, prefix):
+    T = sum(lens)
+    q, k, v = (target.randn(T, h, d, gen=gen) for h in (hq, hk, hk))
+    kw = {}
+    if prefix is not None:
+        max_blocks = -(-max(prefix) // bs) + 1
+        nb = len(lens) * max_blocks + 3
+        kw = dict(k_cache=target.randn(nb, bs, hk, d, gen=gen),
+                  v_cache=target.randn(nb, bs, hk, d, gen=gen),
+                  block_tables=block_tables(len(lens), max_blocks, nb, gen, target.device),
+                  prefix_lens=torch.tensor(prefix, dtype=torch.int32, device=target.device))
+    return q, k, v, cu_seqlens(lens, target.device), kw
+
+
+@pytest.mark.parametrize("hq,hk,d,bs,lens,prefix", CASES + LONG)
+def test_prefill_matches_reference(target, gen, hq, hk, d, bs, lens, prefix):
+    if target.device == "cpu" and max(lens) > 200:
+        pytest.skip("long case is GPU only")
+    q, k, v, cu, kw = _inputs(target, gen, hq, hk, d, bs, lens, prefix)
+    out = mod.prefill_attention(q, k, v, cu, d ** -0.5, impl="triton", **kw)
+    assert_close(out, mod.prefill_attention_ref(q, k, v, cu, d ** -0.5, **kw), target)
+
+
+def test_prefill_fp16_on_interpreter(gen):
+    from tests.kernels.helpers import Target
+    target = Target("cpu", torch.float16)
+    q, k, v, cu, kw = _inputs(target, gen, 4, 1, 64, 16, [20, 37], [5, 16])
+    out = mod.prefill_attention(q, k, v, cu, 0.125, impl="triton", **kw)
+    assert_close(out, mod.prefill_attention_ref(q, k, v, cu, 0.125, **kw), target)
+
+
+def test_zero_prefix_lengths_equal_no_prefix(target, gen):
+    q, k, v, cu, kw = _inputs(target, gen, 4, 2, 64, 16, [30, 12], [0, 0])
+    with_prefix = mod.prefill_attention(q, k, v, cu, 0.125, impl="triton", **kw)
+    without = mod.prefill_attention(q, k, v, cu, 0.125, impl="triton")
+    assert_close(with_prefix, without, target)
+
+
+def test_strided_qkv_views(target, gen):
+    T, hq, hk, d = 45, 4, 2, 64
+    qkv = target.randn(T, (hq + 2 * hk) * d, gen=gen)
+    q = qkv[:, :hq * d].view(T, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(T, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(T, hk, d)
+    cu = cu_seqlens([12, 33], target.device)
+    out = mod.prefill_attention(q, k, v, cu, 0.125, impl="triton")
+    assert_close(out, mod.prefill_attention_ref(q, k, v, cu, 0.125), target)
+
+
+def test_launcher_errors():
+    q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    call = lambda **over: mod.prefill_attention(**{**dict(q=q, k=k, v=v, cu_seqlens=cu, scale=0.1),
+                                                   **over}, impl="triton")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call(cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        call(k=torch.randn(10, 3, 64), v=torch.randn(10, 3, 64))
+    with pytest.raises(ValueError, match="k must be one of"):
+        call(k=k.half())
+    with pytest.raises(ValueError, match="v must have shape"):
+        call(v=torch.randn(10, 2, 32))
+    with pytest.raises(ValueError, match="needs k_cache"):
+        call(prefix_lens=torch.zeros(2, dtype=torch.int32))
+    cache = torch.randn(4, 16, 2, 64)
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_tables"):
+        call(k_cache=cache, v_cache=cache, block_tables=bt.long(), prefix_lens=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="prefix_lens must have shape"):
+        call(k_cache=cache, v_cache=cache, block_tables=bt, prefix_lens=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k_cache must have shape"):
+        call(k_cache=torch.randn(4, 16, 4, 64), v_cache=cache, block_tables=bt,
+             prefix_lens=torch.zeros(2, dtype=torch.int32))
+
+
+def test_dispatch(target, gen, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mod, "_launch", lambda *a: calls.append(1) or a[0])
+    q, k, v, cu, _ = _inputs(target, gen, 2, 1, 64, 16, [3], None)
+    mod.prefill_attention(q, k, v, cu, 0.1)
+    mod.prefill_attention(q, k, v, cu, 0.1, impl="torch")
+    assert len(calls) == (1 if target.device == "cuda" else 0)
