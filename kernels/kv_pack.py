@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._launch import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, jit, tl, use_triton
+from kernels._launch import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, jit, next_pow2, tl, use_triton
 
 
 def packed_shape(kv_cache: torch.Tensor, num_blocks: int, layers: tuple[int, int],
@@ -37,28 +37,31 @@ def unpack_kv_ref(buf: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Te
 
 @jit
 def _pack_kernel(CACHE, BUF, BLOCK_IDS, stride_l, stride_kv, stride_b, stride_t, layer0, head_offset,
-                 num_packed, ROW: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
-                 UNPACK: tl.constexpr):
-    # Program (j, lc, chunk) moves BLOCK elements of block j, layer-and-kv lc. A packed slab is
-    # TOKENS rows of ROW = heads * head_dim elements; in the cache each row is contiguous too
-    # (the heads are adjacent), rows are stride_t apart. ROW and TOKENS are constexpr so that the
-    # division below compiles to shifts/multiplies and the loads stay 16-byte vectors.
+                 num_packed, ROW: tl.constexpr, TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_R: tl.constexpr, UNPACK: tl.constexpr):
+    # Program (j, lc, chunk) moves a [BLOCK_T tokens, BLOCK_R] tile of block j, layer-and-kv lc.
+    # A packed slab is TOKENS rows of ROW = heads * head_dim elements; in the cache each row is
+    # contiguous too (the heads are adjacent) and rows are stride_t apart. A 2-D tile with
+    # constexpr ROW lets the compiler prove 16-byte runs on both sides.
     j = tl.program_id(0)
     lc = tl.program_id(1)
     chunk = tl.program_id(2)
+    num_r_chunks: tl.constexpr = (ROW + BLOCK_R - 1) // BLOCK_R
+    offs_t = (chunk // num_r_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = (chunk % num_r_chunks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (offs_t < TOKENS)[:, None] & (offs_r < ROW)[None, :]
     bid = tl.load(BLOCK_IDS + j).to(tl.int64)
     layer = (layer0 + lc // 2).to(tl.int64)
     cache_base = layer * stride_l + (lc % 2) * stride_kv + bid * stride_b + head_offset
     buf_base = (lc.to(tl.int64) * num_packed + j) * (TOKENS * ROW)
-    e = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = e < TOKENS * ROW
-    cache_off = cache_base + (e // ROW) * stride_t + e % ROW
+    cache_ptrs = CACHE + cache_base + offs_t[:, None] * stride_t + offs_r[None, :]
+    buf_ptrs = BUF + buf_base + offs_t[:, None] * ROW + offs_r[None, :]
     if UNPACK:
-        x = tl.load(BUF + buf_base + e, mask=mask)
-        tl.store(CACHE + cache_off, x.to(CACHE.dtype.element_ty), mask=mask)
+        x = tl.load(buf_ptrs, mask=mask)
+        tl.store(cache_ptrs, x.to(CACHE.dtype.element_ty), mask=mask)
     else:
-        x = tl.load(CACHE + cache_off, mask=mask)
-        tl.store(BUF + buf_base + e, x.to(BUF.dtype.element_ty), mask=mask)
+        x = tl.load(cache_ptrs, mask=mask)
+        tl.store(buf_ptrs, x.to(BUF.dtype.element_ty), mask=mask)
 
 
 def _check(op, kv_cache, block_ids, layers, heads):
@@ -78,12 +81,13 @@ def _check(op, kv_cache, block_ids, layers, heads):
 def _launch(kv_cache, buf, block_ids, layers, heads, unpack: bool):
     _, _, _, bs, _, d = kv_cache.shape
     row = (heads[1] - heads[0]) * d
-    tokens_elems = bs * row
-    block = min(4096, 1 << (tokens_elems - 1).bit_length())
-    grid = (len(block_ids), 2 * (layers[1] - layers[0]), -(-tokens_elems // block))
+    block_r = min(next_pow2(row), 2048)
+    block_t = min(next_pow2(bs), max(1, 4096 // block_r))  # ~8 KB of bf16 per program
+    grid = (len(block_ids), 2 * (layers[1] - layers[0]), -(-bs // block_t) * -(-row // block_r))
     s = kv_cache.stride()
     _pack_kernel[grid](kv_cache, buf, block_ids, s[0], s[1], s[2], s[3], layers[0], heads[0] * d,
-                       len(block_ids), ROW=row, TOKENS=bs, BLOCK=block, UNPACK=unpack, num_warps=4)
+                       len(block_ids), ROW=row, TOKENS=bs, BLOCK_T=block_t, BLOCK_R=block_r,
+                       UNPACK=unpack, num_warps=4)
 
 
 def pack_kv(kv_cache, block_ids, layers, heads, out=None, impl: str | None = None):

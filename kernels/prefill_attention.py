@@ -122,25 +122,32 @@ def _attend_prefix(acc, l_i, m_i, q, KC, VC, bt_row, head_off, stride_cb, stride
 
 
 @jit
-def _attend_new(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seq_len, offs_m,
+def _attend_new(acc, l_i, m_i, q, K, V, row0, col, stride_kt, stride_vt, lo, hi, seq_len, offs_m,
                 qk_scale, offs_n, offs_d, d_mask, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                DIAGONAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                DIAGONAL: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """Stages 2 and 3: new keys [lo, hi). Left of the diagonal every key is in bounds and
-    visible, so loads and scores need no mask there."""
+    visible, so loads and scores need no mask there. K, V are pointers to the sequence's first
+    row and KV head, or (USE_TMA) tensor descriptors of [T, Hk * D] read at (row0 + n, col)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + offs_n
-        k_ptrs = k_base + offs[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + offs[:, None] * stride_vt + offs_d[None, :]
-        if DIAGONAL:
-            mask = (offs < seq_len)[:, None] & d_mask[None, :]
-            k = tl.load(k_ptrs, mask=mask, other=0.0)
-            v = tl.load(v_ptrs, mask=mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if USE_TMA:
+            # rows past T read as zeros; rows of the next sequence only reach masked scores
+            k = K.load([row0 + n0, col])
+            v = V.load([row0 + n0, col])
         else:
-            k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+            k_ptrs = K + offs[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = V + offs[:, None] * stride_vt + offs_d[None, :]
+            if DIAGONAL:
+                mask = (offs < seq_len)[:, None] & d_mask[None, :]
+                k = tl.load(k_ptrs, mask=mask, other=0.0)
+                v = tl.load(v_ptrs, mask=mask, other=0.0)
+            elif EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -156,7 +163,8 @@ def _prefill_kernel(Q, K, V, O, CU, KC, VC, BT, PLEN, qk_scale,
                     stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_btb, num_seqs,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                    HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_PREFIX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.program_id(1)
     b = _find_sequence(CU, tile, num_seqs, BLOCK_M)
@@ -186,15 +194,21 @@ def _prefill_kernel(Q, K, V, O, CU, KC, VC, BT, PLEN, qk_scale,
                 acc, l_i, m_i, q, KC, VC, BT + b.to(tl.int64) * stride_btb, kvh * stride_ch,
                 stride_cb, stride_ct, tl.load(PLEN + b), qk_scale, offs_n, offs_d, d_mask,
                 BLOCK_N, PAGE, UPCAST, DOT_PRECISION)
-        k_base = K + seq_start.to(tl.int64) * stride_kt + kvh * stride_kh
-        v_base = V + seq_start.to(tl.int64) * stride_vt + kvh * stride_vh
-        acc, l_i, m_i = _attend_new(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0,
-                                    m_start, seq_len, offs_m, qk_scale, offs_n, offs_d, d_mask,
-                                    BLOCK_N, BLOCK_D == HEAD_DIM, False, UPCAST, DOT_PRECISION)
-        acc, l_i, m_i = _attend_new(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                    m_start, tl.minimum(m_start + BLOCK_M, seq_len), seq_len,
-                                    offs_m, qk_scale, offs_n, offs_d, d_mask, BLOCK_N,
-                                    BLOCK_D == HEAD_DIM, True, UPCAST, DOT_PRECISION)
+        if USE_TMA:
+            k_src = K
+            v_src = V
+        else:
+            k_src = K + seq_start.to(tl.int64) * stride_kt + kvh * stride_kh
+            v_src = V + seq_start.to(tl.int64) * stride_vt + kvh * stride_vh
+        col = kvh * HEAD_DIM
+        acc, l_i, m_i = _attend_new(acc, l_i, m_i, q, k_src, v_src, seq_start, col, stride_kt,
+                                    stride_vt, 0, m_start, seq_len, offs_m, qk_scale, offs_n,
+                                    offs_d, d_mask, BLOCK_N, BLOCK_D == HEAD_DIM, False, USE_TMA,
+                                    UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _attend_new(acc, l_i, m_i, q, k_src, v_src, seq_start, col, stride_kt,
+                                    stride_vt, m_start, tl.minimum(m_start + BLOCK_M, seq_len),
+                                    seq_len, offs_m, qk_scale, offs_n, offs_d, d_mask, BLOCK_N,
+                                    BLOCK_D == HEAD_DIM, True, USE_TMA, UPCAST, DOT_PRECISION)
         o = acc / l_i[:, None]
         tl.store(O + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  o.to(O.dtype.element_ty), mask=row_mask)
@@ -212,6 +226,22 @@ def _config(head_dim: int, interpreted: bool) -> dict:
     if head_dim <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _tma_ok(q, k, v) -> bool:
+    """The bulk-copy (TMA) path needs Hopper or newer, 16-bit data, a power-of-two head dim, heads
+    adjacent within a token (a [T, Hk * D] view) and 16-byte aligned rows."""
+    D = q.shape[2]
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and q.dtype in (torch.float16, torch.bfloat16) and D == next_pow2(D)
+            and all(t.stride(1) == D and t.stride(0) * 2 % 16 == 0 and t.data_ptr() % 16 == 0
+                    for t in (k, v)))
+
+
+def _kv_descriptor(t: torch.Tensor, block_n: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    T, H, D = t.shape
+    return TensorDescriptor(t, [T, H * D], [t.stride(0), 1], [block_n, D])
 
 
 def _check(op, q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens):
@@ -258,14 +288,16 @@ def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_l
         k_cache = v_cache = k
         block_tables = prefix_lens = cu_seqlens
     cache_strides = k_cache.stride()[:3] if has_prefix else (0, 0, 0)
+    use_tma = cfg.get("TMA", False) and _tma_ok(q, k, v)
+    k_arg, v_arg = (_kv_descriptor(k, cfg["BLOCK_N"]), _kv_descriptor(v, cfg["BLOCK_N"])) if use_tma else (k, v)
     grid = (Hq, T // cfg["BLOCK_M"] + B)
     _prefill_kernel[grid](
-        q, k, v, out, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens, scale * LOG2E,
+        q, k_arg, v_arg, out, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), *cache_strides, block_tables.stride(0), B,
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_D=next_pow2(D), BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], PAGE=k_cache.shape[1] if has_prefix else 1, HAS_PREFIX=has_prefix,
-        UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_TMA=use_tma, UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

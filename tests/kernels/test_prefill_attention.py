@@ -44,6 +44,22 @@ def test_prefill_matches_reference(target, gen, hq, hk, d, bs, lens, prefix):
     assert_close(out, mod.prefill_attention_ref(q, k, v, cu, d ** -0.5, **kw), target)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,prefix", [([700, 129, 1000], [300, 0, 1200]), ([1, 64, 65, 3], None)])
+def test_tma_path_matches_reference(gen, lens, prefix):
+    # The bulk-copy (TMA) variant only exists compiled on Hopper; force it whatever the default.
+    from tests.kernels.helpers import Target
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper GPU")
+    target = Target("cuda", torch.bfloat16)
+    q, k, v, cu, kw = _inputs(target, gen, 16, 4, 128, 16, lens, prefix)
+    args = (q, k, v, cu, 0.088, kw.get("k_cache"), kw.get("v_cache"), kw.get("block_tables"),
+            kw.get("prefix_lens"))
+    for cfg in (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
+                dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True)):
+        assert_close(mod._launch(*args, config=cfg), mod.prefill_attention_ref(*args), target)
+
+
 def test_prefill_fp16_on_interpreter(gen):
     from tests.kernels.helpers import Target
     target = Target("cpu", torch.float16)
