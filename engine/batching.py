@@ -71,11 +71,12 @@ class PrefillPolicy:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
     def remove(self, req: Request) -> bool:
-        try:
+        # Test membership first: deque.remove's miss path formats repr(req), prompt and all,
+        # which costs ~0.25 ms for a 1k-token prompt on every finished request.
+        if req in self.waiting:
             self.waiting.remove(req)
             return True
-        except ValueError:
-            return False
+        return False
 
     def schedule(self, now_s: float, token_budget: int | None = None,
                  max_chunk_tokens: int | None = None) -> list[PrefillChunk]:
@@ -173,6 +174,10 @@ class DecodePolicy:
             else:
                 hi = mid
         return lo
+
+    def blocks_needed(self, num_steps: int) -> int:
+        """KV blocks the current batch still has to take for its next `num_steps` steps."""
+        return self._blocks_needed(self.running[:self.max_batch_size], num_steps)
 
     def _blocks_needed(self, batch: list[Request], num_steps: int) -> int:
         # Step k (0-based) must hold num_tokens + k tokens: the step's input token included.

@@ -68,3 +68,26 @@ def test_max_steps_with_no_batch_or_no_steps():
     policy = DecodePolicy(BlockManager(4, 4))
     assert policy.max_steps_without_preemption(5) == 5
     assert policy.max_steps_without_preemption(0) == 0
+
+
+def test_blocks_needed_is_what_fast_forward_takes():
+    bm = BlockManager(400, 16)
+    policy = DecodePolicy(bm)
+    _running(bm, policy, [5, 16, 17, 40])
+    for steps in (1, 12, 30):
+        free = bm.num_free_blocks
+        need = policy.blocks_needed(steps)
+        for r in policy.fast_forward(steps):
+            r.output_token_ids.extend([7] * steps)
+        assert free - bm.num_free_blocks == need
+
+
+def test_prefill_remove_of_absent_request_is_cheap_and_false():
+    import time
+    from engine.batching import PrefillPolicy
+    p = PrefillPolicy(BlockManager(10, 16))
+    absent = Request("x", list(range(100_000)))
+    t = time.perf_counter()
+    for _ in range(200):
+        assert p.remove(absent) is False
+    assert time.perf_counter() - t < 0.5      # no repr of a 100k-token prompt per miss
