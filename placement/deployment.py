@@ -1,0 +1,140 @@
+"""What the simulator simulates: instance groups with their latency models, KV memory and
+node placement, built from a plan file (or by the optimizer directly)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from engine.errors import ConfigError
+from engine.model_config import ModelConfig, load_model_config
+from engine.plan import PhaseConfig, Plan
+from placement.gpus import DeviceSpec, get_device
+from placement.latency import LatencyModel, Link, RooflineModel
+from placement.memory import num_kv_blocks
+from placement.profile import ProfiledModel, load_profile
+
+POLICY_MODES = ("prefill_first", "chunked")
+
+
+@dataclass
+class InstanceGroup:
+    """`num_instances` identical instances of one phase. `nodes[i]` names the node instance i
+    sits on ("H100:0"); instances on one node move KV over NVLink. `mode` is the
+    ColocatedPolicy mode for decode and colocated instances."""
+
+    num_instances: int
+    latency: LatencyModel
+    device: DeviceSpec
+    num_blocks: int
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 256
+    nodes: list[str] = field(default_factory=list)
+    mode: str = "prefill_first"
+    chunk_tokens: int = 512
+
+    def __post_init__(self):
+        if self.num_instances < 1 or self.num_blocks < 1:
+            raise ConfigError(f"an instance group needs >= 1 instance and >= 1 KV block, "
+                              f"got {self.num_instances} and {self.num_blocks}")
+        if self.mode not in POLICY_MODES:
+            raise ConfigError(f"mode must be one of {POLICY_MODES}, got {self.mode!r}")
+        if not self.nodes:
+            self.nodes = pack_nodes(self.device, self.num_instances, self.ranks)
+
+    @property
+    def ranks(self) -> int:
+        return self.latency.tp * self.latency.pp
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_instances * self.ranks
+
+
+@dataclass
+class Deployment:
+    """Either `prefill` + `decode` (disaggregated) or `colocated`."""
+
+    block_size: int
+    kv_bytes_per_token: int
+    prefill: InstanceGroup | None = None
+    decode: InstanceGroup | None = None
+    colocated: InstanceGroup | None = None
+
+    def __post_init__(self):
+        if self.colocated is None and (self.prefill is None or self.decode is None):
+            raise ConfigError("a deployment needs prefill and decode groups, or a colocated group")
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.colocated is None
+
+    @property
+    def num_devices(self) -> int:
+        groups = [self.colocated] if self.colocated else [self.prefill, self.decode]
+        return sum(g.num_devices for g in groups)
+
+    def link(self, prefill_index: int, decode_index: int) -> Link:
+        """The link from prefill instance i to decode instance j."""
+        p, d = self.prefill, self.decode
+        same = p.nodes[prefill_index] == d.nodes[decode_index]
+        if same:
+            bw, lat = p.device.link(True)
+        else:
+            bw = min(p.device.inter_node_bandwidth, d.device.inter_node_bandwidth)
+            lat = max(p.device.inter_node_latency_s, d.device.inter_node_latency_s)
+        return Link(bw, lat, same, max(1, min(p.ranks, d.ranks)))
+
+
+def pack_nodes(device: DeviceSpec, num_instances: int, ranks: int, first_node: int = 0) -> list[str]:
+    """Fill nodes in order: instance i goes on the node where its first rank lands."""
+    per_node = device.devices_per_node
+    return [f"{device.name}:{first_node + (i * ranks) // per_node}" for i in range(num_instances)]
+
+
+def make_latency(latency: str, model: ModelConfig, device: DeviceSpec, tp: int, pp: int) -> LatencyModel:
+    """"roofline" or the path of a profile JSON."""
+    if latency == "roofline":
+        return RooflineModel(model, device, tp, pp)
+    return ProfiledModel(load_profile(latency), tp, pp)
+
+
+def group_from_phase(phase: PhaseConfig, model: ModelConfig, block_size: int, latency: str,
+                     mode: str = "prefill_first", nodes: list[str] | None = None) -> InstanceGroup:
+    """An instance group for one phase of a plan; KV blocks from the plan or from memory."""
+    device = get_device(phase.gpu_type or ("cpu" if phase.device == "cpu" else "H100"))
+    blocks = phase.num_kv_blocks or num_kv_blocks(
+        model, device, phase.tp, phase.pp, block_size, phase.gpu_memory_utilization,
+        phase.max_batch_tokens)
+    if blocks < 1:
+        raise ConfigError(f"{model.name or 'the model'} with tp={phase.tp} pp={phase.pp} does not fit "
+                          f"in {device.name} memory; use more devices per instance")
+    lat = make_latency(latency, model, device, phase.tp, phase.pp)
+    return InstanceGroup(phase.num_instances, lat, device, blocks, phase.max_batch_tokens,
+                         phase.max_batch_size, nodes or [], mode)
+
+
+def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: str = "prefill_first",
+                         model: ModelConfig | None = None) -> Deployment:
+    """The deployment a plan describes. Node placement comes from plan.predicted["layout"]
+    when the optimizer wrote one, else instances are packed onto nodes prefill first."""
+    model = model or load_model_config(plan.model)
+    layout = plan.predicted.get("layout", {}) if isinstance(plan.predicted, dict) else {}
+    kv = model.kv_bytes_per_token(None if plan.dtype == "auto" else plan.dtype)
+    if plan.mode == "colocated":
+        g = group_from_phase(plan.colocated, model, plan.block_size, latency, colocated_mode,
+                             layout.get("colocated"))
+        return Deployment(plan.block_size, kv, colocated=g)
+    p = group_from_phase(plan.prefill, model, plan.block_size, latency, "prefill_first",
+                         layout.get("prefill"))
+    d = group_from_phase(plan.decode, model, plan.block_size, latency, "prefill_first",
+                         layout.get("decode"))
+    if not layout.get("decode") and d.device.name == p.device.name:
+        # Decode instances continue on the nodes after the prefill instances' devices.
+        used = p.num_devices
+        d.nodes = [f"{d.device.name}:{(used + i * d.ranks) // d.device.devices_per_node}"
+                   for i in range(d.num_instances)]
+    return Deployment(plan.block_size, kv, prefill=p, decode=d)
+
+
+def with_instances(group: InstanceGroup, num_instances: int) -> InstanceGroup:
+    """The same group with another instance count (nodes re-packed)."""
+    return replace(group, num_instances=num_instances, nodes=[])

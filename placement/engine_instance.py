@@ -1,0 +1,307 @@
+"""A simulated decode or colocated instance: block manager + `ColocatedPolicy`, as in the
+decode worker. Transferred requests join through `policy.decode.add`; requests preempted when
+blocks run out recompute through the same policy's prefill queue.
+
+Decode steps are the hot path, so between events the instance runs a *fast-forward run*: k
+steps of an unchanging batch, k chosen so that no request finishes before the last step and no
+step needs a block that is not free. Anything that changes the batch (a join, an arrival, a
+decode-side reservation that would leave the run short of blocks) cuts the run after the step
+in progress. Steps that preempt, and every prefill or mixed step, go through
+`ColocatedPolicy.schedule` one at a time, exactly as in the worker.
+
+Two ways to run: `DecodePolicy.max_steps_without_preemption` and `DecodePolicy.fast_forward`
+at O(batch) per run; or, with the counting block manager, a few dozen requests running and
+all of them in the batch, a `LazyBatch` at O(1) per join or finish.
+"""
+from __future__ import annotations
+
+from itertools import repeat
+
+from engine.batching import Batch, ColocatedPolicy
+from placement.blocks import CountingBlockManager
+from placement.deployment import InstanceGroup
+from placement.instances import _run_time, _steps_ended, make_block_manager
+from placement.lazy import LazyBatch
+
+
+class EngineInstance:
+    """The decode side of a disaggregated deployment, or a colocated instance.
+    `on_first_token(req, now)` is told of first tokens sampled here (colocated);
+    `on_finish(req, now)` gets finished requests after their blocks are freed and returns
+    events."""
+
+    def __init__(self, index: int, group: InstanceGroup, block_size: int, on_first_token, on_finish,
+                 exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int = 32):
+        self.index = index
+        # A LazyBatch pays off from a few dozen running requests; below, plain passes are cheaper.
+        self.lazy_min_batch = lazy_min_batch
+        self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
+        self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks)
+        self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
+                                      group.mode, group.chunk_tokens)
+        self.decode = self.policy.decode
+        self.latency = group.latency
+        self.on_first_token = on_first_token
+        self.on_finish = on_finish
+        self.block_size = block_size
+        self.use_lazy = isinstance(self.bm, CountingBlockManager)
+        self.lazy: LazyBatch | None = None      # None: requests are materialised
+        self.queued_tokens = 0          # prompt tokens waiting in this instance's prefill queue
+        self.busy = False
+        self.run = None                 # (start_s, num_steps, first_s, growth_s, batch or None)
+        self.run_token = 0              # invalidates the end event of a cut run
+        self.run_blocks_applied = False
+        self.run_need = 0               # blocks the run in flight takes as it goes
+        self.inbox: list = []           # (request, time, joins_decode) that came while busy
+        self.fresh: list = []           # in decode, first decode step not yet recorded
+
+    # Entry points ---------------------------------------------------------------------
+    def join(self, req, now: float):
+        """A request whose KV has arrived joins the decode batch (next step boundary)."""
+        return self._enter(req, now, True)
+
+    def arrive(self, req, now: float):
+        """A new request joins the prefill queue (colocated instances)."""
+        self.queued_tokens += req.num_tokens
+        return self._enter(req, now, False)
+
+    def kick(self, now: float):
+        """Start a step if idle (blocks were freed here from outside)."""
+        return None if self.busy else self._next(now)
+
+    def free_blocks(self, now: float) -> int:
+        """Free blocks as the worker would report them at `now`: a run in flight has taken
+        the blocks of every step started so far (the worker allocates at each step's start)."""
+        free = self.bm.num_free_blocks
+        if self.run is None or self.run_blocks_applied or self.run_need == 0:
+            return free
+        start, k, first, growth, _ = self.run
+        started = 1 + _steps_ended(first, growth, now - start)
+        return free - (self.run_need if started >= k else self._need(started))
+
+    @property
+    def pending_blocks(self) -> int:
+        """Blocks the run in flight has yet to take: free_blocks(now) lies within
+        [bm.num_free_blocks - pending_blocks, bm.num_free_blocks]."""
+        return self.run_need if self.run is not None and not self.run_blocks_applied else 0
+
+    def reserve(self, num_blocks: int, now: float, events: list) -> list[int] | None:
+        """Blocks for an incoming KV transfer, or None. If the reservation would leave the run
+        in flight short of blocks, the run is cut first (`sync`), as the worker would have
+        taken its blocks step by step."""
+        if self.bm.num_free_blocks - self.pending_blocks < num_blocks:
+            if self.pending_blocks:
+                events.extend(self.sync(now) or ())
+            if self.bm.num_free_blocks < num_blocks:
+                return None
+        return self.bm.allocate_blocks(num_blocks)
+
+    def sync(self, now: float):
+        """Cut the run after the step in progress and take the blocks of the steps started."""
+        events = self._cut(now)
+        if self.run is not None and not self.run_blocks_applied:
+            self._take_run_blocks(self.run[1])
+            self.run_blocks_applied = True
+        return events
+
+    def _enter(self, req, now, joins_decode):
+        if self.busy:
+            self.inbox.append((req, now, joins_decode))
+            return self._cut(now)
+        self._admit(req, now, joins_decode)
+        return self._next(now)
+
+    def _admit(self, req, now, joins_decode):
+        if not joins_decode:
+            self.policy.add(req, now)
+            return
+        self.decode.add(req, now)
+        self.fresh.append(req)
+        if self.lazy is not None and (len(self.decode.running) > self.decode.max_batch_size
+                                      or not self.lazy.admit(req)):
+            self._materialize()
+
+    def _materialize(self):
+        if self.lazy is not None:
+            self.lazy.materialize_all()
+            self.lazy = None
+
+    # Fast-forward runs ----------------------------------------------------------------
+    def _need(self, num_steps):
+        return self.lazy.need(num_steps) if self.lazy is not None else self.decode.blocks_needed(num_steps)
+
+    def _take_run_blocks(self, num_steps):
+        if self.lazy is not None:
+            self.bm.take_blocks(self.lazy.need(num_steps))
+        else:
+            self.decode.fast_forward(num_steps)
+
+    def _cut(self, now):
+        if self.run is None:
+            return None
+        start, k, first, growth, batch = self.run
+        started = min(k, 1 + _steps_ended(first, growth, now - start))
+        if started >= k:
+            return None
+        self.run = (start, started, first, growth, batch)
+        self.run_token += 1
+        if self.run_need and not self.run_blocks_applied:
+            self.run_need = self._need(started)
+        return [(start + _run_time(first, growth, started), self._run_end, self.run_token)]
+
+    def _start_run(self, now, batch, num_steps, sum_context):
+        first, growth, valid = self.latency.decode_line(len(batch), sum_context)
+        k = min(num_steps, valid)
+        self.run = (now, k, first, growth, None if self.lazy is not None else batch)
+        self.run_token += 1
+        self.run_need = self._need(k)
+        self.run_blocks_applied = False
+        self.busy = True
+        self._mark_decode_step(now, batch)
+        return [(now + _run_time(first, growth, k), self._run_end, self.run_token)]
+
+    def _run_end(self, now, token):
+        if token != self.run_token:
+            return None
+        k, batch = self.run[1], self.run[4]
+        self.run = None
+        if not self.run_blocks_applied:
+            self._take_run_blocks(k)
+        if self.lazy is not None:
+            lazy = self.lazy
+            finished = lazy.advance(k)
+            for r in finished:
+                lazy.materialize(r)
+                lazy.drop(r)
+        else:
+            finished = []
+            for r in batch:
+                out = r.output_token_ids
+                out.extend(repeat(0, k))
+                if len(out) >= r.sampling.max_tokens:
+                    finished.append(r)
+        self._release(finished)
+        return self._after_step(now, finished)
+
+    def _release(self, finished):
+        # What ColocatedPolicy.release does for requests that are only in the decode batch,
+        # by identity: `in`/`remove` on the running list would call Request.__eq__ per entry.
+        if not finished:
+            return
+        ids = set(map(id, finished))
+        running = self.decode.running
+        running[:] = [r for r in running if id(r) not in ids]
+        for r in finished:
+            self.bm.free(r.block_ids)
+
+    # Real steps through ColocatedPolicy.schedule ----------------------------------------
+    def _start_batch(self, now, b: Batch):
+        lat = self.latency
+        decode_context = sum(r.num_tokens for r in b.decode)
+        if b.prefill:
+            self.queued_tokens -= b.num_prefill_tokens
+            chunks = [(c.num_tokens, c.start) for c in b.prefill]
+            if b.decode:
+                t = lat.mixed_time(chunks, len(b.decode), decode_context)
+            else:
+                cached = [c.start for c in b.prefill]
+                t = lat.prefill_time([c.start + c.num_tokens for c in b.prefill],
+                                     cached if any(cached) else None)
+        else:
+            t = lat.decode_time(len(b.decode), decode_context)
+        for r in b.preempted:
+            self.queued_tokens += r.num_tokens
+            if r in self.fresh:
+                self.fresh.remove(r)
+        self._mark_decode_step(now, b.decode)
+        self.busy = True
+        return [(now + t, self._batch_done, b)]
+
+    def _batch_done(self, now, b: Batch):
+        finished = []
+        for r in b.sampled:
+            r.output_token_ids.append(0)
+            if "first_token" not in r.times:
+                self.on_first_token(r, now)
+            if len(r.output_token_ids) >= r.sampling.max_tokens:
+                finished.append(r)
+        done = set(map(id, finished))
+        self.policy.complete(b, finished, now)      # releases the finished ones
+        self.fresh.extend(c.request for c in b.prefill if c.is_last and id(c.request) not in done)
+        return self._after_step(now, finished)
+
+    # Between steps ----------------------------------------------------------------------
+    def _after_step(self, now, finished):
+        events = []
+        for r in finished:
+            events.extend(self.on_finish(r, now) or ())
+        self.busy = False
+        inbox, self.inbox = self.inbox, []
+        for req, t, joins_decode in inbox:
+            self._admit(req, t, joins_decode)
+        events.extend(self._next(now) or ())
+        return events
+
+    def _real_step(self, now):
+        self._materialize()
+        b = self.policy.schedule(now)
+        return self._start_batch(now, b) if not b.empty else None
+
+    def _next(self, now):
+        """Pick the next step: a prefill (or mixed) step when the head of the prefill queue
+        can start, else a fast-forward decode run, else a single real step that preempts."""
+        waiting = self.policy.prefill.waiting
+        if waiting:
+            head = waiting[0]
+            if head.block_ids or self.bm.can_allocate(head.all_token_ids):
+                return self._real_step(now)
+        running = self.decode.running
+        if not running:
+            return None
+        if self.lazy is not None and len(running) < self.lazy_min_batch // 2:
+            self._materialize()
+        if (self.use_lazy and len(running) <= self.decode.max_batch_size
+                and (self.lazy is not None or len(running) >= self.lazy_min_batch)):
+            if self.lazy is None:
+                self._build_lazy()
+            if self.lazy is not None:
+                lazy = self.lazy
+                limit = min(lazy.steps_to_first_finish(), self.max_run_steps)
+                k = lazy.max_steps(self.bm.num_free_blocks, limit)
+                if k == 0:
+                    return self._real_step(now)     # this step preempts
+                return self._start_run(now, running, k, lazy.sum_tokens)
+        return self._next_eager(now, running)
+
+    def _build_lazy(self):
+        lazy = LazyBatch(self.block_size)
+        if all(lazy.admit(r) for r in self.decode.running):
+            self.lazy = lazy
+
+    def _next_eager(self, now, running):
+        batch = running[:self.decode.max_batch_size]
+        steps_left, context = 1 << 30, 0
+        for r in batch:
+            n_out = len(r.output_token_ids)
+            context += len(r.prompt_token_ids) + n_out
+            left = r.sampling.max_tokens - n_out
+            if left < steps_left:
+                steps_left = left
+        k = self.decode.max_steps_without_preemption(min(steps_left, self.max_run_steps))
+        if k == 0:
+            return self._real_step(now)             # this step preempts
+        return self._start_run(now, batch, k, context)
+
+    def _mark_decode_step(self, now, batch):
+        """Record the first decode step of requests that just entered decode (`fresh`)."""
+        if not self.fresh or not batch:
+            return
+        # fresh requests are running; when the batch is all of running no lookup is needed.
+        members = None if len(batch) >= len(self.decode.running) else set(map(id, batch))
+        keep = []
+        for r in self.fresh:
+            if members is None or id(r) in members:
+                r.times.setdefault("decode_step", now)
+            else:
+                keep.append(r)
+        self.fresh = keep

@@ -1,0 +1,87 @@
+"""Simulated prefill instances, and helpers shared with `engine_instance`.
+
+A prefill instance is a block manager + `PrefillPolicy`, as in the prefill worker: FCFS
+batches under a token budget; the head of the queue waits for blocks (back-pressure while KV
+waits for transfer). Handlers return the next events, `(time_s, handler, arg)`.
+"""
+from __future__ import annotations
+
+import math
+
+from engine.batching import PrefillPolicy
+from engine.block_manager import BlockManager
+from placement.blocks import CountingBlockManager
+from placement.deployment import InstanceGroup
+
+
+
+def _run_time(first: float, growth: float, num_steps: int) -> float:
+    """Duration of `num_steps` steps taking first, first + growth, first + 2 growth, ..."""
+    return num_steps * first + growth * num_steps * (num_steps - 1) / 2
+
+
+def _steps_ended(first: float, growth: float, elapsed: float) -> int:
+    """How many steps of a run have ended `elapsed` seconds after it started."""
+    if growth > 0:
+        b = first - growth / 2
+        m = int((-b + math.sqrt(b * b + 2 * growth * elapsed)) / growth)
+    else:
+        m = int(elapsed / first) if first > 0 else 1 << 30
+    # Float rounding can leave m one off either way.
+    while (m + 1) * first + growth * (m + 1) * m / 2 <= elapsed:
+        m += 1
+    while m > 0 and m * first + growth * m * (m - 1) / 2 > elapsed:
+        m -= 1
+    return m
+
+
+def make_block_manager(num_blocks: int, block_size: int, exact: bool, prefix_caching: bool = False):
+    if exact or prefix_caching:
+        return BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    return CountingBlockManager(num_blocks, block_size)
+
+
+class PrefillInstance:
+    """Prefill batches under a token budget; with pp stages up to pp batches are in flight.
+    `on_prefilled(instance, request, now)` gets each request after its batch."""
+
+    def __init__(self, index: int, group: InstanceGroup, block_size: int, on_prefilled,
+                 exact_blocks: bool = False, prefix_caching: bool = False):
+        self.index = index
+        self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
+        self.policy = PrefillPolicy(self.bm, group.max_batch_tokens, group.max_batch_size)
+        self.latency = group.latency
+        self.on_prefilled = on_prefilled
+        self.queued_tokens = 0          # what pick_prefill compares
+        self.stage_free_s = 0.0
+
+    def add(self, req, now: float):
+        self.policy.add(req, now)
+        self.queued_tokens += req.num_tokens
+        return self.kick(now)
+
+    def kick(self, now: float, _=None):
+        """Start the next batch if the first stage is free and the head of the queue fits."""
+        if now < self.stage_free_s or not self.policy.waiting:
+            return None
+        chunks = self.policy.schedule(now)
+        if not chunks:
+            return None                 # the head waits for blocks: back-pressure
+        cached = [c.start for c in chunks]
+        self.queued_tokens -= sum(c.num_tokens for c in chunks)
+        t = self.latency.prefill_time([c.start + c.num_tokens for c in chunks],
+                                      cached if any(cached) else None)
+        interval = self.latency.prefill_interval(t)
+        self.stage_free_s = now + interval
+        events = [(now + t, self._done, chunks)]
+        if interval < t:
+            events.append((now + interval, self.kick, None))
+        return events
+
+    def _done(self, now: float, chunks):
+        events = []
+        for c in chunks:
+            c.request.num_computed_tokens = c.start + c.num_tokens
+            events.extend(self.on_prefilled(self, c.request, now) or ())
+        events.extend(self.kick(now) or ())
+        return events

@@ -1,0 +1,286 @@
+"""Discrete-event simulation of a deployment serving a workload.
+
+    result = simulate(deployment, workload)          # -> metrics.SimResult
+
+The event heap holds `(time_s, seq, handler, arg)`; a handler returns the events it causes
+(vidur's shape). The controller here does what the cluster controller does, with the same
+routing functions (engine.routing): on arrival a request is routed to a decode instance by
+`pick_decode` over free blocks, which reserves blocks_for(prompt + 1) there, and to a prefill
+instance by `pick_prefill` over queued prompt tokens; when no decode instance can take it,
+it waits here in arrival order. After its prefill the request has its first token (TTFT ends),
+its KV moves over the prefill->decode link (transfers on one link go one after another) and
+the prefill blocks are freed only once the transfer completes. A colocated deployment routes
+each arrival to the instance with the most free blocks after its queued prompts.
+
+`phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
+them: prefill-only requests end at their first token; decode-only requests arrive with their
+KV already in place.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+
+import numpy as np
+
+from engine.batching import finish
+from engine.request import FinishReason, Request, RequestState
+from engine.routing import pick_decode, pick_prefill
+from engine.sampling_params import SamplingParams
+from placement.deployment import Deployment
+from placement.engine_instance import EngineInstance
+from placement.instances import PrefillInstance
+from placement.metrics import SimResult
+from placement.workload import Workload, prompt_token_ids
+
+PHASES = ("both", "prefill", "decode")
+_NAN = float("nan")
+
+
+class Simulator:
+    """One simulation run. `slo=(ttft_s, tpot_s)` with `max_misses` stops the run as soon as
+    more than `max_misses` requests are known to miss (a goodput probe that cannot pass).
+    `exact_blocks` uses the engine's BlockManager instead of the counting twin;
+    `max_run_steps=0` turns fast-forwarding off: every step goes through
+    `ColocatedPolicy.schedule`; `lazy_min_batch` is the batch size from which decode runs use
+    a LazyBatch (tests check that every way gives the same answer)."""
+
+    def __init__(self, deployment: Deployment, workload: Workload, phase: str = "both",
+                 exact_blocks: bool = False, prefix_caching: bool = False,
+                 slo: tuple[float, float] | None = None, max_misses: int | None = None,
+                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32):
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if phase != "both" and not deployment.disaggregated:
+            raise ValueError("a single-phase simulation needs a disaggregated deployment")
+        self.dep, self.wl, self.phase = deployment, workload, phase
+        self.exact_blocks = exact_blocks
+        self.prefix_caching = prefix_caching and workload.hash_ids is not None
+        self.slo, self.max_misses = slo, max_misses
+        bs = deployment.block_size
+        self.block_size = bs
+        n = workload.num_requests
+        self.times = {k: [_NAN] * n for k in ("prefill_start", "first_token", "transfer_end",
+                                              "decode_step", "finish")}
+        self.preemptions = [0] * n
+        self.num_misses = 0
+        self.stopped = False
+        self.pending: deque[Request] = deque()        # waiting at the controller for decode blocks
+        self.link_free_s: dict[tuple[int, int], float] = {}
+        self._links: dict = {}
+        self._sampling: dict[int, SamplingParams] = {}   # one frozen object per output length
+        self._engine_options = dict(exact_blocks=exact_blocks, max_run_steps=max_run_steps,
+                                    lazy_min_batch=lazy_min_batch)
+        self._build_instances(exact_blocks)
+
+    def _build_instances(self, exact):
+        dep, bs = self.dep, self.block_size
+        self.prefills, self.decodes, self.colocated = [], [], []
+        if dep.disaggregated:
+            if self.phase != "decode":
+                self.prefills = [PrefillInstance(i, dep.prefill, bs, self._on_prefilled, exact,
+                                                 self.prefix_caching)
+                                 for i in range(dep.prefill.num_instances)]
+            if self.phase != "prefill":
+                self.decodes = [EngineInstance(i, dep.decode, bs, self._on_first_token,
+                                               self._on_finish, **self._engine_options)
+                                for i in range(dep.decode.num_instances)]
+        else:
+            self.colocated = [EngineInstance(i, dep.colocated, bs, self._on_first_token,
+                                             self._on_finish, **self._engine_options)
+                              for i in range(dep.colocated.num_instances)]
+        # Requests that can never fit anywhere are refused at arrival (they count as misses).
+        groups = [g for g in (dep.prefill if self.prefills else None,
+                              dep.decode if self.decodes else None, dep.colocated) if g]
+        self._max_blocks = min(g.num_blocks for g in groups)
+
+    # The loop ---------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        wall = time.perf_counter()
+        heap = [(float(self.wl.arrival_s[0]), 0, self._arrive, 0)] if self.wl.num_requests else []
+        seq, num_events = 1, 0
+        push, pop = heapq.heappush, heapq.heappop
+        while heap and not self.stopped:
+            now, _, handler, arg = pop(heap)
+            num_events += 1
+            events = handler(now, arg)
+            if events:
+                for t, h, a in events:
+                    push(heap, (t, seq, h, a))
+                    seq += 1
+        return self._result(time.perf_counter() - wall, num_events)
+
+    def _result(self, wall_s, num_events) -> SimResult:
+        t = {k: np.array(v) for k, v in self.times.items()}
+        return SimResult(self.wl.arrival_s.copy(), t["prefill_start"], t["first_token"],
+                         t["transfer_end"], t["decode_step"], t["finish"],
+                         self.wl.prompt_lens.copy(), self.wl.output_lens.copy(),
+                         np.array(self.preemptions), self.dep.num_devices, not self.stopped,
+                         wall_s, num_events)
+
+    # Arrivals and routing ---------------------------------------------------------------
+    def _arrive(self, now, i):
+        wl = self.wl
+        events = []
+        if i + 1 < wl.num_requests:
+            events.append((float(wl.arrival_s[i + 1]), self._arrive, i + 1))
+        req = self._make_request(i, now)
+        if self.block_size * self._max_blocks < req.num_tokens + (req.sampling.max_tokens if self.phase != "prefill" else 1):
+            self._miss()                       # larger than any instance's KV cache
+            return events
+        if self.colocated:
+            events.extend(self._route_colocated(req, now) or ())
+        else:
+            self.pending.append(req)
+            events.extend(self._dispatch(now) or ())
+        return events
+
+    def _make_request(self, i, now) -> Request:
+        n, out = int(self.wl.prompt_lens[i]), int(self.wl.output_lens[i])
+        if self.prefix_caching or self.exact_blocks:
+            hashes = self.wl.hash_ids[i] if self.prefix_caching else None
+            prompt = prompt_token_ids(i, n, 32000, hashes)
+        else:
+            prompt = [0] * n            # contents never matter to a counting block manager
+        sampling = self._sampling.get(out)
+        if sampling is None:
+            sampling = self._sampling[out] = SamplingParams(max_tokens=out, ignore_eos=True)
+        req = Request(str(i), prompt, sampling, arrival_s=now)
+        req.index = i
+        return req
+
+    def _route_colocated(self, req, now):
+        free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])
+        inst = self.colocated[pick_decode(free, -(1 << 60))]
+        return inst.arrive(req, now)
+
+    def _dispatch(self, now):
+        """Route waiting requests in arrival order while a decode instance can take the head."""
+        events = []
+        while self.pending:
+            req = self.pending[0]
+            inst = self._reserve_decode(req, now, events)
+            if inst is None and self.decodes:
+                break
+            self.pending.popleft()
+            req.decode_instance = inst
+            if self.prefills:
+                p = self.prefills[pick_prefill([x.queued_tokens for x in self.prefills])]
+                events.extend(p.add(req, now) or ())
+            else:
+                events.extend(self._join_without_prefill(req, now) or ())
+        return events
+
+    def _reserve_decode(self, req, now, events):
+        if not self.decodes:
+            return None
+        need = self.decodes[0].bm.blocks_for(req.num_tokens + 1)
+        free = _free_for_routing(self.decodes, now, need=need)
+        while True:
+            j = pick_decode(free, need)
+            if j is None:
+                return None
+            inst = self.decodes[j]
+            table = inst.reserve(need, now, events)
+            if table is not None:
+                req.reserved_blocks = table
+                return inst
+            free[j] = -1                # its run in flight needs those blocks
+
+    def _join_without_prefill(self, req, now):
+        # Decode-only simulation: the KV is already there and the first token already sent.
+        req.transition(RequestState.PREFILLING)
+        req.transition(RequestState.TRANSFERRING)
+        req.output_token_ids.append(0)
+        req.mark("first_token", now)
+        self.times["first_token"][req.index] = now
+        self.times["prefill_start"][req.index] = now
+        return self._land_kv(req, now)
+
+    # Prefill -> transfer -> decode ------------------------------------------------------
+    def _on_prefilled(self, p: PrefillInstance, req, now):
+        req.output_token_ids.append(0)
+        self._on_first_token(req, now)
+        if self.phase == "prefill" or len(req.output_token_ids) >= req.sampling.max_tokens:
+            p.bm.free(req.block_ids)
+            events = []
+            if self.decodes:         # the reservation goes back; a recompute may now fit there
+                req.decode_instance.bm.free(req.reserved_blocks)
+                events.extend(req.decode_instance.kick(now) or ())
+            finish(req, FinishReason.LENGTH, now)
+            events.extend(self._on_finish(req, now) or ())
+            return events
+        req.transition(RequestState.TRANSFERRING)
+        d = req.decode_instance
+        key = (p.index, d.index)
+        link = self._links.get(key) or self._links.setdefault(key, self.dep.link(*key))
+        start = max(now, self.link_free_s.get(key, 0.0))
+        end = start + p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
+        self.link_free_s[key] = end
+        return [(end, self._transfer_done, (p, req))]
+
+    def _transfer_done(self, now, arg):
+        p, req = arg
+        p.bm.free(req.block_ids)           # prefill keeps its KV until the decode side has it
+        self.times["transfer_end"][req.index] = now
+        events = self._land_kv(req, now) or []
+        events.extend(p.kick(now) or ())
+        return events
+
+    def _land_kv(self, req, now):
+        req.block_ids = req.reserved_blocks
+        req.reserved_blocks = None
+        req.num_cached_tokens = 0
+        req.num_computed_tokens = req.num_prompt_tokens
+        return req.decode_instance.join(req, now)
+
+    # Bookkeeping ------------------------------------------------------------------------
+    def _on_first_token(self, req, now):
+        req.mark("first_token", now)
+        i = req.index
+        self.times["first_token"][i] = now
+        self.times["prefill_start"][i] = req.times.get("prefill_start", now)
+        if self.slo and now - req.arrival_s > self.slo[0]:
+            req.missed = True
+            self._miss()
+
+    def _on_finish(self, req, now):
+        i = req.index
+        t = self.times
+        t["finish"][i] = now
+        t["decode_step"][i] = req.times.get("decode_step", _NAN)
+        self.preemptions[i] = req.num_preemptions
+        if req.state is not RequestState.FINISHED:
+            finish(req, FinishReason.LENGTH, now)
+        if self.slo and not getattr(req, "missed", False) and req.num_output_tokens > 1:
+            if (now - t["first_token"][i]) / (req.num_output_tokens - 1) > self.slo[1]:
+                self._miss()
+        return self._dispatch(now) if self.pending else None
+
+    def _miss(self):
+        self.num_misses += 1
+        if self.max_misses is not None and self.num_misses > self.max_misses:
+            self.stopped = True
+
+
+def _free_for_routing(instances, now, minus=None, need=None) -> list[int]:
+    """Free blocks (less `minus`) per instance as `pick_decode` should see them at `now`, with
+    exact counts (`free_blocks`, O(batch) mid-run) computed only for instances that could be
+    picked: an instance whose upper bound is below another's lower bound cannot win, and the
+    winner's lower bound decides as well as its exact count when it already covers `need`."""
+    upper = [inst.bm.num_free_blocks - (minus[i] if minus else 0) for i, inst in enumerate(instances)]
+    lower = [u - inst.pending_blocks for u, inst in zip(upper, instances)]
+    top = max(lower)
+    contenders = [i for i, u in enumerate(upper) if u >= top]
+    if len(contenders) == 1 and (need is None or top >= need):
+        return lower
+    for i in contenders:
+        if lower[i] != upper[i]:
+            lower[i] = upper[i] - instances[i].bm.num_free_blocks + instances[i].free_blocks(now)
+    return lower
+
+
+def simulate(deployment: Deployment, workload: Workload, phase: str = "both", **kwargs) -> SimResult:
+    """Run one simulation; keyword arguments go to `Simulator`."""
+    return Simulator(deployment, workload, phase, **kwargs).run()

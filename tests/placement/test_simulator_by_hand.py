@@ -1,0 +1,93 @@
+"""The simulator against answers computed by hand."""
+import numpy as np
+import pytest
+
+from engine.model_config import PRESETS
+from placement.deployment import Deployment, InstanceGroup
+from placement.gpus import get_device
+from placement.latency import RooflineModel
+from placement.memory import num_kv_blocks
+from placement.simulator import simulate
+from tests.placement.helpers import KV_BYTES, LINK_BW, LINK_LATENCY_S, disagg, group, profile, workload
+
+
+def test_one_request_alone_gets_the_latency_models_times_roofline():
+    model, dev = PRESETS["llama-3-8b"], get_device("H100")
+    lat = RooflineModel(model, dev, tp=2, pp=1)
+    g = lambda: InstanceGroup(1, lat, dev, num_kv_blocks(model, dev, 2, 1, 16))
+    dep = Deployment(16, model.kv_bytes_per_token(), prefill=g(), decode=g())
+    r = simulate(dep, workload([3.0], [1000], [50]))
+    ttft = lat.prefill_time([1000])
+    transfer = lat.kv_transfer_time(1000 * model.kv_bytes_per_token(), dep.link(0, 0))
+    decode = sum(lat.decode_time(1, 1001 + k) for k in range(49))     # tokens 2..50
+    assert r.ttft_s[0] == pytest.approx(ttft, rel=1e-12)
+    assert r.transfer_end_s[0] - r.first_token_s[0] == pytest.approx(transfer, rel=1e-12)
+    assert r.finish_s[0] - 3.0 == pytest.approx(ttft + transfer + decode, rel=1e-9)
+    assert r.tpot_s[0] == pytest.approx((transfer + decode) / 49, rel=1e-9)
+    parts = r.breakdown()
+    assert parts["prefill_queue"][0] == 0 and parts["decode_queue"][0] == 0
+
+
+def test_one_request_alone_profiled_by_hand():
+    # prefill 0.5 + 0.005 * 100 = 1.0 s; KV 100 tokens x 1000 B over 1 MB/s + 0.01 s = 0.11 s;
+    # decode steps 0.1 s + 1e-4 s per context token: contexts 101..104 for tokens 2..5.
+    dep = disagg(decode=group(prof=profile(decode=(0.1, 1e-4, 0.0))))
+    r = simulate(dep, workload([0.0], [100], [5]))
+    assert r.first_token_s[0] == pytest.approx(1.0)
+    assert r.transfer_end_s[0] == pytest.approx(1.11)
+    steps = sum(0.1 + 1e-4 * c for c in (101, 102, 103, 104))
+    assert r.finish_s[0] == pytest.approx(1.11 + steps)
+    assert r.tpot_s[0] == pytest.approx((0.11 + steps) / 4)
+
+
+def test_colocated_one_request_has_no_transfer():
+    dep = Deployment(16, KV_BYTES, colocated=group(prof=profile(decode=(0.1, 0.0, 0.0))))
+    r = simulate(dep, workload([0.0], [100], [3]))
+    assert r.first_token_s[0] == pytest.approx(1.0)
+    assert r.finish_s[0] == pytest.approx(1.2)          # two decode steps of 0.1 s
+    assert r.breakdown()["kv_transfer"][0] == 0
+
+
+def test_prefill_queue_and_batching_by_hand():
+    # One prefill instance, 0.5 s + 0.005 s/token; budget 200 tokens = two 100-token prompts.
+    # r0 [0, 1.0]; r1 (0.5) and r2 (0.9) batch at 1.0 -> [1.0, 2.5]; r3 (2.6) [2.6, 3.6].
+    dep = disagg(prefill=group(max_batch_tokens=200))
+    r = simulate(dep, workload([0.0, 0.5, 0.9, 2.6], [100] * 4, [1] * 4), phase="prefill")
+    np.testing.assert_allclose(r.ttft_s, [1.0, 2.0, 1.6, 1.0])
+    np.testing.assert_allclose(r.breakdown()["prefill_queue"], [0.0, 0.5, 0.1, 0.0], atol=1e-12)
+
+
+def test_decode_join_waits_for_the_step_boundary():
+    # Decode steps take 0.1 s. A (t=0, 4 tokens) decodes 3 steps [0, 0.3]; B arrives at 0.15,
+    # mid-step, joins at 0.2 and needs 2 steps: [0.2, 0.4].
+    dep = disagg()
+    r = simulate(dep, workload([0.0, 0.15], [100, 100], [4, 3]), phase="decode")
+    np.testing.assert_allclose(r.finish_s, [0.3, 0.4])
+    np.testing.assert_allclose(r.breakdown()["decode_queue"], [0.0, 0.05], atol=1e-12)
+    np.testing.assert_allclose(r.tpot_s, [0.1, 0.125])
+
+
+def test_kv_transfers_on_one_link_go_one_after_another():
+    # r0 prefills alone [0, 1.0]; r1 and r2 (t=0.1) together [1.0, 2.5]. Each KV takes 0.11 s
+    # on the one prefill->decode link, so r2's waits for r1's.
+    dep = disagg()
+    r = simulate(dep, workload([0.0, 0.1, 0.1], [100] * 3, [2] * 3))
+    np.testing.assert_allclose(r.first_token_s, [1.0, 2.5, 2.5])
+    np.testing.assert_allclose(r.transfer_end_s, [1.11, 2.61, 2.72])
+
+
+def test_request_waits_at_controller_until_decode_blocks_free():
+    # The decode instance has 8 blocks of 16 tokens; each request reserves blocks_for(101) = 7.
+    # r1 waits at the controller until r0 finishes, so its prefill starts only then.
+    dep = disagg(decode=group(num_blocks=8))
+    r = simulate(dep, workload([0.0, 0.0], [100, 100], [3, 3]))
+    r0_finish = 1.0 + 0.11 + 0.2
+    assert r.finish_s[0] == pytest.approx(r0_finish)
+    assert r.prefill_start_s[1] == pytest.approx(r0_finish)
+
+
+def test_too_long_request_is_refused_not_hung():
+    dep = disagg(decode=group(num_blocks=4))
+    r = simulate(dep, workload([0.0, 0.1], [1000, 10], [5, 2]))
+    assert np.isnan(r.first_token_s[0]) and np.isfinite(r.finish_s[1])
+    assert r.attainment(10.0, 10.0) == 0.5
