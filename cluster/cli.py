@@ -67,6 +67,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cluster.serve import run
+    return run(args)
+
+
+def cmd_submit(args) -> int:
+    from cluster.submit import split_argv, submit
+    argv = sys.argv[sys.argv.index("submit") + 1:] if "submit" in sys.argv else []
+    return submit(args, split_argv(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    from cluster.serve import add_serve_args
+    s = sub.add_parser("serve", help="deploy a plan on Ray and serve it over gRPC (default: local CPU cluster)")
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    j = sub.add_parser("submit", help="run `disagg serve` as a Ray job (all serve flags pass through)")
+    j.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    j.add_argument("--job-id", default=None)
+    j.add_argument("--working-dir", default=None, help="upload this folder as the job's working_dir")
+    j.add_argument("--pip", action="append", default=None, help="pip requirement for the job's runtime_env")
+    j.add_argument("--no-wait", action="store_true", help="return once submitted, without waiting for ready")
+    add_serve_args(j)
+    j.set_defaults(func=cmd_submit)
     return parser
 
 

@@ -49,6 +49,7 @@ class LLM:
                                                   dt, device, gpu_memory_utilization, 1.0, max_batch_tokens)
         kv = allocate_kv_cache(self.cfg.num_layers, num_kv_blocks, block_size, self.cfg.num_kv_heads,
                                self.cfg.head_dim, dt, device)
+        self.max_model_len = min(self.max_model_len, num_kv_blocks * block_size)
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.policy = ColocatedPolicy(self.block_manager, max_batch_tokens, max_batch_size, mode, chunk_tokens)
         self.runner = ModelRunner(self.model, kv, block_size)

@@ -116,6 +116,8 @@ class RankRuntime:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ctrl_group)
             nb = int(t.item())
         self.num_blocks = nb
+        # A request can never hold more tokens than the cache: it ends with "length" there.
+        self.max_model_len = min(self.max_model_len, nb * cfg.block_size)
         self.kv_cache = allocate_kv_cache(mc.num_layers, nb, cfg.block_size, kv_heads, mc.head_dim, dt, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, cfg.block_size)
         self.sampler = Sampler(str(self.device), cfg.seed)

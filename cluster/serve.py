@@ -1,0 +1,103 @@
+"""`disagg serve`: start (or join) Ray, deploy a plan, and serve it over gRPC with Prometheus
+metrics, until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from cluster.api import Cluster, init_ray
+from cluster.grpc_server import start_server
+from cluster.metrics import Metrics
+from engine.errors import ConfigError
+from engine.plan import Plan
+
+log = logging.getLogger("disagg.serve")
+
+
+def plan_from_args(args) -> Plan:
+    """The plan file (or the default 1 prefill + 1 decode on CPU), with CLI overrides."""
+    plan = Plan.load(args.plan) if args.plan else Plan()
+    d = plan.to_dict()
+    if args.model:
+        d["model"] = args.model
+    if getattr(args, "device", None):
+        for phase in ("prefill", "decode", "colocated"):
+            d[phase]["device"] = args.device
+    if getattr(args, "kv_transfer_timeout", None):
+        d["kv_transfer_timeout_s"] = args.kv_transfer_timeout
+    plan = Plan.from_dict(d)
+    if plan.mode != "disaggregated":
+        raise ConfigError("disagg serve runs disaggregated plans; a colocated plan is a baseline for "
+                          "`disagg simulate` and `disagg bench --in-process`")
+    return plan
+
+
+async def serve(args) -> int:
+    plan = plan_from_args(args)
+    init_ray(args.ray_address)
+    metrics = Metrics()
+    cluster = Cluster(plan, metrics, args.max_prompt_tokens, args.max_tokens_limit, args.max_pending)
+    await cluster.astart()
+    server, port = await start_server(cluster, args.host, args.port, args.auth_token, args.tls_cert, args.tls_key)
+    http = None
+    if args.metrics_port is not None and args.metrics_port >= 0:
+        http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
+    mport = http.server_port if http else None
+    ready = {"host": args.host, "port": port, "metrics_port": mport, "pid": os.getpid()}
+    print(f"disagg serve: ready on {args.host}:{port}"
+          + (f", metrics on http://{args.metrics_host or args.host}:{mport}/metrics" if mport else ""), flush=True)
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(ready, f)
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def poll_stats():
+        while True:
+            try:
+                metrics.update_from_stats(await cluster.astats())
+            except Exception as e:  # noqa: BLE001 - metrics must never take the server down
+                log.warning("stats poll failed: %s", e)
+            await asyncio.sleep(1.0)
+    poller = loop.create_task(poll_stats())
+    await stop.wait()
+    print("disagg serve: shutting down", file=sys.stderr, flush=True)
+    poller.cancel()
+    await server.stop(grace=5)
+    await cluster.ashutdown()
+    if http:
+        http.shutdown()
+    return 0
+
+
+def add_serve_args(p) -> None:
+    p.add_argument("--plan", default=None, help="plan file (JSON or YAML) from `disagg place`")
+    p.add_argument("--model", default=None, help="override the plan's model (folder, preset or 'embedded')")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="override every phase's device")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default loopback)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port (-1 = off, 0 = any free port)")
+    p.add_argument("--metrics-host", default=None, help="metrics bind address (default: --host)")
+    p.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' (env DISAGG_AUTH_TOKEN)")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--max-prompt-tokens", type=int, default=0, help="refuse longer prompts (0 = model context)")
+    p.add_argument("--max-tokens-limit", type=int, default=0, help="refuse larger max_tokens (0 = model context)")
+    p.add_argument("--max-pending", type=int, default=1024, help="requests waiting for capacity before RESOURCE_EXHAUSTED")
+    p.add_argument("--kv-transfer-timeout", type=float, default=None)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--ready-file", default=None, help="write {host, port, metrics_port} here once serving")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(args))

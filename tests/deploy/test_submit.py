@@ -1,0 +1,68 @@
+"""`disagg submit` sends `disagg serve` to a real Ray head node as a job; a Generate call to the
+submitted server works; the job and the head node stop cleanly."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from cluster.grpc_client import make_request
+from engine.sampling_params import SamplingParams
+from protos import inference_pb2_grpc as pb_grpc
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def head_node():
+    import tempfile
+    temp = tempfile.mkdtemp(prefix="/tmp/rh")     # short: Ray's socket paths must fit AF_UNIX
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    gcs, dash = _free_port(), _free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                    f"--temp-dir={temp}"], env=env, check=True, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dash}", env, ray_bin, gcs
+    p = subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    import shutil
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.timeout(400)
+def test_submit_serve_as_ray_job(head_node):
+    address, env, ray_bin, gcs = head_node
+    port = _free_port()
+    sub = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--address", address, "--job-id", "disagg-test",
+                          "--model", "tiny-llama", "--port", str(port), "--metrics-port", "-1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert "ready on 127.0.0.1" in sub.stdout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        out = list(pb_grpc.InferenceStub(ch).Generate(make_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True)),
+                                                      timeout=60))
+    assert sum(len(r.token_ids) for r in out) == 5 and out[-1].finish_reason == "length"
+    stop = subprocess.run([ray_bin, "job", "stop", "--address", address, "disagg-test"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 60
+    while client.get_job_status("disagg-test") not in (JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED):
+        assert time.monotonic() < deadline, "the job did not stop"
+        time.sleep(1)
+    assert client.get_job_status("disagg-test") == JobStatus.STOPPED
+    deadline = time.monotonic() + 30
+    while "disagg serve: shutting down" not in client.get_job_logs("disagg-test"):
+        assert time.monotonic() < deadline, "serve did not shut down on SIGTERM: " + client.get_job_logs("disagg-test")[-2000:]
+        time.sleep(0.5)
