@@ -125,8 +125,10 @@ def _decode_reduce_kernel(PART_O, PART_LSE, OUT, stride_ob, stride_oh, num_heads
 
 
 def _config(head_dim: int, interpreted: bool) -> dict:
-    """Tile and launch shape. 64-token tiles with 3 stages keep ~100 KB of K/V loads in flight
-    per multiprocessor, several times what HBM latency needs; the interpreter gets small tiles."""
+    """Tile and launch shape, from an H100 sweep (docs/benchmarks.md). With 3 stages the compiler
+    fetches page ids two tiles ahead and K/V one tile ahead (cp.async): 32 KB per program in
+    flight at D=128, and 2-5 programs per multiprocessor cover HBM latency. Small tiles in the
+    interpreter."""
     if interpreted:
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
     if head_dim <= 64:
@@ -135,10 +137,11 @@ def _config(head_dim: int, interpreted: bool) -> dict:
 
 
 def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Enough splits for ~4 programs per multiprocessor, each split keeping >= 256 tokens so the
-    partial results stay small next to the KV bytes read."""
+    """One split once there is a program per multiprocessor (splitting further only adds the
+    reduction: on H100 batch 32 x 8 KV heads x 4k ran 2.71 TB/s unsplit, 2.61 with 3 splits);
+    below that, enough splits for ~4 programs per multiprocessor, each keeping >= 256 tokens."""
     programs = batch * num_kv_heads
-    if programs >= 2 * num_sms:
+    if programs >= num_sms:
         return 1
     want = -(-4 * num_sms // programs)
     return max(1, min(want, max_context // 256, 64))

@@ -58,7 +58,8 @@ def test_auto_num_splits():
     assert mod.auto_num_splits(256, 8, 4096, 132) == 1          # enough programs already
     assert mod.auto_num_splits(1, 8, 32768, 132) == 64          # long context, few programs
     assert mod.auto_num_splits(4, 8, 256, 132) == 1             # short contexts stay unsplit
-    assert 1 < mod.auto_num_splits(32, 8, 4096, 132) <= 16
+    assert mod.auto_num_splits(32, 8, 4096, 132) == 1          # 256 programs on 132 SMs
+    assert 1 < mod.auto_num_splits(8, 8, 4096, 132) <= 16
 
 
 def test_launcher_errors():
