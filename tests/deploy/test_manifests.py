@@ -25,5 +25,5 @@ def test_dashboard_queries_only_our_metrics():
     exported = set()
     for n in names:
         exported |= {n, n + "_total", n + "_bucket", n + "_count", n + "_sum"}
-    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"disagg_[a-z_]+", t["expr"])}
+    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"disagg_[a-z0-9_]+", t["expr"])}
     assert used and used <= exported, used - exported
