@@ -67,6 +67,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from cluster.demo import run
+    return run(args)
+
+
 def cmd_serve(args) -> int:
     from cluster.serve import run
     return run(args)
@@ -92,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    from cluster.demo import add_demo_args
+    d = sub.add_parser("demo", help="start a local cluster, stream one generation through gRPC, shut down")
+    add_demo_args(d)
+    d.set_defaults(func=cmd_demo)
 
     from cluster.serve import add_serve_args
     s = sub.add_parser("serve", help="deploy a plan on Ray and serve it over gRPC (default: local CPU cluster)")
