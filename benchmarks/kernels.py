@@ -94,7 +94,8 @@ def run_prefill(config=None) -> list[dict]:
         q, k, v, cu = prefill_inputs(S)
         flops = 2 * 2 * S * S / 2 * HQ * D
         ours = bench_ms(lambda: pre._launch(q, k, v, cu, D ** -0.5, None, None, None, None, config))
-        row = {"tokens": S, "ours_TFLOPs": flops / ours / 1e9}
+        eager = bench_ms(lambda: pre._launch(q, k, v, cu, D ** -0.5, None, None, None, None, config), graph=False)
+        row = {"tokens": S, "ours_TFLOPs": flops / ours / 1e9, "ours_eager_TFLOPs": flops / eager / 1e9}
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             ms = sdpa_ms(q, k, v, backend)
             row[f"{name}_TFLOPs"] = flops / ms / 1e9 if ms else None

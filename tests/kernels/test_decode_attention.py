@@ -55,11 +55,11 @@ def test_decode_fp16_on_interpreter(gen):
 
 
 def test_auto_num_splits():
-    assert mod.auto_num_splits(256, 8, 4096, 132) == 1          # enough programs already
+    assert mod.auto_num_splits(64, 8, 4096, 132) == 1           # enough programs already
     assert mod.auto_num_splits(1, 8, 32768, 132) == 64          # long context, few programs
     assert mod.auto_num_splits(4, 8, 256, 132) == 1             # short contexts stay unsplit
-    assert mod.auto_num_splits(32, 8, 4096, 132) == 1          # 256 programs on 132 SMs
-    assert 1 < mod.auto_num_splits(8, 8, 4096, 132) <= 16
+    assert mod.auto_num_splits(16, 8, 16384, 132) == 4          # 512 programs, not 640
+    assert mod.auto_num_splits(4, 8, 4096, 132) == 16           # capped at 256 tokens a split
 
 
 def test_launcher_errors():
