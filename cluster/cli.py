@@ -83,6 +83,16 @@ def cmd_submit(args) -> int:
     return submit(args, split_argv(argv))
 
 
+def cmd_bench(args) -> int:
+    from cluster.bench import run
+    return run(args)
+
+
+def cmd_profile(args) -> int:
+    from cluster.profile import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-wait", action="store_true", help="return once submitted, without waiting for ready")
     add_serve_args(j)
     j.set_defaults(func=cmd_submit)
+
+    # Serving benchmark and engine profile (issue 6).
+    from cluster.bench import add_bench_args
+    b = sub.add_parser("bench", help="load-test a `disagg serve` endpoint: latency percentiles, SLO attainment, goodput")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
+    from cluster.profile import add_profile_args
+    pr = sub.add_parser("profile", help="time prefill and decode steps of our engine here; fit a latency profile")
+    add_profile_args(pr)
+    pr.set_defaults(func=cmd_profile)
     return parser
 
 

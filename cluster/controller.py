@@ -1,15 +1,19 @@
 """The controller: routes requests to prefill and decode instances, moves them through the
-request states, coordinates KV transfers, and streams tokens back.
+request states, coordinates KV transfers, streams tokens back, and recovers from failures.
 
-    submit ─► pending ─► prefill (queued, then computing) ─► transfer ─► decode ─► done
-                 ▲                                              │
-                 └──────── transfer failed: recompute ◄─────────┘
+    submit ─► pending ─► prefill (queued, computing) ─► transfer ─► decode ─► done
+                 ▲                                         │            │
+                 └──── transfer failed / instance died: recompute ◄─────┘
 
 Routing: the prefill instance with the fewest queued prompt tokens, the decode instance with
 the most free blocks after reservations (engine/routing.py, shared with the simulator).
-Decode blocks are reserved before the prefill starts, so the KV can leave layer by layer while
-the prefill still runs. The prefill frees its blocks only after every decode rank confirmed.
-Runs on one asyncio loop: no locks.
+Decode blocks are reserved before the prefill starts, so KV can leave layer by layer while the
+prefill still runs; the prefill frees its blocks only after every decode rank confirmed.
+
+Every attempt at a request has its own worker-side id `request_id#attempt`. A retry (after a
+failed transfer or a dead instance) is a new attempt that recomputes prompt + tokens already
+streamed, so the client's stream continues with no duplicated or missing token, and late
+messages about an abandoned attempt are recognised and ignored. Runs on one asyncio loop.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ import logging
 import time
 from collections import deque
 
+from cluster.health import HealthMonitor
 from cluster.instances import Instance, choose_transport, connect_pair, create_instance, shutdown_instance
-from cluster.tracking import StreamDelta, Tracked
+from cluster.tracking import StreamDelta, Tracked, split_wid
 from engine.errors import OverloadedError, RequestFailedError
 from engine.plan import Plan
 from engine.request import Request
@@ -28,7 +33,7 @@ from model.output_processor import OutputProcessor
 from prefill_worker.worker import PrefillSpec
 
 log = logging.getLogger("disagg.controller")
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 6
 
 
 class Controller:
@@ -42,12 +47,15 @@ class Controller:
         self.tracked: dict[str, Tracked] = {}
         self.pending: deque[Tracked] = deque()
         self.prefill_tokens: dict[str, int] = {}      # queued prompt tokens per prefill instance
-        self.decode_free: dict[str, int] = {}         # free blocks per decode instance, last known
+        self.prefill_assigned: dict[str, int] = {}    # requests given to each (tie-break)
+        self.decode_free: dict[str, int] = {}
         self.epochs: dict[tuple[str, str], int] = {}
         self.transports: dict[tuple[str, str], str] = {}
         self._pair_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0}
+        self.health = HealthMonitor(self)
+        self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
+                         "instance_failures": 0, "instance_restarts": 0, "rejected": 0}
 
     # Lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -57,20 +65,25 @@ class Controller:
             *[create_instance(self.plan, "prefill", i, p, mc.num_layers, mc.num_kv_heads) for i in range(p.num_instances)],
             *[create_instance(self.plan, "decode", i, d, mc.num_layers, mc.num_kv_heads) for i in range(d.num_instances)])
         self.prefills, self.decodes = list(made[:p.num_instances]), list(made[p.num_instances:])
-        for inst in self.prefills:
-            self.prefill_tokens[inst.instance_id] = 0
-        for inst in self.decodes:
-            self.decode_free[inst.instance_id] = inst.num_blocks
-        for pi in self.prefills:
-            for di in self.decodes:
-                key = (pi.instance_id, di.instance_id)
-                self.transports[key] = choose_transport(self.plan.kv_transport, pi, di)
-                self.epochs[key] = 0
-                self._pair_locks[key] = asyncio.Lock()
-        await asyncio.gather(*[connect_pair(pi, di, 0, self.transports[(pi.instance_id, di.instance_id)])
-                               for pi in self.prefills for di in self.decodes])
+        for inst in self.prefills + self.decodes:
+            self._adopt(inst)
+        await asyncio.gather(*[self._connect(pi, di) for pi in self.prefills for di in self.decodes])
         for inst in self.prefills + self.decodes:
             self._spawn(self._consume(inst))
+        self._spawn(self.health.run())
+
+    def _adopt(self, inst: Instance) -> None:
+        if inst.role == "prefill":
+            self.prefill_tokens[inst.instance_id] = 0
+        else:
+            self.decode_free[inst.instance_id] = inst.num_blocks
+
+    async def _connect(self, pi: Instance, di: Instance) -> None:
+        key = (pi.instance_id, di.instance_id)
+        self.transports[key] = choose_transport(self.plan.kv_transport, pi, di)
+        self.epochs[key] = self.epochs.get(key, -1) + 1
+        self._pair_locks.setdefault(key, asyncio.Lock())
+        await connect_pair(pi, di, self.epochs[key], self.transports[key])
 
     @property
     def max_model_len(self) -> int:
@@ -93,9 +106,13 @@ class Controller:
 
     # Requests ----------------------------------------------------------------------------
     async def submit(self, req: Request) -> Tracked:
-        """Accept a validated request, or raise OverloadedError (nothing half done)."""
+        """Accept a validated request, or raise OverloadedError / RequestFailedError with
+        nothing half done."""
         if len(self.pending) >= self.max_pending:
+            self.counters["rejected"] += 1
             raise OverloadedError(f"{len(self.pending)} requests are waiting for capacity; try again later")
+        if not self.health.can_serve():
+            raise RequestFailedError("no prefill or decode instance is alive or restarting")
         t = Tracked(req)
         t.times["arrival"] = time.monotonic()
         self.tracked[req.request_id] = t
@@ -103,9 +120,13 @@ class Controller:
         if self.metrics:
             self.metrics.on_submit(t)
         try:
-            await self._dispatch(t)
+            await self._dispatch(t, from_submit=True)
         except OverloadedError:
-            self._drop(t)
+            self.counters["rejected"] += 1
+            self.outputs.discard(req.request_id)
+            self.tracked.pop(req.request_id, None)
+            if self.metrics:
+                self.metrics.on_rejected(t)
             raise
         return t
 
@@ -123,74 +144,94 @@ class Controller:
             return
         t.cancel_requested = True
         self._close(t, "cancelled")
-        await self._cancel_on_workers(t)
+        await self._release_attempt(t, drop=True)
 
-    async def _cancel_on_workers(self, t: Tracked) -> None:
+    async def _release_attempt(self, t: Tracked, drop: bool) -> None:
+        """Free what the current attempt holds on live workers. A scheduled prefill is left
+        to its transfer task, which frees both sides when the transfer ends."""
         if t.phase == "pending":
             if t in self.pending:
                 self.pending.remove(t)
-            self._drop(t)
         elif t.phase == "prefill":
-            if await t.prefill.driver.cancel.remote(t.request_id):
+            if t.prefill.alive and await _quiet(t.prefill.driver.cancel.remote(t.wid)):
                 self.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
-                await t.decode.driver.release.remote(t.request_id)
-                self._drop(t)
-            # else: already scheduled; the transfer task frees both sides when it ends
+                await self._release_decode(t)
+            else:
+                return          # scheduled meanwhile: the transfer task cleans up
         elif t.phase == "decode":
-            await t.decode.driver.cancel.remote(t.request_id)
+            if t.decode.alive:
+                await _quiet(t.decode.driver.cancel.remote(t.wid))
+        elif t.phase == "transfer":
+            return
+        if drop:
             self._drop(t)
-        # phase "transfer": _transfer releases both sides when the transfer ends
+
+    async def _release_decode(self, t: Tracked) -> None:
+        if t.decode is not None and t.decode.alive and t.blocks:
+            if await _quiet(t.decode.driver.release.remote(t.wid)):
+                self.decode_free[t.decode.instance_id] += len(t.blocks)
 
     # Routing -----------------------------------------------------------------------------
-    async def _dispatch(self, t: Tracked) -> None:
+    async def _dispatch(self, t: Tracked, from_submit: bool = False) -> None:
         live_p = [i for i in self.prefills if i.alive]
         live_d = [i for i in self.decodes if i.alive]
         if not live_p or not live_d:
-            self._fail(t, "no live prefill or decode instance can serve the request")
+            if self.health.can_serve():
+                self._park(t)
+            else:
+                self._fail(t, "no prefill or decode instance can serve the request any more")
             return
         need_tokens = t.req.num_tokens + 1
         free = [self.decode_free[d.instance_id] for d in live_d]
-        blocks = None
+        blocks = d = None
         while True:
             k = pick_decode(free, -(-need_tokens // self.plan.block_size))
             if k is None:
                 break
             d = live_d[k]
-            blocks = await d.driver.reserve.remote(t.request_id, need_tokens)
-            if blocks is not None:
+            blocks = await _quiet(d.driver.reserve.remote(t.wid, need_tokens))
+            if blocks:
                 self.decode_free[d.instance_id] -= len(blocks)
                 break
             free[k] = -1
-        if blocks is None:
-            t.phase = "pending"
-            self.pending.append(t)
+        if not blocks:
+            self._park(t)
             return
-        p = live_p[pick_prefill([self.prefill_tokens[i.instance_id] for i in live_p])]
+        p = live_p[pick_prefill([self.prefill_tokens[i.instance_id] for i in live_p],
+                                [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])]
         t.prefill, t.decode, t.blocks, t.phase = p, d, blocks, "prefill"
         t.token_seen[t.attempt] = asyncio.Event()
-        spec = PrefillSpec(t.request_id, t.req.prompt_token_ids, t.req.sampling, d.instance_id, blocks,
+        spec = PrefillSpec(t.wid, t.req.prompt_token_ids, t.req.sampling, d.instance_id, blocks,
                            list(t.req.output_token_ids), attempt=t.attempt)
         try:
             await p.driver.add_request.remote(spec)
-        except Exception as e:
-            await d.driver.release.remote(t.request_id)
-            self.decode_free[d.instance_id] += len(blocks)
+        except Exception as e:  # noqa: BLE001 - overload, or the instance just died
+            await self._release_decode(t)
+            t.phase = "pending"
             cause = getattr(e, "cause", e)
-            if isinstance(cause, OverloadedError):
+            if isinstance(cause, OverloadedError) and from_submit:
                 raise cause from None
-            raise
+            self._park(t)
+            return
         self.prefill_tokens[p.instance_id] += t.req.num_tokens
+        self.prefill_assigned[p.instance_id] = self.prefill_assigned.get(p.instance_id, 0) + 1
 
-    async def _dispatch_pending(self) -> None:
+    def _park(self, t: Tracked) -> None:
+        """Wait for capacity (decode blocks, a prefill queue slot, a restarting instance)."""
+        t.phase = "pending"
+        if t not in self.pending:
+            self.pending.appendleft(t) if t.attempt else self.pending.append(t)
+
+    async def dispatch_pending(self) -> None:
         for _ in range(len(self.pending)):
+            if not self.pending:
+                return
             t = self.pending.popleft()
             if t.closed:
                 self._drop(t)
                 continue
             await self._dispatch(t)
-            if t.phase == "pending":      # still no room: keep FIFO order, stop here
-                self.pending.remove(t)
-                self.pending.appendleft(t)
+            if t.phase == "pending":      # still no room: it went back to the front; stop here
                 return
 
     # Events from the workers -----------------------------------------------------------
@@ -200,17 +241,24 @@ class Controller:
                 for ev in await ref:
                     self._on_event(inst, ev)
                 if self.pending:
-                    await self._dispatch_pending()
+                    await self.dispatch_pending()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the instance is gone
-            log.warning("event stream of %s ended: %s", inst.instance_id, e)
+            if inst.alive:
+                log.warning("event stream of %s ended: %s", inst.instance_id, e)
+                self._spawn(self.health.on_failure(inst, f"event stream ended: {e}"))
+
+    def _current(self, wid: str) -> Tracked | None:
+        rid, attempt = split_wid(wid)
+        t = self.tracked.get(rid)
+        return t if t is not None and t.attempt == attempt else None
 
     def _on_event(self, inst: Instance, ev: dict) -> None:
         kind = ev["type"]
         if kind == "scheduled":
-            t = self.tracked.get(ev["request_id"])
-            if t is not None and t.prefill is inst and ev.get("attempt", 0) == t.attempt:
+            t = self._current(ev["request_id"])
+            if t is not None and t.prefill is inst and t.phase == "prefill":
                 t.phase = "transfer"
                 self.prefill_tokens[inst.instance_id] -= ev["num_tokens"]
                 t.num_cached_tokens = max(t.num_cached_tokens, ev["num_cached_tokens"])
@@ -221,20 +269,21 @@ class Controller:
             self.decode_free[inst.instance_id] = ev["free_blocks"]
             if self.metrics:
                 self.metrics.on_decode_step(inst.instance_id, ev)
-            for rid, toks in ev["tokens"].items():
-                t = self.tracked.get(rid)
-                if t is not None and t.phase == "decode":
-                    self._deliver(t, toks, ev["finished"].get(rid))
-            for rid in ev["finished"]:
-                t = self.tracked.get(rid)
-                if t is not None and t.phase == "decode":
+            for wid, toks in ev["tokens"].items():
+                t = self._current(wid)
+                if t is not None and t.phase == "decode" and t.decode is inst:
+                    self._deliver(t, toks, ev["finished"].get(wid))
+            for wid in ev["finished"]:
+                t = self._current(wid)
+                if t is not None and t.phase == "decode" and t.decode is inst:
                     self._drop(t)
         elif kind == "error":
             log.error("%s: %s", inst.instance_id, ev["message"])
+            self._spawn(self.health.on_failure(inst, ev["message"]))
 
     def _on_prefill_token(self, ev: dict) -> None:
-        t = self.tracked.get(ev["request_id"])
-        if t is None or ev.get("attempt", 0) != t.attempt:
+        t = self._current(ev["request_id"])
+        if t is None:
             return
         if "first_token" not in t.times:
             t.durations["prefill_queue_s"] = ev["prefill_queue_s"]
@@ -256,16 +305,13 @@ class Controller:
             self.metrics.on_tokens(t, len(tokens), first, now)
         delta = self.outputs.process(t.request_id, tokens, finish_reason)
         if delta.finish_reason is not None and finish_reason is None:     # a stop string matched
-            self._spawn(self._cancel_on_workers(t))
-        self._emit(t, StreamDelta(t.request_id, tokens, delta.text))
+            self._spawn(self._release_attempt(t, drop=True))
+        t.out.put_nowait(StreamDelta(t.request_id, tokens, delta.text))
         if delta.finish_reason is not None:
             self._close(t, delta.finish_reason)
 
-    def _emit(self, t: Tracked, item: StreamDelta) -> None:
-        t.out.put_nowait(item)
-
     def _close(self, t: Tracked, reason: str, error: str | None = None) -> None:
-        """End the caller's stream (resources on the workers may be freed later)."""
+        """End the caller's stream (the workers may free their part a little later)."""
         if t.closed:
             return
         t.finish_reason = reason
@@ -275,68 +321,82 @@ class Controller:
                  "cached_tokens": t.num_cached_tokens}
         if self.metrics:
             self.metrics.on_finish(t, reason)
-        self._emit(t, StreamDelta(t.request_id, [], "", reason, usage, t.timings(), error))
+        t.out.put_nowait(StreamDelta(t.request_id, [], "", reason, usage, t.timings(), error))
 
     def _fail(self, t: Tracked, message: str) -> None:
+        log.error("request %s failed: %s", t.request_id, message)
         self._close(t, "error", message)
+        if t in self.pending:
+            self.pending.remove(t)
         self._drop(t)
 
     def _drop(self, t: Tracked) -> None:
         t.phase = "done"
-        self.tracked.pop(t.request_id, None)
+        if self.tracked.get(t.request_id) is t:
+            del self.tracked[t.request_id]
 
     # KV transfer -----------------------------------------------------------------------------
     async def _transfer(self, t: Tracked, attempt: int, ev: dict) -> None:
-        p, d = t.prefill, t.decode
+        p, d, wid = t.prefill, t.decode, ev["request_id"]
         blocks = t.blocks[:ev["num_blocks"]]
         t0 = time.monotonic()
         results = await asyncio.gather(
             *[r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], blocks) for r in d.ranks],
             return_exceptions=True)
-        errors = [r if isinstance(r, Exception) else r[1] for r in results if isinstance(r, Exception) or not r[0]]
-        await t.token_seen[attempt].wait()
+        errors = [str(r) if isinstance(r, Exception) else r[1] for r in results if isinstance(r, Exception) or not r[0]]
+        if not errors:
+            try:
+                await asyncio.wait_for(t.token_seen[attempt].wait(), self.plan.kv_transfer_timeout_s)
+            except asyncio.TimeoutError:
+                errors.append("the first token never arrived")
+        if t.attempt != attempt:            # abandoned meanwhile (an instance died): just clean up
+            await _quiet(p.driver.release.remote(wid))
+            await _quiet(d.driver.release.remote(wid))
+            return
         t.durations["kv_transfer_s"] = max(0.0, time.monotonic() - max(t0, t.times.get("prefill_end", t0)))
-        if self.metrics and not errors:
-            self.metrics.on_transfer(p.instance_id, d.instance_id, len(blocks) * self._block_bytes(), time.monotonic() - t0)
-        await p.driver.release.remote(t.request_id)
+        await _quiet(p.driver.release.remote(wid))
         if errors:
             self.counters["kv_transfer_failures"] += 1
-            log.warning("KV transfer of %s from %s to %s failed: %s", t.request_id, p.instance_id, d.instance_id, errors[0])
-            await d.driver.release.remote(t.request_id)
-            self.decode_free[d.instance_id] += len(t.blocks)
-            await self._rebuild(p, d, ev["epoch"])
+            log.warning("KV transfer of %s from %s to %s failed: %s", wid, p.instance_id, d.instance_id, errors[0])
+            await self._release_decode(t)
+            if p.alive and d.alive:
+                await self._rebuild(p, d, ev["epoch"])
             await self._retry(t, f"KV transfer failed: {errors[0]}")
             return
+        if self.metrics:
+            self.metrics.on_transfer(p.instance_id, d.instance_id, len(blocks) * self._block_bytes(), time.monotonic() - t0)
         if t.closed:
-            await d.driver.release.remote(t.request_id)
-            self.decode_free[d.instance_id] += len(t.blocks)
+            await self._release_decode(t)
             self._drop(t)
             return
         t.times["transfer_end"] = time.monotonic()
-        await d.driver.start_decode.remote(t.request_id, t.req.prompt_token_ids, list(t.req.output_token_ids),
-                                           t.req.sampling, t.req.arrival_s)
-        t.phase = "decode"
-        if t.cancel_requested:
-            await self._cancel_on_workers(t)
+        try:
+            await d.driver.start_decode.remote(wid, t.req.prompt_token_ids, list(t.req.output_token_ids),
+                                               t.req.sampling, t.req.arrival_s)
+        except Exception as e:  # noqa: BLE001 - the decode instance died: health handles it
+            await self.health.on_failure(d, f"start_decode failed: {e}")
+            return
+        if t.attempt == attempt:
+            t.phase = "decode"
+            if t.cancel_requested:
+                await self._release_attempt(t, drop=True)
 
     def _block_bytes(self) -> int:
-        return self.plan.block_size * self.model_config.kv_bytes_per_token(self._dtype_name())
-
-    def _dtype_name(self) -> str:
-        if self.plan.dtype != "auto":
-            return self.plan.dtype
-        return self.model_config.dtype if self.plan.prefill.device == "cuda" else "float32"
+        dtype = self.plan.dtype
+        if dtype == "auto":
+            dtype = self.model_config.dtype if self.plan.prefill.device == "cuda" else "float32"
+        return self.plan.block_size * self.model_config.kv_bytes_per_token(dtype)
 
     async def _rebuild(self, p: Instance, d: Instance, failed_epoch: int) -> None:
         key = (p.instance_id, d.instance_id)
         async with self._pair_locks[key]:
             if self.epochs[key] != failed_epoch:
-                return                      # someone rebuilt it already
-            self.epochs[key] += 1
+                return                      # rebuilt already
             self.counters["channel_rebuilds"] += 1
-            await connect_pair(p, d, self.epochs[key], self.transports[key])
+            await self._connect(p, d)
 
     async def _retry(self, t: Tracked, why: str) -> None:
+        """A new attempt for `t`: recompute prompt + tokens streamed so far elsewhere."""
         if t.closed:
             self._drop(t)
             return
@@ -353,6 +413,17 @@ class Controller:
         insts = self.prefills + self.decodes
         per = await asyncio.gather(*[i.driver.stats.remote() for i in insts], return_exceptions=True)
         workers = {i.instance_id: (s if not isinstance(s, Exception) else {"error": str(s)}) for i, s in zip(insts, per)}
+        for i in insts:
+            workers[i.instance_id]["alive"] = i.alive
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.pending),
                 "counters": dict(self.counters),
                 "transports": {f"{a}->{b}": k for (a, b), k in self.transports.items()}}
+
+
+async def _quiet(ref):
+    """Await a worker call whose failure (dead actor) the health monitor handles anyway."""
+    try:
+        return await ref
+    except Exception as e:  # noqa: BLE001
+        log.debug("worker call failed: %s", e)
+        return None

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from engine.request import Request
 
 
+def split_wid(wid: str) -> tuple[str, int]:
+    """'request_id#attempt' -> (request_id, attempt)."""
+    rid, _, attempt = wid.rpartition("#")
+    return rid, int(attempt)
+
+
 @dataclass
 class StreamDelta:
     """One item of a request's stream: new tokens and their text; the last item carries the
@@ -39,6 +45,11 @@ class Tracked:
     @property
     def request_id(self) -> str:
         return self.req.request_id
+
+    @property
+    def wid(self) -> str:
+        """The id of the current attempt on the workers."""
+        return f"{self.req.request_id}#{self.attempt}"
 
     @property
     def closed(self) -> bool:

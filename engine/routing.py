@@ -4,11 +4,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def pick_prefill(queued_tokens: Sequence[int]) -> int:
-    """Index of the prefill instance with the fewest queued prompt tokens (lowest index on ties)."""
+def pick_prefill(queued_tokens: Sequence[int], num_assigned: Sequence[int] | None = None) -> int:
+    """Index of the prefill instance with the fewest queued prompt tokens. Ties go to the one
+    that was given the fewest requests so far (`num_assigned`), then to the lowest index, so
+    idle instances share the load instead of the first one taking everything."""
     if not queued_tokens:
         raise ValueError("no prefill instances")
-    return min(range(len(queued_tokens)), key=lambda i: (queued_tokens[i], i))
+    assigned = num_assigned or [0] * len(queued_tokens)
+    return min(range(len(queued_tokens)), key=lambda i: (queued_tokens[i], assigned[i], i))
 
 
 def pick_decode(free_blocks: Sequence[int], blocks_needed: int) -> int | None:

@@ -58,3 +58,11 @@ def test_chunked_mode_mixes_decodes_and_prefill_chunks():
     pol.add(_req(1, 40), 0.2)
     b3 = pol.schedule(0.3)
     assert len(b3.decode) == 1 and b3.num_prefill_tokens == 31    # 32 - one decode token
+
+
+def test_routing_rules():
+    from engine.routing import pick_decode, pick_prefill
+    assert pick_prefill([30, 10, 10]) == 1
+    assert pick_prefill([0, 0, 0], [5, 2, 2]) == 1            # ties: the least used
+    assert pick_decode([4, 9, 9], 3) == 1                     # most free blocks, lowest index
+    assert pick_decode([4, 2], 5) is None                     # nobody can take it

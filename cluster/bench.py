@@ -1,0 +1,325 @@
+"""`disagg bench`: a load generator against a `disagg serve` gRPC endpoint (as `vllm bench serve`).
+
+Requests come from placement's workloads (a trace of data/traces/, a length-distribution CSV,
+or `random:IN,OUT[,RATIO]`), arrive by Poisson/gamma at `--rate` or by the trace's own
+timestamps (`--replay`, `--time-scale`), and ask for exactly the workload's output length
+(ignore_eos). Every streamed message is timestamped on receipt, so TTFT, TPOT, inter-token and
+end-to-end latency are what a client sees. Statuses such as RESOURCE_EXHAUSTED are counted,
+never raised.
+
+A request meets the SLO when it completed, TTFT <= --ttft-slo-s and TPOT <= --tpot-slo-s
+(TPOT = (last token - first token) / (output tokens - 1); 0 for one-token outputs; a missing
+target is unbounded). Attainment = requests meeting it / requests sent. Goodput here is a rate:
+requests meeting the SLO per second of the run (first arrival to last response), as vLLM's
+request goodput; issue 5's goodput (the highest rate at an attainment target) is found by
+running this at several rates (benchmarks/fidelity.py does).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from engine.errors import ConfigError, DisaggError
+
+STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "decode_queue")
+GOODPUT_DEFINITION = ("requests that completed with TTFT <= ttft_slo_s and TPOT <= tpot_slo_s, "
+                      "per second from the first arrival to the last response")
+
+
+@dataclass
+class Record:
+    """One request as the client saw it; times in seconds from the run's start."""
+    index: int
+    prompt_len: int
+    output_len: int
+    arrival_s: float
+    sent_s: float = math.nan
+    first_token_s: float = math.nan
+    last_token_s: float = math.nan
+    done_s: float = math.nan
+    num_tokens: int = 0
+    status: str = "NOT_SENT"
+    error: str = ""
+    finish_reason: str = ""
+    timings: dict = field(default_factory=dict)     # the server's, from the last message
+    itl_s: list = field(default_factory=list)       # gaps between token-bearing messages
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.sent_s
+
+    @property
+    def tpot_s(self) -> float:
+        return 0.0 if self.num_tokens <= 1 else (self.last_token_s - self.first_token_s) / (self.num_tokens - 1)
+
+    @property
+    def e2e_s(self) -> float:
+        return self.done_s - self.sent_s
+
+
+# Workload -------------------------------------------------------------------------------------
+def random_workload(spec: str, num: int, arrival: str, cv: float, seed: int):
+    """`random:IN,OUT[,RATIO]`: lengths uniform in [x (1 - RATIO), x (1 + RATIO)], arrivals at
+    mean rate 1 (rescale with `at_rate`)."""
+    from placement.workload import Workload, unit_gaps
+    try:
+        parts = [float(x) for x in spec.split(":", 1)[1].split(",")]
+        n_in, n_out, ratio = int(parts[0]), int(parts[1]), (parts[2] if len(parts) > 2 else 0.0)
+    except (IndexError, ValueError):
+        raise ConfigError(f"workload {spec!r}: expected random:IN,OUT[,RATIO], e.g. random:128,32,0.5") from None
+    if n_in < 1 or n_out < 1 or not 0 <= ratio < 1:
+        raise ConfigError(f"workload {spec!r}: IN and OUT must be >= 1 and RATIO in [0, 1)")
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        return rng.integers(max(1, int(x * (1 - ratio))), int(x * (1 + ratio)) + 1, num)
+    arr = np.concatenate([[0.0], np.cumsum(unit_gaps(num, arrival, cv, seed)[:-1])])
+    return Workload(spec, arr, draw(n_in), draw(n_out))
+
+
+def build_workload(args):
+    """The workload the run replays (before clipping to the server's limits). No --rate and no
+    --replay: every request at once (rate inf), as vLLM does."""
+    from placement.workload import make_workload
+    if args.rate is not None and not args.rate > 0:
+        raise ConfigError(f"--rate must be > 0, got {args.rate}")
+    if args.time_scale <= 0:
+        raise ConfigError(f"--time-scale must be > 0, got {args.time_scale}")
+    burst = (args.rate is None and not args.replay) or (args.rate is not None and math.isinf(args.rate))
+    rate = None if burst else args.rate
+    num = args.num_requests
+    if num is None and args.duration_s and not args.replay:
+        if rate is None:
+            raise ConfigError("--duration-s needs a finite --rate (or --replay, or --num-requests)")
+        num = int(rate * args.duration_s * 1.5) + 20       # enough arrivals to fill the duration
+    elif num is None and not args.duration_s:
+        num = 100
+    if args.workload.startswith("random:"):
+        if args.replay:
+            raise ConfigError("--replay needs a timed trace, not a random workload")
+        wl = random_workload(args.workload, num, args.arrival, args.cv, args.seed)
+        wl = wl.at_rate(rate) if rate else wl
+    else:
+        wl = make_workload(args.workload, rate=rate, num_requests=num, arrival="trace" if args.replay else args.arrival,
+                           cv=args.cv, seed=args.seed)
+    scale = 0.0 if burst else args.time_scale
+    if scale != 1.0:
+        wl = replace(wl, arrival_s=wl.arrival_s * scale)
+    if args.duration_s:
+        wl = wl.head(max(1, int((wl.arrival_s < args.duration_s).sum())))
+    return wl
+
+
+def clip_lengths(wl, info, max_prompt_len: int = 0, max_output_len: int = 0):
+    """Prompt and output lengths that the server accepts. Returns (prompts, outputs, notes)."""
+    ctx = info.max_model_len
+    p_cap = min(x for x in (ctx - 1, info.max_prompt_tokens, max_prompt_len) if x > 0)
+    prompt = np.clip(wl.prompt_lens, 1, p_cap)
+    o_caps = [x for x in (info.max_tokens_limit, max_output_len) if x > 0]
+    output = np.minimum(wl.output_lens, min(o_caps)) if o_caps else wl.output_lens.copy()
+    output = np.maximum(1, np.minimum(output, ctx - prompt))
+    notes = {"num_prompts_clipped": int((prompt != wl.prompt_lens).sum()),
+             "num_outputs_clipped": int((output != wl.output_lens).sum()),
+             "max_prompt_len": int(p_cap), "max_output_len": int(min(o_caps)) if o_caps else int(ctx - 1)}
+    return prompt.astype(int), output.astype(int), notes
+
+
+# The run ----------------------------------------------------------------------------------
+async def _one(stub, rec: Record, msg, t0: float, metadata, timeout_s):
+    from grpc import aio
+    rec.sent_s = time.perf_counter() - t0
+    last = None
+    try:
+        async for resp in stub.Generate(msg, metadata=metadata, timeout=timeout_s):
+            now = time.perf_counter() - t0          # on receipt, before any other work
+            if resp.token_ids:
+                if rec.num_tokens:
+                    rec.itl_s.append(now - rec.last_token_s)
+                else:
+                    rec.first_token_s = now
+                rec.last_token_s = now
+                rec.num_tokens += len(resp.token_ids)
+            last = resp
+        rec.done_s = time.perf_counter() - t0
+        rec.status = "OK"
+        if last is not None:
+            rec.finish_reason = last.finish_reason
+            rec.timings = {f.name: getattr(last.timings, f.name) for f in last.timings.DESCRIPTOR.fields}
+    except aio.AioRpcError as e:
+        rec.status, rec.error = e.code().name, (e.details() or "")[:200]
+    except Exception as e:  # noqa: BLE001 - a client-side failure is counted, never fatal
+        rec.status, rec.error = "CLIENT_ERROR", f"{type(e).__name__}: {e}"[:200]
+
+
+async def run_async(args) -> dict:
+    """Connect, fetch the server's limits, replay the workload, and summarise."""
+    from cluster.grpc_client import auth_metadata, channel, make_request
+    from engine.sampling_params import SamplingParams
+    from placement.workload import prompt_token_ids
+    from protos import inference_pb2 as pb
+    from protos import inference_pb2_grpc as pb_grpc
+    import grpc
+    wl = build_workload(args)
+    md = auth_metadata(args.token)
+    async with channel(args.server, args.tls_ca, aio=True) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        try:
+            info = await stub.ModelInfo(pb.ModelInfoRequest(), metadata=md, timeout=args.connect_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise DisaggError(f"server {args.server}: {e.code().name}: {e.details()} (is `disagg serve` running there?)") from None
+        prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
+        for _ in range(args.num_warmups):          # first steps on a fresh server are slow
+            warm = make_request(list(range(8)), SamplingParams(max_tokens=4, ignore_eos=True))
+            await _one(stub, Record(-1, 8, 4, 0.0), warm, time.perf_counter(), md, args.request_timeout_s)
+        msgs = [make_request(prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None),
+                             SamplingParams(max_tokens=int(o), ignore_eos=True, seed=args.seed), f"bench-{i}")
+                for i, (p, o) in enumerate(zip(prompts, outputs))]
+        recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
+        sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+
+        async def gated(rec, msg, t0):
+            try:
+                await _one(stub, rec, msg, t0, md, args.request_timeout_s)
+            finally:
+                if sem:
+                    sem.release()
+        tasks, t0 = [], time.perf_counter()
+        for rec, msg in zip(recs, msgs):
+            delay = rec.arrival_s - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if sem:
+                await sem.acquire()
+            tasks.append(asyncio.create_task(gated(rec, msg, t0)))
+        await asyncio.gather(*tasks)
+    return summarize(recs, args, wl, info, notes)
+
+
+def _stats(x, scale=1.0) -> dict:
+    x = np.asarray([v for v in x if math.isfinite(v)], dtype=float) * scale
+    if not len(x):
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "n": 0}
+    p50, p90, p99 = (float(v) for v in np.percentile(x, [50, 90, 99]))
+    return {"mean": float(x.mean()), "p50": p50, "p90": p90, "p99": p99, "n": int(len(x))}
+
+
+def summarize(recs: list[Record], args, wl, info, notes: dict) -> dict:
+    """Every figure of the run, as one JSON-able dict (per-request rows under "requests")."""
+    ok = [r for r in recs if r.ok]
+    ttft_slo = args.ttft_slo_s if args.ttft_slo_s is not None else math.inf
+    tpot_slo = args.tpot_slo_s if args.tpot_slo_s is not None else math.inf
+    met = [r.ok and r.ttft_s <= ttft_slo and r.tpot_s <= tpot_slo for r in recs]
+    end = max((r.done_s for r in ok), default=0.0)
+    duration = max(end, max((r.sent_s for r in recs if math.isfinite(r.sent_s)), default=0.0), 1e-9)
+    statuses, reasons = {}, {}
+    for r in recs:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        if r.finish_reason:
+            reasons[r.finish_reason] = reasons.get(r.finish_reason, 0) + 1
+    out_tok, in_tok = sum(r.num_tokens for r in ok), sum(r.prompt_len for r in ok)
+    multi = [r for r in ok if r.num_tokens > 1]
+    breakdown = {s: _stats([r.timings.get(f"{s}_s", math.nan) for r in (multi if s in STAGES[2:] else ok)])
+                 for s in STAGES}
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: v for k, v in vars(args).items() if k not in ("token", "func")},
+        "server": {"model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size,
+                   "max_prompt_tokens": info.max_prompt_tokens, "max_tokens_limit": info.max_tokens_limit},
+        "workload": {"name": wl.name, "num_requests": len(recs), "offered_rate_rps": wl.rate, **notes},
+        "duration_s": duration, "num_sent": sum(math.isfinite(r.sent_s) for r in recs),
+        "num_completed": len(ok), "num_failed": len(recs) - len(ok),
+        "status_counts": statuses, "finish_reasons": reasons,
+        "total_prompt_tokens": in_tok, "total_output_tokens": out_tok,
+        "request_throughput_rps": len(ok) / duration, "output_token_throughput_tps": out_tok / duration,
+        "total_token_throughput_tps": (in_tok + out_tok) / duration,
+        "ttft_s": _stats([r.ttft_s for r in ok]), "tpot_s": _stats([r.tpot_s for r in multi]),
+        "itl_s": _stats([g for r in ok for g in r.itl_s]), "e2e_s": _stats([r.e2e_s for r in ok]),
+        "server_ttft_s": _stats([r.timings.get("ttft_s", math.nan) for r in ok]),
+        "ttft_breakdown_s": breakdown,
+        "send_lag_s": _stats([r.sent_s - r.arrival_s for r in recs]),
+        "slo": {"ttft_s": args.ttft_slo_s, "tpot_s": args.tpot_slo_s},
+        "attainment": sum(met) / max(1, len(recs)),
+        "ttft_attainment": sum(r.ok and r.ttft_s <= ttft_slo for r in recs) / max(1, len(recs)),
+        "tpot_attainment": sum(r.ok and r.tpot_s <= tpot_slo for r in recs) / max(1, len(recs)),
+        "goodput_rps": sum(met) / duration, "goodput_definition": GOODPUT_DEFINITION,
+        "requests": [_row(r) for r in recs],
+    }
+
+
+def _row(r: Record) -> dict:
+    d = {k: v for k, v in asdict(r).items() if k != "itl_s"} | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def format_table(res: dict) -> str:
+    """The human-readable summary (latencies in ms)."""
+    w = res["workload"]
+    lines = [f"{'=' * 22} disagg bench {'=' * 22}",
+             f"workload {w['name']}: {w['num_requests']} requests, offered {w['offered_rate_rps']:.3g} req/s; "
+             f"clipped prompts {w['num_prompts_clipped']}, outputs {w['num_outputs_clipped']}",
+             f"duration {res['duration_s']:.2f} s; completed {res['num_completed']}/{res['num_sent']} sent; "
+             f"statuses {res['status_counts']}",
+             f"throughput {res['request_throughput_rps']:.3f} req/s, {res['output_token_throughput_tps']:.1f} output tok/s, "
+             f"{res['total_token_throughput_tps']:.1f} total tok/s",
+             f"SLO ttft {res['slo']['ttft_s']} s, tpot {res['slo']['tpot_s']} s: attainment {res['attainment']:.3f} "
+             f"(ttft {res['ttft_attainment']:.3f}, tpot {res['tpot_attainment']:.3f}), goodput {res['goodput_rps']:.3f} req/s",
+             f"{'ms':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
+    rows = [("TTFT", res["ttft_s"]), ("TPOT", res["tpot_s"]), ("inter-token", res["itl_s"]),
+            ("end-to-end", res["e2e_s"]), ("server TTFT", res["server_ttft_s"])]
+    rows += [(f"  {s.replace('_', ' ')}", res["ttft_breakdown_s"][s]) for s in STAGES]
+    for name, st in rows:
+        vals = "".join(f"{st[k] * 1e3:>10.1f}" if st[k] is not None else f"{'-':>10}" for k in ("mean", "p50", "p90", "p99"))
+        lines.append(f"{name:<24}{vals}")
+    return "\n".join(lines)
+
+
+def add_bench_args(p) -> None:
+    import os
+    p.add_argument("--server", required=True, help="HOST:PORT of a `disagg serve` gRPC endpoint")
+    p.add_argument("--token", default=os.environ.get("DISAGG_TOKEN"), help="bearer token (env DISAGG_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate for a TLS server")
+    p.add_argument("--workload", default="sharegpt",
+                   help="azure-conv, azure-code, mooncake-conv, mooncake-synthetic, sharegpt, arxiv, a trace file, "
+                        "or random:IN,OUT[,RATIO]")
+    p.add_argument("--rate", type=float, default=None, help="mean request rate, req/s (inf = all at once)")
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma gaps")
+    p.add_argument("--replay", action="store_true", help="use the trace's own timestamps (with --rate: rescaled)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (0.5 = twice as fast)")
+    p.add_argument("--num-requests", type=int, default=None, help="requests to send (default 100)")
+    p.add_argument("--duration-s", type=float, default=None, help="send only requests arriving before this")
+    p.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at most (0 = unbounded)")
+    p.add_argument("--max-prompt-len", type=int, default=0, help="clip prompts (besides the server's limits)")
+    p.add_argument("--max-output-len", type=int, default=0, help="clip outputs (besides the server's limits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttft-slo-s", type=float, default=None)
+    p.add_argument("--tpot-slo-s", type=float, default=None)
+    p.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the run")
+    p.add_argument("--request-timeout-s", type=float, default=None)
+    p.add_argument("--connect-timeout-s", type=float, default=10.0)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+
+
+def run(args) -> int:
+    for name in ("num_requests", "max_concurrency", "max_prompt_len", "max_output_len", "num_warmups"):
+        v = getattr(args, name)
+        if v is not None and v < (1 if name == "num_requests" else 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {1 if name == 'num_requests' else 0}, got {v}")
+    res = asyncio.run(run_async(args))
+    print(format_table(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
