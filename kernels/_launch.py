@@ -125,8 +125,9 @@ def num_sms(device_index: int) -> int:
 def device_sms(t: torch.Tensor) -> int:
     """Multiprocessors of t's GPU; a small fixed number in the interpreter so that the automatic
     split heuristics are exercised on tiny CPU shapes."""
-    return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.is_cuda else 4
+    if not t.is_cuda:
+        return 4
+    return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def next_pow2(n: int) -> int:
