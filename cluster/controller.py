@@ -110,6 +110,8 @@ class Controller:
         nothing half done."""
         if len(self.pending) >= self.max_pending:
             self.counters["rejected"] += 1
+            if self.metrics:
+                self.metrics.requests.labels("rejected").inc()
             raise OverloadedError(f"{len(self.pending)} requests are waiting for capacity; try again later")
         if not self.health.can_serve():
             raise RequestFailedError("no prefill or decode instance is alive or restarting")

@@ -43,6 +43,11 @@ class Metrics:
     def on_submit(self, t) -> None:
         self.in_flight.inc()
 
+    def on_rejected(self, t) -> None:
+        """Accepted by validation, refused for lack of capacity (RESOURCE_EXHAUSTED)."""
+        self.in_flight.dec()
+        self.requests.labels("rejected").inc()
+
     def on_tokens(self, t, n: int, first: bool, now: float) -> None:
         self.generated_tokens.inc(n)
         if first:

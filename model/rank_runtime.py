@@ -6,6 +6,7 @@ Prefill and decode workers are built on this; neither needs Ray to run.
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,10 +138,23 @@ class RankRuntime:
         return box[0]
 
     def stats(self) -> dict:
-        out = {"rank": self.cfg.rank, "num_blocks": self.num_blocks, "device": str(self.device)}
+        out = {"rank": self.cfg.rank, "num_blocks": self.num_blocks, "device": str(self.device),
+               "pid": os.getpid(), "rss_bytes": rss_bytes()}
         if self.device.type == "cuda":
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return out
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc), 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def init_tp_group(cfg: WorkerConfig, host: str, port: int, master_store=None):

@@ -1,6 +1,4 @@
 """A real gRPC client against a real server on 127.0.0.1, backed by a local Ray cluster."""
-import asyncio
-import threading
 import time
 import urllib.request
 
@@ -9,52 +7,21 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.api import Cluster
 from cluster.grpc_client import make_request
-from cluster.grpc_server import start_server
-from cluster.metrics import Metrics
-from engine.plan import Plan
 from engine.sampling_params import SamplingParams
 from model.llm import LLM
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests.cluster.servers import Server
 
 MODEL = "tiny-llama"
 TOKEN = "s3cret"
 
 
-class Server:
-    """Cluster + two gRPC servers (open, and with auth) + metrics, on a background loop."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        plan = Plan.from_dict({"model": MODEL, "decode": {"num_kv_blocks": 12}})
-        self.metrics = Metrics()
-        self.cluster = Cluster(plan, self.metrics, max_prompt_tokens=150, max_tokens_limit=100, max_pending=1)
-        self.run(self.cluster.astart())
-        self.server, self.port = self.run(start_server(self.cluster, "127.0.0.1", 0))
-        self.auth_server, self.auth_port = self.run(start_server(self.cluster, "127.0.0.1", 0, auth_token=TOKEN))
-        self.http, _ = self.metrics.serve(0)
-
-    def run(self, coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stats(self):
-        return self.run(self.cluster.astats())
-
-    def close(self):
-        self.run(self.server.stop(0))
-        self.run(self.auth_server.stop(0))
-        self.run(self.cluster.ashutdown())
-        self.http.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
 def srv(ray_session):
-    s = Server()
+    s = Server({"model": MODEL, "decode": {"num_kv_blocks": 12}}, auth_token=TOKEN,
+               max_prompt_tokens=150, max_tokens_limit=100, max_pending=1)
     yield s
     s.close()
 
@@ -66,15 +33,7 @@ def stub(srv):
 
 
 def _wait_all_free(srv, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        st = srv.stats()
-        bad = {k: w for k, w in st["workers"].items() if w["free_blocks"] != w["num_blocks"]}
-        if not bad and not st["num_tracked"]:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"blocks not freed: {bad}, tracked {st['num_tracked']}")
-        time.sleep(0.1)
+    return srv.wait_all_free(timeout)
 
 
 def test_streamed_generation_matches_in_process_engine(stub):
