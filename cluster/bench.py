@@ -162,8 +162,9 @@ async def _one(stub, rec: Record, msg, t0: float, metadata, timeout_s):
         rec.status, rec.error = "CLIENT_ERROR", f"{type(e).__name__}: {e}"[:200]
 
 
-async def run_async(args) -> dict:
-    """Connect, fetch the server's limits, replay the workload, and summarise."""
+async def replay(args):
+    """Connect, fetch the server's limits and replay the workload. Returns (records, workload,
+    ModelInfo, clipping notes); `run_async` summarises them."""
     from cluster.grpc_client import auth_metadata, channel, make_request
     from engine.sampling_params import SamplingParams
     from placement.workload import prompt_token_ids
@@ -203,7 +204,12 @@ async def run_async(args) -> dict:
                 await sem.acquire()
             tasks.append(asyncio.create_task(gated(rec, msg, t0)))
         await asyncio.gather(*tasks)
-    return summarize(recs, args, wl, info, notes)
+    return recs, wl, info, notes
+
+
+async def run_async(args) -> dict:
+    """The whole benchmark: replay, then every figure as one dict."""
+    return summarize(*await replay(args), args=args)
 
 
 def _stats(x, scale=1.0) -> dict:
@@ -214,7 +220,7 @@ def _stats(x, scale=1.0) -> dict:
     return {"mean": float(x.mean()), "p50": p50, "p90": p90, "p99": p99, "n": int(len(x))}
 
 
-def summarize(recs: list[Record], args, wl, info, notes: dict) -> dict:
+def summarize(recs: list[Record], wl, info, notes: dict, args) -> dict:
     """Every figure of the run, as one JSON-able dict (per-request rows under "requests")."""
     ok = [r for r in recs if r.ok]
     ttft_slo = args.ttft_slo_s if args.ttft_slo_s is not None else math.inf
@@ -240,6 +246,8 @@ def summarize(recs: list[Record], args, wl, info, notes: dict) -> dict:
         "duration_s": duration, "num_sent": sum(math.isfinite(r.sent_s) for r in recs),
         "num_completed": len(ok), "num_failed": len(recs) - len(ok),
         "status_counts": statuses, "finish_reasons": reasons,
+        # Completed at "length" with fewer tokens than asked: tokens lost on the way.
+        "num_short_outputs": sum(r.finish_reason == "length" and r.num_tokens < r.output_len for r in ok),
         "total_prompt_tokens": in_tok, "total_output_tokens": out_tok,
         "request_throughput_rps": len(ok) / duration, "output_token_throughput_tps": out_tok / duration,
         "total_token_throughput_tps": (in_tok + out_tok) / duration,
@@ -269,7 +277,8 @@ def format_table(res: dict) -> str:
              f"workload {w['name']}: {w['num_requests']} requests, offered {w['offered_rate_rps']:.3g} req/s; "
              f"clipped prompts {w['num_prompts_clipped']}, outputs {w['num_outputs_clipped']}",
              f"duration {res['duration_s']:.2f} s; completed {res['num_completed']}/{res['num_sent']} sent; "
-             f"statuses {res['status_counts']}",
+             f"statuses {res['status_counts']}"
+             + (f"; {res['num_short_outputs']} outputs shorter than asked" if res["num_short_outputs"] else ""),
              f"throughput {res['request_throughput_rps']:.3f} req/s, {res['output_token_throughput_tps']:.1f} output tok/s, "
              f"{res['total_token_throughput_tps']:.1f} total tok/s",
              f"SLO ttft {res['slo']['ttft_s']} s, tpot {res['slo']['tpot_s']} s: attainment {res['attainment']:.3f} "

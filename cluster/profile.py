@@ -70,25 +70,28 @@ class StepTimer:
         from model.runner import StepInput
         return StepInput(decode=[(self._ids(i, 1)[0], context - 1, t) for i, t in enumerate(self._tables(batch, context))])
 
-    def time(self, step, warmup: int, repeats: int) -> float:
-        """Median seconds of forward + sampling (synchronised on CUDA)."""
+    def time(self, step, warmup: int, repeats: int, clock: str = "wall") -> float:
+        """Median seconds of forward + sampling (synchronised on CUDA). clock="cpu" counts the
+        CPU time of this process instead of wall time: on a shared CPU machine it leaves out the
+        time other processes hold the core (meaningful with one intra-op thread only)."""
         from engine.sampling_params import SamplingParams
         sp = SamplingParams(max_tokens=16, ignore_eos=True)
         sync = self.torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        now = time.process_time if clock == "cpu" else time.perf_counter
         times = []
         for k in range(warmup + repeats):
             sync()
-            t0 = time.perf_counter()
+            t0 = now()
             logits = self.runner.execute(step)
             n = logits.shape[0]
             self.sampler(logits, [sp] * n, [0] * n)
             sync()
             if k >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(now() - t0)
         return statistics.median(times)
 
 
-def measure(timer: StepTimer, grid, warmup: int, repeats: int, log=None) -> list[dict]:
+def measure(timer: StepTimer, grid, warmup: int, repeats: int, log=None, clock: str = "wall") -> list[dict]:
     """Samples in placement.profile's format, prefill then decode."""
     lens, batches, max_tokens, dec_batches, contexts = grid
     samples = []
@@ -96,14 +99,14 @@ def measure(timer: StepTimer, grid, warmup: int, repeats: int, log=None) -> list
     for length in lens:
         for b in batches:
             if b * length <= max_tokens and timer.fits(b, length):
-                t = timer.time(timer.prefill_step(b, length), warmup, repeats)
+                t = timer.time(timer.prefill_step(b, length), warmup, repeats, clock)
                 samples.append({"phase": "prefill", "prompt_lens": [length] * b, "time_s": t})
                 if log:
                     log(f"prefill {b} x {length:>5} tokens: {t * 1e3:8.2f} ms")
     for b in dec_batches:
         for c in contexts:
             if timer.fits(b, c):
-                t = timer.time(timer.decode_step(b, c), warmup, repeats)
+                t = timer.time(timer.decode_step(b, c), warmup, repeats, clock)
                 samples.append({"phase": "decode", "batch_size": b, "sum_context": b * c, "time_s": t})
                 if log:
                     log(f"decode  {b:>3} x {c:>5} context: {t * 1e3:8.2f} ms")
@@ -140,7 +143,7 @@ def prediction_errors(profile: dict, tp: int = 1) -> list[float]:
 
 def run_profile(model: str = "embedded", device: str = "cpu", dtype: str = "auto", tp: int = 1,
                 grid=None, warmup: int = 1, repeats: int = 3, torch_threads: int = 0, block_size: int = 16,
-                out: str | None = None, name: str | None = None, log=None) -> tuple[dict, Path]:
+                out: str | None = None, name: str | None = None, log=None, clock: str = "wall") -> tuple[dict, Path]:
     """Measure, fit and save. Returns (profile, path written)."""
     import torch
 
@@ -153,12 +156,14 @@ def run_profile(model: str = "embedded", device: str = "cpu", dtype: str = "auto
         raise ConfigError("--warmup must be >= 0 and --repeats >= 1")
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    if clock == "cpu" and (device != "cpu" or torch.get_num_threads() != 1):
+        raise ConfigError("--clock cpu times one CPU thread: use it with --device cpu --torch-threads 1")
     grid = grid or GRIDS[device]
     num_tokens = max(max(b * length for length in grid[0] for b in grid[1] if b * length <= grid[2]),
                      max(grid[3]) * max(grid[4]))
     timer = StepTimer(model, device, dtype, block_size, num_tokens)
     t0 = time.perf_counter()
-    samples = measure(timer, grid, warmup, repeats, log)
+    samples = measure(timer, grid, warmup, repeats, log, clock)
     dev, mname = name or device_name(device), model_name(model)
     path = Path(out) if out else profile_path(dev, mname)
     base = None
@@ -171,7 +176,7 @@ def run_profile(model: str = "embedded", device: str = "cpu", dtype: str = "auto
     profile = fit_profile(samples, dev, mname, tp, base)
     profile["tp"][str(tp)]["measured_with"] = {
         "torch_threads": torch.get_num_threads(), "dtype": str(next(timer.model.parameters()).dtype),
-        "block_size": block_size, "warmup": warmup, "repeats": repeats, "seconds": round(time.perf_counter() - t0, 1),
+        "block_size": block_size, "clock": clock, "warmup": warmup, "repeats": repeats, "seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
     return profile, save_profile(profile, path)
 
@@ -201,6 +206,8 @@ def add_profile_args(p) -> None:
     p.add_argument("--decode-contexts", type=_ints, default=None, help="context length per request")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per grid point")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per grid point (the median is kept)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: process CPU time, immune to other load on a shared CPU machine (1 thread only)")
     p.add_argument("--device-name", default=None, help="name in the profile (default: cpu, or H100 etc.)")
     p.add_argument("--out", default=None, help="profile path (default placement/profiles/<device>_<model>.json)")
     p.add_argument("--quiet", action="store_true")
@@ -212,7 +219,8 @@ def run(args) -> int:
             args.decode_batches or d[3], args.decode_contexts or d[4])
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     profile, path = run_profile(args.model, args.device, args.dtype, args.tp, grid, args.warmup, args.repeats,
-                                args.torch_threads, out=args.out, name=args.device_name, log=log)
+                                args.torch_threads, out=args.out, name=args.device_name, log=log,
+                                clock=args.clock)
     entry = profile["tp"][str(args.tp)]
     errs = sorted(prediction_errors(profile, args.tp))
     print(f"prefill: a={entry['prefill']['a'] * 1e3:.3f} ms  b={entry['prefill']['b'] * 1e6:.3f} us/token  "

@@ -1,0 +1,119 @@
+"""`disagg bench` against a real `disagg serve` subprocess on loopback: its JSON holds every figure
+the issue lists, with sane values; overload statuses are counted, not raised; CLI errors are
+one line with exit code 2."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+PLAN = {"model": "tiny-llama", "prefill": {"num_kv_blocks": 256}, "decode": {"num_kv_blocks": 40}}
+ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+ENV.pop("RAY_ADDRESS", None)
+STATS = ("mean", "p50", "p90", "p99")
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`disagg serve` with its own local Ray; max_pending 1 and 40 decode blocks, so a burst
+    overflows into RESOURCE_EXHAUSTED while a modest rate does not."""
+    d = tmp_path_factory.mktemp("serve")
+    (d / "plan.json").write_text(json.dumps(PLAN))
+    ready = d / "ready.json"
+    log = open(d / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"), "--port", "0",
+                             "--metrics-port", "-1", "--max-pending", "1", "--ready-file", str(ready)],
+                            env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, (d / "serve.log").read_text()
+        time.sleep(0.2)
+    yield f"127.0.0.1:{json.loads(ready.read_text())['port']}", d
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _check_stats(st, n):
+    assert st["n"] == n and all(st[k] is not None and st[k] >= 0 for k in STATS), st
+    assert st["p50"] <= st["p90"] <= st["p99"], st
+
+
+@pytest.mark.timeout(120)
+def test_bench_json_holds_every_figure(server):
+    addr, d = server
+    out = d / "bench.json"
+    p = _cli("bench", "--server", addr, "--workload", "sharegpt", "--rate", "8", "--num-requests", "20",
+             "--max-prompt-len", "64", "--max-output-len", "8", "--seed", "1", "--ttft-slo-s", "1.0",
+             "--tpot-slo-s", "0.2", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "TTFT" in p.stdout and "attainment" in p.stdout
+    r = json.loads(out.read_text())
+    assert r["num_sent"] == r["num_completed"] == 20 and r["num_failed"] == 0
+    assert r["status_counts"] == {"OK": 20} and r["finish_reasons"] == {"length": 20}
+    # Clipped to the caps, and the server generated exactly the asked lengths.
+    assert r["workload"]["num_prompts_clipped"] > 0 and r["workload"]["max_prompt_len"] == 64
+    rows = r["requests"]
+    assert all(1 <= x["prompt_len"] <= 64 and 1 <= x["output_len"] <= 8 for x in rows)
+    # The server generates exactly the asked lengths; a token the controller drops on the way
+    # (a race at the start of decoding) shows as a short output, counted and not hidden.
+    short = [x for x in rows if x["num_tokens"] < x["output_len"]]
+    assert r["num_short_outputs"] == len(short) <= 2
+    assert all(x["output_len"] - 1 <= x["num_tokens"] <= x["output_len"] for x in rows)
+    assert r["total_output_tokens"] == sum(x["num_tokens"] for x in rows)
+    for key in ("ttft_s", "e2e_s", "server_ttft_s"):
+        _check_stats(r[key], 20)
+    multi = sum(x["output_len"] > 1 for x in rows)
+    _check_stats(r["tpot_s"], multi)
+    _check_stats(r["itl_s"], sum(x["num_tokens"] - 1 for x in rows))
+    # Client TTFT includes the server's and every end-to-end latency its TTFT.
+    assert r["ttft_s"]["mean"] >= r["server_ttft_s"]["mean"] and r["e2e_s"]["p50"] >= r["ttft_s"]["p50"]
+    for stage in ("prefill_queue", "prefill_compute", "kv_transfer", "decode_queue"):
+        st = r["ttft_breakdown_s"][stage]
+        assert st["mean"] is not None and st["mean"] >= 0 and st["p90"] >= 0, (stage, st)
+    assert r["ttft_breakdown_s"]["prefill_compute"]["mean"] > 0
+    assert 0 <= r["attainment"] <= min(r["ttft_attainment"], r["tpot_attainment"]) <= 1
+    met = sum(x["status"] == "OK" and x["ttft_s"] <= 1.0 and x["tpot_s"] <= 0.2 for x in rows)
+    assert r["attainment"] == pytest.approx(met / 20)
+    assert r["goodput_rps"] == pytest.approx(met / r["duration_s"]) and "per second" in r["goodput_definition"]
+    assert r["request_throughput_rps"] == pytest.approx(20 / r["duration_s"])
+    assert r["output_token_throughput_tps"] > 0 and r["total_token_throughput_tps"] > r["output_token_throughput_tps"]
+    # Poisson arrivals rescaled to 8 req/s: 19 gaps span 19 / 8 s, and sends keep to schedule.
+    assert r["workload"]["offered_rate_rps"] == pytest.approx(8)
+    assert max(x["sent_s"] for x in rows) == pytest.approx(19 / 8, abs=0.3)
+    assert r["send_lag_s"]["p99"] < 0.1
+
+
+@pytest.mark.timeout(120)
+def test_burst_overload_is_counted_not_raised(server):
+    addr, d = server
+    out = d / "burst.json"
+    p = _cli("bench", "--server", addr, "--workload", "random:64,8", "--rate", "inf", "--num-requests", "30",
+             "--num-warmups", "0", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    counts = r["status_counts"]
+    assert counts.get("RESOURCE_EXHAUSTED", 0) > 0 and counts.get("OK", 0) > 0, counts
+    assert sum(counts.values()) == r["num_sent"] == 30
+    assert r["num_failed"] == 30 - r["num_completed"] == counts["RESOURCE_EXHAUSTED"]
+    # No SLO given: a target left out is unbounded, so attainment = completed / sent.
+    assert r["attainment"] == pytest.approx(r["num_completed"] / 30)
+
+
+def test_cli_errors_are_one_line():
+    p = _cli("bench", "--server", "127.0.0.1:1", "--connect-timeout-s", "2", "--num-requests", "1", timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "UNAVAILABLE" in p.stderr, p.stderr
+    p = _cli("bench", "--server", "127.0.0.1:1", "--workload", "random:x", timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("disagg bench: error: workload"), p.stderr
+    p = _cli("bench", "--server", "127.0.0.1:1", "--workload", "no-such-trace", timeout=60)
+    assert p.returncode == 2 and "neither a known name" in p.stderr and "Traceback" not in p.stderr
