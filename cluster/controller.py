@@ -203,20 +203,21 @@ class Controller:
                                 [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])]
         t.prefill, t.decode, t.blocks, t.phase = p, d, blocks, "prefill"
         t.token_seen[t.attempt] = asyncio.Event()
+        # Count the request against p before awaiting, so concurrent dispatches see it.
+        self.prefill_tokens[p.instance_id] += t.req.num_tokens
+        self.prefill_assigned[p.instance_id] = self.prefill_assigned.get(p.instance_id, 0) + 1
         spec = PrefillSpec(t.wid, t.req.prompt_token_ids, t.req.sampling, d.instance_id, blocks,
                            list(t.req.output_token_ids), attempt=t.attempt)
         try:
             await p.driver.add_request.remote(spec)
         except Exception as e:  # noqa: BLE001 - overload, or the instance just died
+            self.prefill_tokens[p.instance_id] -= t.req.num_tokens
             await self._release_decode(t)
             t.phase = "pending"
             cause = getattr(e, "cause", e)
             if isinstance(cause, OverloadedError) and from_submit:
                 raise cause from None
             self._park(t)
-            return
-        self.prefill_tokens[p.instance_id] += t.req.num_tokens
-        self.prefill_assigned[p.instance_id] = self.prefill_assigned.get(p.instance_id, 0) + 1
 
     def _park(self, t: Tracked) -> None:
         """Wait for capacity (decode blocks, a prefill queue slot, a restarting instance)."""
@@ -372,16 +373,16 @@ class Controller:
             self._drop(t)
             return
         t.times["transfer_end"] = time.monotonic()
+        # In "decode" before the call returns: the first decode step's tokens may arrive first.
+        t.phase = "decode"
         try:
             await d.driver.start_decode.remote(wid, t.req.prompt_token_ids, list(t.req.output_token_ids),
                                                t.req.sampling, t.req.arrival_s)
         except Exception as e:  # noqa: BLE001 - the decode instance died: health handles it
             await self.health.on_failure(d, f"start_decode failed: {e}")
             return
-        if t.attempt == attempt:
-            t.phase = "decode"
-            if t.cancel_requested:
-                await self._release_attempt(t, drop=True)
+        if t.attempt == attempt and t.cancel_requested:
+            await self._release_attempt(t, drop=True)
 
     def _block_bytes(self) -> int:
         dtype = self.plan.dtype
