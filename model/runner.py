@@ -3,15 +3,23 @@
 Rank 0 of an instance turns the scheduler's Batch into a StepInput (picklable lists), its
 tensor-parallel peers receive the same StepInput, and every rank runs `execute`. Only rank 0
 computes logits.
+
+On CPU every step runs eagerly from tensors built from the lists (the oracle path). On CUDA,
+decode steps replay CUDA graphs (model/cuda_graph.py) fed by one pinned host-to-device copy, and
+prefill runs eagerly (it is long enough to hide launch costs, and layer_hook must run between
+layers) from one packed copy of its metadata. `enforce_eager=True`, or DISAGG_ENFORCE_EAGER=1 in
+the environment, turns graphs off for debugging.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.batching import Batch
 from model.attention_metadata import AttentionMetadata
+from model.cuda_graph import DEFAULT_MAX_BATCH_SIZE, DecodeGraphs, pack_prefill
 from model.llama import LlamaModel
 
 
@@ -39,13 +47,32 @@ def _pad_tables(tables: list[list[int]]) -> list[list[int]]:
     return [t + [0] * (width - len(t)) for t in tables]
 
 
+def _eager_from_env() -> bool:
+    return os.environ.get("DISAGG_ENFORCE_EAGER", "").lower() in ("1", "true", "yes")
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int):
+    """Runs StepInputs on one rank's model shard and KV cache.
+
+    max_batch_size: the largest decode batch captured as a CUDA graph (larger ones run eagerly);
+    max_model_len: the longest context a graph serves (default: the model's rotary table, capped
+    by the cache); enforce_eager: no graphs (None: DISAGG_ENFORCE_EAGER). Graphs are used on CUDA
+    with tensor parallelism 1 only: capturing NCCL collectives is not verified on our hosts."""
+
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, *,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_model_len: int = 0,
+                 enforce_eager: bool | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
         self.is_driver = model.tp.rank == 0
+        self.enforce_eager = _eager_from_env() if enforce_eager is None else enforce_eager
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
+            cache_tokens = kv_cache.shape[2] * block_size
+            max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
+            self.graphs = DecodeGraphs(model, kv_cache, block_size, max_batch_size, max_len)
 
     def _slots(self, table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
@@ -56,6 +83,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks, layer_hook=None) -> torch.Tensor | None:
+        if self.device.type == "cuda":
+            return self._prefill_cuda(chunks, layer_hook)
         ids, pos, slots, cu, prefix, last = [], [], [], [0], [], []
         for tokens, start, table, _ in chunks:
             ids += tokens
@@ -76,8 +105,30 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden[self._tensor(want, torch.int64)])
 
+    def _prefill_cuda(self, chunks, layer_hook=None) -> torch.Tensor | None:
+        # Same metadata as the CPU path, built with numpy and moved in one copy (int32: every
+        # kernel and the embedding take int32 indices).
+        packed, at = pack_prefill(chunks, self.block_size)
+        buf = torch.from_numpy(packed).to(self.device, non_blocking=True)
+
+        def field(name):
+            off, n = at[name]
+            return buf[off:off + n]
+        meta = AttentionMetadata(
+            kind="prefill", slot_mapping=field("slots"),
+            block_tables=field("block_tables").view(len(chunks), at["width"]),
+            cu_seqlens=field("cu_seqlens"), prefix_lens=field("prefix_lens"),
+            max_prefix_len=max(c[1] for c in chunks))
+        hidden = self.model(field("ids"), field("positions"), self.kv_cache, meta, layer_hook)
+        if not self.is_driver or not at["want"][1]:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, field("want")))
+
     @torch.inference_mode()
     def decode(self, seqs) -> torch.Tensor | None:
+        if self.graphs is not None and self.graphs.fits(seqs):
+            hidden = self.graphs.run(seqs)
+            return self.model.compute_logits(hidden) if self.is_driver else None
         meta = AttentionMetadata(
             kind="decode",
             slot_mapping=self._tensor([self._slots(t, p, 1)[0] for _, p, t in seqs], torch.int64),
