@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -180,11 +181,12 @@ async def replay(args):
         except grpc.aio.AioRpcError as e:
             raise DisaggError(f"server {args.server}: {e.code().name}: {e.details()} (is `disagg serve` running there?)") from None
         prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
+        run_id = uuid.uuid4().hex[:8]               # request ids must not collide with another run's
         for _ in range(args.num_warmups):          # first steps on a fresh server are slow
             warm = make_request(list(range(8)), SamplingParams(max_tokens=4, ignore_eos=True))
             await _one(stub, Record(-1, 8, 4, 0.0), warm, time.perf_counter(), md, args.request_timeout_s)
         msgs = [make_request(prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None),
-                             SamplingParams(max_tokens=int(o), ignore_eos=True, seed=args.seed), f"bench-{i}")
+                             SamplingParams(max_tokens=int(o), ignore_eos=True, seed=args.seed), f"bench-{run_id}-{i}")
                 for i, (p, o) in enumerate(zip(prompts, outputs))]
         recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
@@ -212,8 +214,8 @@ async def run_async(args) -> dict:
     return summarize(*await replay(args), args=args)
 
 
-def _stats(x, scale=1.0) -> dict:
-    x = np.asarray([v for v in x if math.isfinite(v)], dtype=float) * scale
+def _stats(x) -> dict:
+    x = np.asarray([v for v in x if math.isfinite(v)], dtype=float)
     if not len(x):
         return {"mean": None, "p50": None, "p90": None, "p99": None, "n": 0}
     p50, p90, p99 = (float(v) for v in np.percentile(x, [50, 90, 99]))

@@ -145,11 +145,11 @@ def run_profile(model: str = "embedded", device: str = "cpu", dtype: str = "auto
                 grid=None, warmup: int = 1, repeats: int = 3, torch_threads: int = 0, block_size: int = 16,
                 out: str | None = None, name: str | None = None, log=None, clock: str = "wall") -> tuple[dict, Path]:
     """Measure, fit and save. Returns (profile, path written)."""
+    if tp != 1:
+        raise ConfigError(f"--tp {tp}: `disagg profile` measures tp=1 only (one rank, no collectives)")
     import torch
 
     from placement.profile import fit_profile, load_profile, profile_path, save_profile
-    if tp != 1:
-        raise ConfigError(f"--tp {tp}: `disagg profile` measures tp=1 only (one rank, no collectives)")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible here")
     if warmup < 0 or repeats < 1:

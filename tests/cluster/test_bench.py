@@ -117,3 +117,32 @@ def test_cli_errors_are_one_line():
     assert p.returncode == 2 and p.stderr.startswith("disagg bench: error: workload"), p.stderr
     p = _cli("bench", "--server", "127.0.0.1:1", "--workload", "no-such-trace", timeout=60)
     assert p.returncode == 2 and "neither a known name" in p.stderr and "Traceback" not in p.stderr
+
+
+def _args(*extra):
+    import argparse
+
+    from cluster.bench import add_bench_args
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    return p.parse_args(["--server", "x:1", *extra])
+
+
+def test_arrivals_replay_scale_duration_and_bursts():
+    from cluster.bench import build_workload
+    from placement.workload import load_trace
+    trace = load_trace("azure-code").timestamps_s
+    wl = build_workload(_args("--workload", "azure-code", "--replay", "--num-requests", "50"))
+    assert list(wl.arrival_s) == pytest.approx(list(trace[:50] - trace[0]))       # the trace's own times
+    half = build_workload(_args("--workload", "azure-code", "--replay", "--num-requests", "50", "--time-scale", "0.5"))
+    assert list(half.arrival_s) == pytest.approx(list(wl.arrival_s * 0.5))
+    timed = build_workload(_args("--workload", "azure-conv", "--replay", "--duration-s", "30"))
+    conv = load_trace("azure-conv").timestamps_s
+    assert timed.num_requests == (conv < 30).sum() > 10 and timed.arrival_s.max() < 30
+    g = build_workload(_args("--workload", "sharegpt", "--rate", "4", "--arrival", "gamma", "--cv", "3",
+                             "--duration-s", "60"))
+    assert g.arrival_s.max() < 60 and g.rate == pytest.approx(4, rel=0.5)
+    burst = build_workload(_args("--workload", "random:100,10,0.5", "--num-requests", "7"))
+    assert (burst.arrival_s == 0).all() and ((50 <= burst.prompt_lens) & (burst.prompt_lens <= 150)).all()
+    with pytest.raises(Exception, match="finite --rate"):
+        build_workload(_args("--workload", "sharegpt", "--duration-s", "5"))
