@@ -151,6 +151,9 @@ class RankActor:
     def start_decode(self, request_id, prompt_token_ids, output_token_ids, sampling, arrival_s=0.0) -> None:
         self.worker.start(request_id, prompt_token_ids, output_token_ids, sampling, arrival_s)
 
+    def free_blocks(self) -> int:
+        return self.worker.free_blocks()
+
     def stats(self) -> dict:
         return self.worker.stats()
 

@@ -71,6 +71,7 @@ class Controller:
         for inst in self.prefills + self.decodes:
             self._spawn(self._consume(inst))
         self._spawn(self.health.run())
+        self._spawn(self._kick_pending())
 
     def _adopt(self, inst: Instance) -> None:
         if inst.role == "prefill":
@@ -236,6 +237,21 @@ class Controller:
             await self._dispatch(t)
             if t.phase == "pending":      # still no room: it went back to the front; stop here
                 return
+
+    async def _kick_pending(self) -> None:
+        """While requests wait, re-read the decode instances' free blocks and retry. Events
+        refresh the estimate while instances are busy; this covers idle ones whose blocks were
+        freed outside a step (a cancel, a released reservation)."""
+        while True:
+            await asyncio.sleep(0.25)
+            if not self.pending:
+                continue
+            live = [d for d in self.decodes if d.alive]
+            free = await asyncio.gather(*[_quiet(d.driver.free_blocks.remote()) for d in live])
+            for d, n in zip(live, free):
+                if n is not None:
+                    self.decode_free[d.instance_id] = n
+            await self.dispatch_pending()
 
     # Events from the workers -----------------------------------------------------------
     async def _consume(self, inst: Instance) -> None:
@@ -418,9 +434,20 @@ class Controller:
         workers = {i.instance_id: (s if not isinstance(s, Exception) else {"error": str(s)}) for i, s in zip(insts, per)}
         for i in insts:
             workers[i.instance_id]["alive"] = i.alive
+        phases: dict[str, int] = {}
+        for t in self.tracked.values():
+            phases[t.phase] = phases.get(t.phase, 0) + 1
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.pending),
+                "requests_by_phase": phases,
                 "counters": dict(self.counters),
                 "transports": {f"{a}->{b}": k for (a, b), k in self.transports.items()}}
+
+
+def describe(t: Tracked) -> str:
+    """One line about a tracked request, for logs and failing tests."""
+    where = f"{t.prefill.instance_id if t.prefill else '-'}->{t.decode.instance_id if t.decode else '-'}"
+    return (f"{t.request_id} attempt={t.attempt} phase={t.phase} {where} tokens={t.req.num_output_tokens}"
+            f" closed={t.closed}")
 
 
 async def _quiet(ref):

@@ -7,18 +7,18 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import grpc
-
-from cluster.api import Cluster, init_ray
-from cluster.grpc_client import make_request
-from cluster.grpc_server import start_server
-from cluster.metrics import Metrics
 from engine.plan import Plan
 from engine.sampling_params import SamplingParams
-from protos import inference_pb2_grpc as pb_grpc
 
 
 async def demo(args) -> int:
+    import grpc
+
+    from cluster.api import Cluster, init_ray
+    from cluster.grpc_client import make_request
+    from cluster.grpc_server import start_server
+    from cluster.metrics import Metrics
+    from protos import inference_pb2_grpc as pb_grpc
     init_ray(None)
     plan = Plan.load(args.plan) if args.plan else Plan()
     print(f"starting {plan.prefill.num_instances} prefill + {plan.decode.num_instances} decode worker(s) "

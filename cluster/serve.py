@@ -9,9 +9,6 @@ import os
 import signal
 import sys
 
-from cluster.api import Cluster, init_ray
-from cluster.grpc_server import start_server
-from cluster.metrics import Metrics
 from engine.errors import ConfigError
 from engine.plan import Plan
 
@@ -37,6 +34,10 @@ def plan_from_args(args) -> Plan:
 
 
 async def serve(args) -> int:
+    # Ray and gRPC load here, not at import: `disagg --help` and the parser stay light.
+    from cluster.api import Cluster, init_ray
+    from cluster.grpc_server import start_server
+    from cluster.metrics import Metrics
     plan = plan_from_args(args)
     init_ray(args.ray_address)
     metrics = Metrics()

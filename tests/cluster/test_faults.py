@@ -38,7 +38,12 @@ def _run_with_kill(c: Cluster, prompts, sp, kill, when):
 
     async def all_of():
         return await asyncio.gather(*[one(i) for i in range(len(prompts))])
-    return c._run(all_of(), timeout=240), killed
+    try:
+        return c._run(all_of(), timeout=240), killed
+    except TimeoutError:
+        from cluster.controller import describe
+        state = "\n".join(describe(t) for t in c.controller.tracked.values())
+        raise AssertionError(f"requests did not finish; stats {c.stats()}\n{state}") from None
 
 
 def _wait_back(c: Cluster, timeout=120):
