@@ -16,8 +16,9 @@
    client, and everyone else on the machine.
 4. Simulates the very requests each run sent (their lengths, their send times) with placement's
    simulator, the plan's batching and KV blocks, and the engine-only or calibrated profile.
-   `disagg simulate` (placement/cli.py) is not there yet and takes whole workloads rather than
-   a run's request sample, so this is a small adapter over placement's Python API.
+   `disagg simulate` (placement/cli.py) takes a named workload redrawn at each rate, not a
+   run's exact sample (clipped lengths, actual send times), so this is a small adapter over
+   placement's Python API (deployment_from_plan, simulate).
 5. Prints attainment, p90 TTFT and p90 TPOT measured beside predicted and writes JSON, with a
    verdict against the issue's targets (2 points of attainment, 10% on p90 TTFT and TPOT).
 """
