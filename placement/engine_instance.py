@@ -116,10 +116,15 @@ class EngineInstance:
             self.policy.add(req, now)
             return
         self.decode.add(req, now)
+        self._track(req)
+
+    def _track(self, req):
+        """A request just appended to decode.running: record it for its first decode step and
+        let the lazy batch track it (it tracks running[:max_batch_size] only)."""
         self.fresh.append(req)
-        if self.lazy is not None and (len(self.decode.running) > self.decode.max_batch_size
-                                      or not self.lazy.admit(req)):
-            self._materialize()
+        if self.lazy is not None and len(self.decode.running) <= self.decode.max_batch_size:
+            if not self.lazy.admit(req):
+                self._materialize()
 
     def _materialize(self):
         if self.lazy is not None:
@@ -149,10 +154,10 @@ class EngineInstance:
             self.run_need = self._need(started)
         return [(start + _run_time(first, growth, started), self._run_end, self.run_token)]
 
-    def _start_run(self, now, batch, num_steps, sum_context):
-        first, growth, valid = self.latency.decode_line(len(batch), sum_context)
+    def _start_run(self, now, batch, batch_size, num_steps, sum_context):
+        first, growth, valid = self.latency.decode_line(batch_size, sum_context)
         k = min(num_steps, valid)
-        self.run = (now, k, first, growth, None if self.lazy is not None else batch)
+        self.run = (now, k, first, growth, batch)
         self.run_token += 1
         self.run_need = self._need(k)
         self.run_blocks_applied = False
@@ -188,11 +193,19 @@ class EngineInstance:
         # by identity: `in`/`remove` on the running list would call Request.__eq__ per entry.
         if not finished:
             return
-        ids = set(map(id, finished))
         running = self.decode.running
-        running[:] = [r for r in running if id(r) not in ids]
         for r in finished:
+            for i, x in enumerate(running):
+                if x is r:
+                    del running[i]
+                    break
             self.bm.free(r.block_ids)
+        lazy, m = self.lazy, self.decode.max_batch_size
+        if lazy is not None and len(running) > m - len(finished):
+            for r in running[m - len(finished):m]:     # moved up into the batch
+                if id(r) not in lazy.state and not lazy.admit(r):
+                    self._materialize()
+                    break
 
     # Real steps through ColocatedPolicy.schedule ----------------------------------------
     def _start_batch(self, now, b: Batch):
@@ -227,7 +240,9 @@ class EngineInstance:
                 finished.append(r)
         done = set(map(id, finished))
         self.policy.complete(b, finished, now)      # releases the finished ones
-        self.fresh.extend(c.request for c in b.prefill if c.is_last and id(c.request) not in done)
+        for c in b.prefill:
+            if c.is_last and id(c.request) not in done:
+                self._track(c.request)              # complete() moved it into decode
         return self._after_step(now, finished)
 
     # Between steps ----------------------------------------------------------------------
@@ -242,9 +257,11 @@ class EngineInstance:
         events.extend(self._next(now) or ())
         return events
 
-    def _real_step(self, now):
-        self._materialize()
+    def _real_step(self, now, prefill_only=False):
+        if not prefill_only:
+            self._materialize()
         b = self.policy.schedule(now)
+        assert not (prefill_only and b.decode), "a prefill_first step with prefill waiting runs no decode"
         return self._start_batch(now, b) if not b.empty else None
 
     def _next(self, now):
@@ -254,14 +271,14 @@ class EngineInstance:
         if waiting:
             head = waiting[0]
             if head.block_ids or self.bm.can_allocate(head.all_token_ids):
-                return self._real_step(now)
+                # prefill_first runs the prefill alone: the decode batch (lazy or not) waits.
+                return self._real_step(now, prefill_only=self.policy.mode == "prefill_first")
         running = self.decode.running
         if not running:
             return None
-        if self.lazy is not None and len(running) < self.lazy_min_batch // 2:
+        if self.lazy is not None and (len(running) < self.lazy_min_batch // 2 or not self.lazy.size):
             self._materialize()
-        if (self.use_lazy and len(running) <= self.decode.max_batch_size
-                and (self.lazy is not None or len(running) >= self.lazy_min_batch)):
+        if self.use_lazy and (self.lazy is not None or len(running) >= self.lazy_min_batch):
             if self.lazy is None:
                 self._build_lazy()
             if self.lazy is not None:
@@ -270,12 +287,12 @@ class EngineInstance:
                 k = lazy.max_steps(self.bm.num_free_blocks, limit)
                 if k == 0:
                     return self._real_step(now)     # this step preempts
-                return self._start_run(now, running, k, lazy.sum_tokens)
+                return self._start_run(now, None, lazy.size, k, lazy.sum_tokens)
         return self._next_eager(now, running)
 
     def _build_lazy(self):
         lazy = LazyBatch(self.block_size)
-        if all(lazy.admit(r) for r in self.decode.running):
+        if all(lazy.admit(r) for r in self.decode.running[:self.decode.max_batch_size]):
             self.lazy = lazy
 
     def _next_eager(self, now, running):
@@ -290,14 +307,19 @@ class EngineInstance:
         k = self.decode.max_steps_without_preemption(min(steps_left, self.max_run_steps))
         if k == 0:
             return self._real_step(now)             # this step preempts
-        return self._start_run(now, batch, k, context)
+        return self._start_run(now, batch, len(batch), k, context)
 
     def _mark_decode_step(self, now, batch):
-        """Record the first decode step of requests that just entered decode (`fresh`)."""
-        if not self.fresh or not batch:
+        """Record the first decode step of requests that just entered decode (`fresh`);
+        `batch` None means the lazy batch."""
+        if not self.fresh:
             return
-        # fresh requests are running; when the batch is all of running no lookup is needed.
-        members = None if len(batch) >= len(self.decode.running) else set(map(id, batch))
+        if batch is None:
+            members = self.lazy.state
+        elif not batch:
+            return
+        else:   # fresh requests are running: when the batch is all of running, all are in it
+            members = None if len(batch) >= len(self.decode.running) else set(map(id, batch))
         keep = []
         for r in self.fresh:
             if members is None or id(r) in members:

@@ -105,9 +105,11 @@ class Goodput:
 
 
 def search_goodput(attainment_at: Callable[[float], float], target: float, start_rate: float,
-                   rel_tol: float = 0.04, max_probes: int = 24, min_rate: float = 1e-3) -> Goodput:
-    """Highest rate whose attainment is >= `target`: grow or shrink `start_rate` by 2x until
-    the answer is bracketed, then bisect to `rel_tol`. Attainment falls with rate (queues only
+                   rel_tol: float = 0.04, max_probes: int = 24, min_rate: float = 1e-3,
+                   max_rate: float = float("inf"), step: float = 2.0) -> Goodput:
+    """Highest rate (<= `max_rate`) whose attainment is >= `target`: grow or shrink
+    `start_rate` by `step`x until the answer is bracketed, then bisect to `rel_tol` (a good
+    start with a small step takes the fewest probes). Attainment falls with rate (queues only
     grow), so the bracket holds; a non-monotone blip costs at most some precision."""
     probes: list[tuple[float, float]] = []
 
@@ -122,16 +124,16 @@ def search_goodput(attainment_at: Callable[[float], float], target: float, start
         a = probe(rate)
         if a >= target:
             lo, lo_att = rate, a
-            if hi is not None:
+            if hi is not None or rate >= max_rate:
                 break
-            rate *= 2
+            rate = min(rate * step, max_rate)
         else:
             hi = rate
             if lo > 0:
                 break
             if rate < min_rate:
                 return Goodput(0.0, a, probes)
-            rate /= 2
+            rate /= step
     while hi is not None and lo > 0 and (hi - lo) > rel_tol * hi and len(probes) < max_probes:
         mid = (lo + hi) / 2
         a = probe(mid)

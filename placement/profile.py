@@ -101,7 +101,10 @@ def fit_profile(samples: list[dict], device: str, model: str, tp: int,
 def profile_path(device: str, model: str) -> Path:
     """Where the profile of `model` on `device` lives: placement/profiles/<device>_<model>.json."""
     def clean(s: str) -> str:
-        return re.sub(r"[^A-Za-z0-9.-]+", "-", Path(s).name if "/" in s else s).strip("-")
+        if "/" in s or s.endswith(".json"):          # a model folder or its config.json
+            p = Path(s)
+            s = p.parent.name if p.name == "config.json" else p.name
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", s).strip("-")
     return PROFILES_DIR / f"{clean(device)}_{clean(model)}.json"
 
 

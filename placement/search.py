@@ -22,6 +22,7 @@ from placement.simulator import simulate
 from placement.workload import Workload
 
 INF = float("inf")
+BOUND_SLACK = 1.15      # capacity bounds use means; allow for what they miss before capping
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,11 @@ def capacity_bound(c: Candidate, phase: str, wl: Workload, block_size: int,
     prefill_rate = INF
     decode_rate = INF
     if phase in ("prefill", "colocated"):
-        t = c.latency.prefill_time([max_batch_tokens])
-        prefill_rate = max_batch_tokens / c.latency.prefill_interval(t) / mean_prompt
+        # Full batches of mean-length prompts: attention grows with the square of the length,
+        # so the mean prompt underestimates the work (an optimistic bound, as it should be).
+        k = max(1, int(max_batch_tokens // mean_prompt))
+        t = c.latency.prefill_time([int(mean_prompt)] * k)
+        prefill_rate = k / c.latency.prefill_interval(t)
     if phase in ("decode", "colocated"):
         context = mean_prompt + mean_out / 2
         batch = min(max_batch_size, max(1, int(c.num_blocks * block_size / (context + block_size))))
@@ -102,9 +106,11 @@ def _slo_for(phase: str, ttft_s: float, tpot_s: float) -> tuple[float, float]:
 
 def deployment_goodput(dep: Deployment, wl: Workload, ttft_s: float, tpot_s: float, target: float,
                        start_rate: float, phase: str = "both", rel_tol: float = 0.04,
-                       max_probes: int = 14) -> Goodput:
+                       max_probes: int = 14, max_rate: float = INF, step: float = 2.0) -> Goodput:
     """Goodput of a whole deployment by simulation and search on rate (probes that cannot reach
-    the target stop early)."""
+    the target stop early). `max_rate` caps the search: a finite sample can end before the
+    queues of an overloaded instance grow long enough to miss, so rates beyond the capacity
+    bound are not believed."""
     slo = _slo_for(phase, ttft_s, tpot_s)
     max_misses = int(math.floor((1 - target) * wl.num_requests + 1e-9))
 
@@ -112,15 +118,19 @@ def deployment_goodput(dep: Deployment, wl: Workload, ttft_s: float, tpot_s: flo
         r = simulate(dep, wl.at_rate(rate), phase=phase, slo=slo, max_misses=max_misses)
         return r.attainment(*slo)
 
-    return search_goodput(attainment_at, target, start_rate, rel_tol, max_probes)
+    return search_goodput(attainment_at, target, min(start_rate, max_rate), rel_tol, max_probes,
+                          max_rate=max_rate, step=step)
 
 
 def candidate_goodput(c: Candidate, phase: str, wl: Workload, block_size: int, kv_bytes_per_token: int,
                       ttft_s: float, tpot_s: float, target: float, max_batch_tokens: int,
-                      max_batch_size: int, chunked: bool = False, rel_tol: float = 0.04) -> Goodput:
-    """Goodput of one instance of `c` for `phase` ("prefill", "decode" or "colocated")."""
+                      max_batch_size: int, chunked: bool = False, rel_tol: float = 0.04,
+                      start_fraction: float = 0.7) -> Goodput:
+    """Goodput of one instance of `c` for `phase` ("prefill", "decode" or "colocated"), the
+    search starting at `start_fraction` of its capacity bound."""
     bound = capacity_bound(c, phase, wl, block_size, max_batch_tokens, max_batch_size, tpot_s)
     if phase == "colocated":
+        # Chunked prefill mixes decode tokens into prefill steps; the prefill-first bound holds.
         g = c.group(1, "chunked" if chunked else "prefill_first", max_batch_tokens, max_batch_size)
         dep = Deployment(block_size, kv_bytes_per_token, colocated=g)
         sim_phase = "both"
@@ -128,5 +138,5 @@ def candidate_goodput(c: Candidate, phase: str, wl: Workload, block_size: int, k
         g = c.group(1, "prefill_first", max_batch_tokens, max_batch_size)
         dep = Deployment(block_size, kv_bytes_per_token, prefill=g, decode=g)
         sim_phase = phase
-    return deployment_goodput(dep, wl, ttft_s, tpot_s, target, start_rate=max(bound * 0.6, 1e-3),
-                              phase=sim_phase, rel_tol=rel_tol)
+    return deployment_goodput(dep, wl, ttft_s, tpot_s, target, start_rate=max(bound * start_fraction, 1e-3),
+                              phase=sim_phase, rel_tol=rel_tol, max_rate=bound * BOUND_SLACK, step=1.25)

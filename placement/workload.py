@@ -159,13 +159,15 @@ def unit_gaps(num: int, arrival: str, cv: float, seed: int) -> np.ndarray:
 
 def make_workload(name_or_path: str, rate: float | None = None, num_requests: int | None = None,
                   arrival: str = "auto", cv: float = 1.0, seed: int = 0,
-                  max_model_len: int | None = None) -> Workload:
+                  max_model_len: int | None = None, sample: str = "head") -> Workload:
     """Build a workload. arrival="auto" replays a timed trace's own timestamps and draws Poisson
     arrivals for length-only files; "trace" replays (needs timestamps); "poisson" and "gamma"
     draw arrivals from `seed`. Timed traces keep their first `num_requests` rows (bursts stay
-    intact); length-only files draw `num_requests` rows with `seed` (default: all rows,
-    shuffled). `rate` rescales to that mean rate (default: the trace's own, or 1 req/s).
-    Lengths are clipped so prompt + output fits `max_model_len`."""
+    intact) or, with sample="spread", `num_requests` rows evenly spaced over the whole trace
+    (its rate profile, compressed in time: what a goodput search on a sample wants);
+    length-only files draw `num_requests` rows with `seed` (default: all rows, shuffled).
+    `rate` rescales to that mean rate (default: the trace's own, or 1 req/s). Lengths are
+    clipped so prompt + output fits `max_model_len`."""
     if arrival not in ARRIVALS:
         raise ConfigError(f"arrival must be one of {ARRIVALS}, got {arrival!r}")
     if num_requests is not None and num_requests < 1:
@@ -175,7 +177,11 @@ def make_workload(name_or_path: str, rate: float | None = None, num_requests: in
     if arrival == "trace" and not timed:
         raise ConfigError(f"workload {name_or_path!r} has no timestamps to replay; use poisson or gamma")
     n_rows = len(tr.prompt_lens)
-    if timed:
+    if sample not in ("head", "spread"):
+        raise ConfigError(f"sample must be head or spread, got {sample!r}")
+    if timed and sample == "spread" and num_requests and num_requests < n_rows:
+        idx = np.unique(np.linspace(0, n_rows - 1, num_requests).round().astype(np.int64))
+    elif timed:
         idx = np.arange(min(num_requests or n_rows, n_rows))
     else:
         rng = np.random.default_rng(seed)

@@ -91,3 +91,14 @@ def test_too_long_request_is_refused_not_hung():
     r = simulate(dep, workload([0.0, 0.1], [1000, 10], [5, 2]))
     assert np.isnan(r.first_token_s[0]) and np.isfinite(r.finish_s[1])
     assert r.attainment(10.0, 10.0) == 0.5
+
+
+@pytest.mark.parametrize("lazy_min_batch", [0, 1 << 30])
+def test_requests_beyond_the_batch_wait_then_move_up(lazy_min_batch):
+    # Decode steps take 0.1 s, a batch holds 4, six requests of 5 tokens (4 decode steps) arrive
+    # at t=0 one after another. r0 starts a step alone; r1-r3 join at the next boundary (0.1);
+    # r4, r5 wait outside the batch: r4 moves up when r0 finishes (0.4), r5 when r1-r3 do (0.5).
+    dep = disagg(decode=group(max_batch_size=4))
+    r = simulate(dep, workload([0.0] * 6, [100] * 6, [5] * 6), phase="decode", lazy_min_batch=lazy_min_batch)
+    np.testing.assert_allclose(r.finish_s, [0.4, 0.5, 0.5, 0.5, 0.8, 0.9])
+    np.testing.assert_allclose(r.breakdown()["decode_queue"], [0.0, 0.1, 0.1, 0.1, 0.4, 0.5], atol=1e-12)

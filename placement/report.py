@@ -1,0 +1,136 @@
+"""`disagg simulate`: a plan, both colocated baselines and a workload -> an HTML report with
+PNG plots and a JSON of every number plotted.
+
+The disaggregated plan is compared with two colocated deployments on the same number of
+devices: ColocatedPolicy "prefill_first" (vLLM-style) and "chunked" (Sarathi-style). Each
+gets its goodput by search on rate, attainment over a grid of rates, and, at one reference
+rate (the plan's goodput), attainment against SLOs scaled by a factor, TTFT and TPOT CDFs and
+the TTFT breakdown.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.plan import PhaseConfig, Plan
+from placement.deployment import Deployment, deployment_from_plan, group_from_phase
+from placement.metrics import BREAKDOWN, SimResult
+from placement.report_html import write_html
+from placement.search import deployment_goodput
+from placement.simulator import simulate
+from placement.workload import Workload
+
+SLO_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+CDF_POINTS = 101
+SYSTEMS = ("disaggregated", "colocated-prefill-first", "colocated-chunked")
+
+
+@dataclass
+class System:
+    name: str
+    deployment: Deployment
+    config: str                      # "3 x prefill tp1 pp1 + 5 x decode tp1 pp1"
+
+
+def baseline_phase(plan: Plan, mode: str) -> PhaseConfig:
+    """The colocated baseline of a plan: the optimizer's choice (predicted["baselines"]) or,
+    without one, the decode configuration on the same number of devices."""
+    b = (plan.predicted or {}).get("baselines", {}).get(mode)
+    ref = plan.decode
+    if b:
+        return PhaseConfig(num_instances=b["num_instances"], tp=b["tp"], pp=b["pp"], device=ref.device,
+                           gpu_type=b["gpu_type"], max_batch_tokens=ref.max_batch_tokens,
+                           max_batch_size=ref.max_batch_size)
+    devices = plan.prefill.num_instances * plan.prefill.ranks_per_instance + \
+        plan.decode.num_instances * ref.ranks_per_instance
+    return PhaseConfig(num_instances=max(1, devices // ref.ranks_per_instance), tp=ref.tp, pp=ref.pp,
+                       device=ref.device, gpu_type=ref.gpu_type, max_batch_tokens=ref.max_batch_tokens,
+                       max_batch_size=ref.max_batch_size)
+
+
+def systems_of(plan: Plan, latency: str) -> list[System]:
+    from engine.model_config import load_model_config
+    model = load_model_config(plan.model)
+    dis = deployment_from_plan(plan, latency, model=model)
+    p, d = plan.prefill, plan.decode
+    out = [System("disaggregated", dis, f"{p.num_instances} x prefill tp{p.tp} pp{p.pp} + "
+                                        f"{d.num_instances} x decode tp{d.tp} pp{d.pp} ({p.gpu_type or p.device})")]
+    kv = model.kv_bytes_per_token()
+    for name, mode in (("colocated-prefill-first", "prefill_first"), ("colocated-chunked", "chunked")):
+        ph = baseline_phase(plan, mode)
+        g = group_from_phase(ph, model, plan.block_size, latency, mode)
+        out.append(System(name, Deployment(plan.block_size, kv, colocated=g),
+                          f"{ph.num_instances} x colocated tp{ph.tp} pp{ph.pp} ({mode})"))
+    return out
+
+
+def _cdf(values: np.ndarray) -> dict:
+    finite = values[np.isfinite(values)]
+    qs = np.linspace(0, 100, CDF_POINTS)
+    pts = np.percentile(finite, qs).tolist() if len(finite) else [None] * CDF_POINTS
+    return {"fraction": (qs / 100 * len(finite) / max(len(values), 1)).tolist(), "value_s": pts}
+
+
+def _at_reference(r: SimResult, ttft_s: float, tpot_s: float) -> dict:
+    parts = r.breakdown()
+    return {
+        "summary": r.summary(ttft_s, tpot_s),
+        "attainment_vs_slo_scale": [{"scale": k, "attainment": r.attainment(ttft_s * k, tpot_s * k)}
+                                    for k in SLO_SCALES],
+        "ttft_cdf": _cdf(r.ttft_s), "tpot_cdf": _cdf(r.tpot_s),
+        "breakdown_mean_s": {k: float(np.nanmean(parts[k])) for k in BREAKDOWN},
+    }
+
+
+def build_report(plan: Plan, wl: Workload, latency: str = "roofline", rates: list[float] | None = None,
+                 progress=None) -> dict:
+    """Every number of the report (see the module docstring)."""
+    progress = progress or (lambda done, total, message: None)
+    ttft, tpot, target = plan.slo_ttft_s, plan.slo_tpot_s, plan.slo_attainment
+    systems = systems_of(plan, latency)
+    hint = (plan.predicted or {}).get("goodput_rps") or 1.0
+    steps = len(systems) * (8 + (len(rates) if rates else 8) + 1)
+    done = 0
+    out = {"plan": plan.to_dict(), "workload": {"name": wl.name, "num_requests": wl.num_requests,
+                                                "native_rate": wl.rate},
+           "slo": {"ttft_s": ttft, "tpot_s": tpot, "attainment": target}, "latency_model": latency,
+           "systems": {}}
+    for s in systems:
+        progress(done, steps, f"{s.name}: goodput search")
+        g = deployment_goodput(s.deployment, wl, ttft, tpot, target, start_rate=hint * 0.5, step=1.5, rel_tol=0.03)
+        done += 8
+        out["systems"][s.name] = {"config": s.config, "num_devices": s.deployment.num_devices,
+                                  "goodput_rps": g.rate, "goodput_per_device": g.rate / s.deployment.num_devices,
+                                  "probes": g.probes}
+    best = max(v["goodput_rps"] for v in out["systems"].values()) or hint
+    grid = rates or [round(best * f, 3) for f in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.15, 1.3)]
+    reference = out["systems"]["disaggregated"]["goodput_rps"] or best
+    out["reference_rate"] = reference
+    for s in systems:
+        curve = []
+        for rate in grid:
+            progress(done, steps, f"{s.name}: {rate:g} req/s")
+            r = simulate(s.deployment, wl.at_rate(rate))
+            curve.append({"rate": rate, "attainment": r.attainment(ttft, tpot),
+                          "ttft_attainment": float((r.ttft_s <= ttft).mean()),
+                          "tpot_attainment": float((r.tpot_s <= tpot).mean())})
+            done += 1
+        progress(done, steps, f"{s.name}: reference rate {reference:g} req/s")
+        r = simulate(s.deployment, wl.at_rate(reference))
+        done += 1
+        out["systems"][s.name].update({"attainment_vs_rate": curve, "at_reference_rate": _at_reference(r, ttft, tpot)})
+    progress(steps, steps, "done")
+    return out
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    """report.json, the PNGs and index.html under `out_dir`; returns the HTML path."""
+    from placement.report_plots import plot_all
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    images = plot_all(report, out)
+    return write_html(report, images, out)

@@ -1,0 +1,85 @@
+"""The report's PNG plots (matplotlib, imported only here and only when a report is drawn)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from placement.metrics import BREAKDOWN
+
+COLORS = {"disaggregated": "#1f77b4", "colocated-prefill-first": "#d62728", "colocated-chunked": "#2ca02c"}
+LABELS = {"disaggregated": "disaggregated", "colocated-prefill-first": "colocated, prefill first",
+          "colocated-chunked": "colocated, chunked prefill"}
+SIZE, DPI = (5.2, 3.3), 80      # small PNGs: they are committed with the report
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=SIZE, dpi=DPI)
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: Path, legend=True) -> str:
+    if legend:
+        ax.legend(fontsize=7, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path.name
+
+
+def plot_all(report: dict, out: Path) -> dict[str, str]:
+    """Draw every plot; returns {plot name: file name}."""
+    systems, slo = report["systems"], report["slo"]
+    target = slo["attainment"]
+    images = {}
+
+    plt, fig, ax = _figure()
+    for name, s in systems.items():
+        ax.plot([p["rate"] for p in s["attainment_vs_rate"]], [p["attainment"] for p in s["attainment_vs_rate"]],
+                "o-", ms=3, color=COLORS[name], label=LABELS[name])
+    ax.axhline(target, color="gray", ls="--", lw=1)
+    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", title="Attainment vs rate")
+    images["attainment_vs_rate"] = _save(plt, fig, ax, out / "attainment_vs_rate.png")
+
+    plt, fig, ax = _figure()
+    for name, s in systems.items():
+        pts = s["at_reference_rate"]["attainment_vs_slo_scale"]
+        ax.plot([p["scale"] for p in pts], [p["attainment"] for p in pts], "o-", ms=3, color=COLORS[name],
+                label=LABELS[name])
+    ax.axhline(target, color="gray", ls="--", lw=1)
+    ax.set(xlabel="SLO scale (x TTFT and TPOT targets)", ylabel="SLO attainment",
+           title=f"Attainment vs SLO scale at {report['reference_rate']:.3g} req/s")
+    images["attainment_vs_slo_scale"] = _save(plt, fig, ax, out / "attainment_vs_slo_scale.png")
+
+    plt, fig, ax = _figure()
+    names = list(systems)
+    values = [systems[n]["goodput_per_device"] for n in names]
+    ax.bar(range(len(names)), values, color=[COLORS[n] for n in names])
+    ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", ",\n") for n in names], fontsize=7)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set(ylabel="goodput per GPU (req/s)", title=f"Per-GPU goodput at {target:.0%} attainment")
+    images["goodput_per_device"] = _save(plt, fig, ax, out / "goodput_per_device.png", legend=False)
+
+    for metric, title, limit in (("ttft", "TTFT", slo["ttft_s"]), ("tpot", "TPOT", slo["tpot_s"])):
+        plt, fig, ax = _figure()
+        for name, s in systems.items():
+            cdf = s["at_reference_rate"][f"{metric}_cdf"]
+            ax.plot(cdf["value_s"], cdf["fraction"], color=COLORS[name], label=LABELS[name])
+        ax.axvline(limit, color="gray", ls="--", lw=1)
+        ax.set(xlabel=f"{title} (s)", ylabel="fraction of requests", title=f"{title} CDF at {report['reference_rate']:.3g} req/s")
+        ax.set_xscale("log")
+        images[f"{metric}_cdf"] = _save(plt, fig, ax, out / f"{metric}_cdf.png")
+
+    plt, fig, ax = _figure()
+    bottom = [0.0] * len(names)
+    for part, color in zip(BREAKDOWN, ("#9ecae1", "#3182bd", "#fdae6b", "#e6550d")):
+        vals = [systems[n]["at_reference_rate"]["breakdown_mean_s"][part] * 1000 for n in names]
+        ax.bar(range(len(names)), vals, bottom=bottom, color=color, label=part.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", ",\n") for n in names], fontsize=7)
+    ax.set(ylabel="mean time (ms)", title="TTFT breakdown (+ transfer, decode queue)")
+    images["ttft_breakdown"] = _save(plt, fig, ax, out / "ttft_breakdown.png")
+    return images
