@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
@@ -17,6 +16,7 @@ from kernels.kv_cache_write import write_kv_cache
 from kernels.prefill_attention import prefill_attention
 from kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from kernels.rope import apply_rope
+from kernels.silu_and_mul import silu_and_mul
 from model.attention_metadata import AttentionMetadata
 
 
@@ -63,10 +63,10 @@ class Attention(nn.Module):
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim).contiguous()
-        q, k = q.contiguous(), k.contiguous()
+        # Views into the qkv output (row stride q+2kv): the kernels take strided rows, so no copies.
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         apply_rope(q, k, positions, cos_sin)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -89,8 +89,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
