@@ -31,6 +31,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts workers at nice 15; our workers are the serving hot path, not background jobs.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
