@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="time prefill and decode steps of our engine here; fit a latency profile")
     add_profile_args(pr)
     pr.set_defaults(func=cmd_profile)
+
+    # Placement optimizer and simulator reports (issue 5): torch- and Ray-free.
+    from placement.cli import register as register_placement
+    register_placement(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cluster.grpc_client import make_request
+from cluster.grpc_server import start_server
 from engine.sampling_params import SamplingParams
 from model.llm import LLM
 from protos import inference_pb2 as pb
@@ -173,3 +174,44 @@ def test_metrics_expose_every_series_with_counts(srv, stub):
         value(f'disagg_queue_length{{instance="decode-0",queue="{q}"}}')
     value('disagg_kv_cache_usage_ratio{instance="decode-0"}')
     value('disagg_kv_cache_usage_ratio{instance="prefill-0"}')
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_from_cert_and_key_files(srv, tmp_path):
+    from cluster.grpc_client import channel
+    cert, key = _self_signed(tmp_path)
+    server, port = srv.run(start_server(srv.cluster, "127.0.0.1", 0, tls_cert=cert, tls_key=key))
+    try:
+        with channel(f"localhost:{port}", tls_ca=cert) as ch:
+            out = list(pb_grpc.InferenceStub(ch).Generate(make_request([5, 6], SamplingParams(max_tokens=3)), timeout=30))
+        assert out[-1].finish_reason in ("length", "stop")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                list(pb_grpc.InferenceStub(ch).Generate(make_request([5, 6], SamplingParams(max_tokens=3)), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.run(server.stop(0))
