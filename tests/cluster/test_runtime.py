@@ -117,7 +117,9 @@ def test_transfer_timeout_retries_and_channel_recovers(cluster):
     prompt = list(range(5, 45))
     sp = SamplingParams(max_tokens=8, ignore_eos=True)
     want = LLM(MODEL).generate([prompt, prompt[::-1]], sp)
+    t0 = time.monotonic()
     out = cluster.generate([prompt], sp, timeout=120)[0]
+    hang_s = time.monotonic() - t0
     assert out.token_ids == want[0].token_ids and out.finish_reason == "length"
     after = cluster.controller.counters
     assert after["kv_transfer_failures"] > before["kv_transfer_failures"]
@@ -126,3 +128,7 @@ def test_transfer_timeout_retries_and_channel_recovers(cluster):
     assert nxt.token_ids == want[1].token_ids
     time.sleep(7)            # let the delayed sender wake up and find its channel closed
     _all_free(cluster.stats())
+    from tests.cluster.servers import record
+    record("transfer_hang", {"injected_delay_s": 6.0, "timeout_s": 3.0, "lost": 0, "tokens_identical": True,
+                             "request_latency_s": hang_s, "next_request_ok": True,
+                             "channel_rebuilds": after["channel_rebuilds"] - before["channel_rebuilds"]})
