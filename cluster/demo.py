@@ -27,6 +27,9 @@ async def demo(args) -> int:
     await cluster.astart()
     server, port = await start_server(cluster, "127.0.0.1", 0)
     print(f"gRPC endpoint on 127.0.0.1:{port}; sending: {args.prompt!r}", file=sys.stderr, flush=True)
+    if plan.model == "embedded":
+        print("(the embedded model has random weights, so its text is noise; --plan with a model folder "
+              "serves a real checkpoint)", file=sys.stderr, flush=True)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
