@@ -52,10 +52,11 @@ class PhaseConfig:
         return self.tp * self.pp
 
     @property
-    def num_gpus(self) -> int:
+    def gpu_fraction(self) -> float:
+        """GPUs this phase takes (fractional when ranks share a GPU)."""
         if self.device != "cuda":
-            return 0
-        return int(round(self.num_instances * self.ranks_per_instance * self.num_gpus_per_rank))
+            return 0.0
+        return self.num_instances * self.ranks_per_instance * self.num_gpus_per_rank
 
 
 @dataclass
@@ -109,7 +110,9 @@ class Plan:
 
     @property
     def num_gpus(self) -> int:
-        return sum(p.num_gpus for p in self.phases.values())
+        """Whole GPUs the plan needs (phases sharing a GPU count it once)."""
+        import math
+        return math.ceil(sum(p.gpu_fraction for p in self.phases.values()) - 1e-9)
 
     # I/O -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
