@@ -51,7 +51,7 @@ class EngineInstance:
         self.run = None                 # (start_s, num_steps, first_s, growth_s, batch or None)
         self.run_token = 0              # invalidates the end event of a cut run
         self.run_blocks_applied = False
-        self.run_need = 0               # blocks the run in flight takes as it goes
+        self.run_need = None            # blocks the run in flight takes as it goes (lazily)
         self.inbox: list = []           # (request, time, joins_decode) that came while busy
         self.fresh: list = []           # in decode, first decode step not yet recorded
 
@@ -73,7 +73,7 @@ class EngineInstance:
         """Free blocks as the worker would report them at `now`: a run in flight has taken
         the blocks of every step started so far (the worker allocates at each step's start)."""
         free = self.bm.num_free_blocks
-        if self.run is None or self.run_blocks_applied or self.run_need == 0:
+        if self.run is None or self.run_blocks_applied or self._run_need() == 0:
             return free
         start, k, first, growth, _ = self.run
         started = 1 + _steps_ended(first, growth, now - start)
@@ -81,18 +81,30 @@ class EngineInstance:
 
     @property
     def pending_blocks(self) -> int:
-        """Blocks the run in flight has yet to take: free_blocks(now) lies within
-        [bm.num_free_blocks - pending_blocks, bm.num_free_blocks]."""
-        return self.run_need if self.run is not None and not self.run_blocks_applied else 0
+        """At least the blocks the run in flight has yet to take, cheaply: free_blocks(now) lies
+        within [bm.num_free_blocks - pending_blocks, bm.num_free_blocks]."""
+        if self.run is None or self.run_blocks_applied:
+            return 0
+        if self.run_need is not None:
+            return self.run_need
+        k, batch = self.run[1], self.run[4]
+        size = len(batch) if batch is not None else self.lazy.size
+        return size * (k // self.block_size + 1)    # no request takes more in k steps
+
+    def _run_need(self) -> int:
+        if self.run_need is None:
+            self.run_need = self._need(self.run[1])
+        return self.run_need
 
     def reserve(self, num_blocks: int, now: float, events: list) -> list[int] | None:
         """Blocks for an incoming KV transfer, or None. If the reservation would leave the run
         in flight short of blocks, the run is cut first (`sync`), as the worker would have
         taken its blocks step by step."""
         if self.bm.num_free_blocks - self.pending_blocks < num_blocks:
-            if self.pending_blocks:
+            if self.run is not None and not self.run_blocks_applied and \
+                    self.bm.num_free_blocks - self._run_need() < num_blocks:
                 events.extend(self.sync(now) or ())
-            if self.bm.num_free_blocks < num_blocks:
+            if self.bm.num_free_blocks - self.pending_blocks < num_blocks:
                 return None
         return self.bm.allocate_blocks(num_blocks)
 
@@ -150,8 +162,7 @@ class EngineInstance:
             return None
         self.run = (start, started, first, growth, batch)
         self.run_token += 1
-        if self.run_need and not self.run_blocks_applied:
-            self.run_need = self._need(started)
+        self.run_need = None
         return [(start + _run_time(first, growth, started), self._run_end, self.run_token)]
 
     def _start_run(self, now, batch, batch_size, num_steps, sum_context):
@@ -159,10 +170,11 @@ class EngineInstance:
         k = min(num_steps, valid)
         self.run = (now, k, first, growth, batch)
         self.run_token += 1
-        self.run_need = self._need(k)
+        self.run_need = None
         self.run_blocks_applied = False
         self.busy = True
-        self._mark_decode_step(now, batch)
+        if self.fresh:
+            self._mark_decode_step(now, batch)
         return [(now + _run_time(first, growth, k), self._run_end, self.run_token)]
 
     def _run_end(self, now, token):
@@ -304,7 +316,11 @@ class EngineInstance:
             left = r.sampling.max_tokens - n_out
             if left < steps_left:
                 steps_left = left
-        k = self.decode.max_steps_without_preemption(min(steps_left, self.max_run_steps))
+        limit = min(steps_left, self.max_run_steps)
+        if self.bm.num_free_blocks >= len(batch) * (limit // self.block_size + 1) and limit > 0:
+            k = limit           # plenty of blocks: no request can take more than this in `limit` steps
+        else:
+            k = self.decode.max_steps_without_preemption(limit)
         if k == 0:
             return self._real_step(now)             # this step preempts
         return self._start_run(now, batch, len(batch), k, context)

@@ -123,6 +123,13 @@ class RooflineModel(LatencyModel):
         p2p_bw, p2p_lat = device.link(same_node=tp * pp <= device.devices_per_node)
         self._p2p_s_per_token = (pp - 1) * h * dt / p2p_bw
         self._p2p_fixed_s = (pp - 1) * p2p_lat
+        # decode_line's constants: compute s per token and per context token, memory s for the
+        # weights and per context token, fixed s per token and per step.
+        self._line = ((self._linear_flops_per_token + self._lm_head_flops) / self._flops_rate,
+                      self._attn_flops_per_pair / self._flops_rate,
+                      self._weight_bytes / self._byte_rate, self._kv_bytes_per_token / self._byte_rate,
+                      pp * self._allreduce_s_per_token + self._p2p_s_per_token,
+                      pp * self._allreduce_fixed_s + self._p2p_fixed_s + device.step_overhead_s)
 
     # One stage's share (1/pp of the layers on tp ranks) of a pass of `num_tokens` new tokens.
     def _stage_time(self, num_tokens, attn_pairs, context_tokens, num_sampled) -> float:
@@ -160,18 +167,19 @@ class RooflineModel(LatencyModel):
         # per step; the step time follows the larger line until the two cross.
         if batch_size == 0:
             return self.device.step_overhead_s, 0.0, 1 << 30
-        m = min(self.pp, batch_size)
+        pp = self.pp
+        m = pp if pp < batch_size else batch_size
         b, s = batch_size / m, sum_context / m
-        per_token = self._linear_flops_per_token + self._lm_head_flops
-        c0 = (per_token * b + self._attn_flops_per_pair * s) / self._flops_rate
-        c1 = self._attn_flops_per_pair * b / self._flops_rate
-        m0 = (self._weight_bytes + self._kv_bytes_per_token * s) / self._byte_rate
-        m1 = self._kv_bytes_per_token * b / self._byte_rate
-        fixed = (self.pp * (self._allreduce_s_per_token * b + self._allreduce_fixed_s)
-                 + self._p2p_s_per_token * b + self._p2p_fixed_s + self.device.step_overhead_s)
-        (x0, x1), (y0, y1) = ((c0, c1), (m0, m1)) if c0 >= m0 else ((m0, m1), (c0, c1))
-        steps = 1 << 30 if x1 >= y1 else int((x0 - y0) / (y1 - x1)) + 1
-        return self.pp * x0 + fixed, self.pp * x1, max(1, min(steps, 1 << 30))
+        k = self._line
+        c0, c1 = k[0] * b + k[1] * s, k[1] * b
+        m0, m1 = k[2] + k[3] * s, k[3] * b
+        fixed = k[4] * b + k[5]
+        if c0 >= m0:
+            x0, x1, y0, y1 = c0, c1, m0, m1
+        else:
+            x0, x1, y0, y1 = m0, m1, c0, c1
+        steps = 1 << 30 if x1 >= y1 else min(int((x0 - y0) / (y1 - x1)) + 1, 1 << 30)
+        return pp * x0 + fixed, pp * x1, steps
 
     def mixed_time(self, chunks, batch_size, sum_context) -> float:
         new = batch_size + sum(n for n, _ in chunks)

@@ -128,7 +128,7 @@ class Optimizer:
         rows.sort(key=lambda r: -r.bound / unit(r))
         best, fraction = 0.0, 0.7
         for r in rows:
-            if r.bound * BOUND_SLACK / unit(r) < best:
+            if r.bound * BOUND_SLACK[phase.split("-")[0]] / unit(r) < best:
                 continue
             self.progress(f"{phase}: simulating {r.candidate.label}")
             g = candidate_goodput(r.candidate, "colocated" if phase.startswith("colocated") else phase,
@@ -259,7 +259,8 @@ def evaluate(spec: PlaceSpec, choice: Choice) -> dict:
     dep = choice.deployment(spec)
     p, d = choice.prefill, choice.decode
     est = min(choice.num_prefill * p.goodput, choice.num_decode * d.goodput)
-    cap = BOUND_SLACK * min(choice.num_prefill * p.bound, choice.num_decode * d.bound) if p.bound and d.bound else float("inf")
+    cap = min(BOUND_SLACK["prefill"] * choice.num_prefill * p.bound,
+              BOUND_SLACK["decode"] * choice.num_decode * d.bound) if p.bound and d.bound else float("inf")
     g = deployment_goodput(dep, spec.workload, spec.ttft_s, spec.tpot_s, spec.attainment,
                            start_rate=max(min(est, cap), 1e-3), max_rate=cap, step=1.25)
     out = {"goodput_rps": g.rate, "goodput_per_device": g.rate / choice.num_devices,

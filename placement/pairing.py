@@ -46,13 +46,11 @@ def _units(opt, pool_index, cache):
                     n_d = (per_node - n_p * cp.tp) // cd.tp
                     if n_d < 1:
                         continue
-                    bound = min(n_p * capacity_bound(cp, "prefill", s.workload, s.block_size,
-                                                     s.max_batch_tokens, s.max_batch_size, s.tpot_s),
-                                n_d * capacity_bound(cd, "decode", s.workload, s.block_size,
-                                                     s.max_batch_tokens, s.max_batch_size, s.tpot_s))
-                    out.append((bound / (u * (n_p * cp.tp + n_d * cd.tp)), u,
-                                Scored(cp, "prefill", pool_index, 0.0), n_p,
-                                Scored(cd, "decode", pool_index, 0.0), n_d))
+                    bp, bd = (capacity_bound(c, ph, s.workload, s.block_size, s.max_batch_tokens,
+                                             s.max_batch_size, s.tpot_s) for c, ph in ((cp, "prefill"), (cd, "decode")))
+                    out.append((min(n_p * bp, n_d * bd) / (u * (n_p * cp.tp + n_d * cd.tp)), u,
+                                Scored(cp, "prefill", pool_index, bp), n_p,
+                                Scored(cd, "decode", pool_index, bd), n_d))
     out.sort(key=lambda t: -t[0])
     return out
 

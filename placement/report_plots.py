@@ -65,12 +65,17 @@ def plot_all(report: dict, out: Path) -> dict[str, str]:
 
     for metric, title, limit in (("ttft", "TTFT", slo["ttft_s"]), ("tpot", "TPOT", slo["tpot_s"])):
         plt, fig, ax = _figure()
+        from matplotlib.ticker import FuncFormatter, NullFormatter
         for name, s in systems.items():
             cdf = s["at_reference_rate"][f"{metric}_cdf"]
-            ax.plot(cdf["value_s"], cdf["fraction"], color=COLORS[name], label=LABELS[name])
-        ax.axvline(limit, color="gray", ls="--", lw=1)
-        ax.set(xlabel=f"{title} (s)", ylabel="fraction of requests", title=f"{title} CDF at {report['reference_rate']:.3g} req/s")
+            ax.plot([v * 1000 if v is not None else None for v in cdf["value_s"]], cdf["fraction"],
+                    color=COLORS[name], label=LABELS[name])
+        ax.axvline(limit * 1000, color="gray", ls="--", lw=1)
+        ax.set(xlabel=f"{title} (ms, log scale)", ylabel="fraction of requests",
+               title=f"{title} CDF at {report['reference_rate']:.3g} req/s")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         images[f"{metric}_cdf"] = _save(plt, fig, ax, out / f"{metric}_cdf.png")
 
     plt, fig, ax = _figure()

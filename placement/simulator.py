@@ -126,7 +126,8 @@ class Simulator:
         if i + 1 < wl.num_requests:
             events.append((float(wl.arrival_s[i + 1]), self._arrive, i + 1))
         req = self._make_request(i, now)
-        if self.block_size * self._max_blocks < req.num_tokens + (req.sampling.max_tokens if self.phase != "prefill" else 1):
+        longest = req.num_tokens + (req.sampling.max_tokens if self.phase != "prefill" else 1)
+        if self.block_size * self._max_blocks < longest:
             self._miss()                       # larger than any instance's KV cache
             return events
         if self.colocated:
@@ -177,6 +178,7 @@ class Simulator:
             return None
         need = self.decodes[0].bm.blocks_for(req.num_tokens + 1)
         free = _free_for_routing(self.decodes, now, need=need)
+        refused: set[int] = set()
         while True:
             j = pick_decode(free, need)
             if j is None:
@@ -186,7 +188,9 @@ class Simulator:
             if table is not None:
                 req.reserved_blocks = table
                 return inst
-            free[j] = -1                # its run in flight needs those blocks
+            # Its run in flight needed those blocks (rare): ask the others for exact counts.
+            refused.add(j)
+            free = [-1 if i in refused else d.free_blocks(now) for i, d in enumerate(self.decodes)]
 
     def _join_without_prefill(self, req, now):
         # Decode-only simulation: the KV is already there and the first token already sent.
@@ -269,8 +273,11 @@ def _free_for_routing(instances, now, minus=None, need=None) -> list[int]:
     exact counts (`free_blocks`, O(batch) mid-run) computed only for instances that could be
     picked: an instance whose upper bound is below another's lower bound cannot win, and the
     winner's lower bound decides as well as its exact count when it already covers `need`."""
-    upper = [inst.bm.num_free_blocks - (minus[i] if minus else 0) for i, inst in enumerate(instances)]
-    lower = [u - inst.pending_blocks for u, inst in zip(upper, instances)]
+    upper, lower = [], []
+    for i, inst in enumerate(instances):
+        u = inst.bm.num_free_blocks - (minus[i] if minus else 0)
+        upper.append(u)
+        lower.append(u - inst.pending_blocks)
     top = max(lower)
     contenders = [i for i, u in enumerate(upper) if u >= top]
     if len(contenders) == 1 and (need is None or top >= need):
