@@ -1,11 +1,12 @@
 """Speed of the simulator and of the placement search, against issue 5's targets.
 
-    python -m benchmarks.simulator [--repeats 3] [--update-docs]
+    python -m benchmarks.simulator [--repeats 5] [--update-docs]
 
 1. Simulate the whole Azure conversation trace (19,366 requests, its own timestamps) on the
    disaggregated plan `disagg place` picks for llama-3-8b on one node of 8 H100 (roofline):
    target < 2 s. Also at the plan's goodput rate (busier batches, more events), for reference.
-2. A full `disagg place` search for that node: target < 10 s.
+2. A full `disagg place` search for that node, run as the command a user types (a fresh
+   process, imports included): target < 10 s.
 
 Prints wall-clock and CPU seconds (the CPU time of this process: on a shared machine the wall
 clock also counts other processes), each the best of `--repeats` runs, beside the target, and
@@ -18,7 +19,10 @@ import argparse
 import datetime as _dt
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,29 +44,33 @@ def _timed(fn, repeats):
     return out, best_wall, best_cpu
 
 
-def run_place():
-    from engine.model_config import load_model_config
-    from placement.gpus import get_device
-    from placement.optimizer import DevicePool, PlaceSpec, place
-    from placement.workload import make_workload
+def run_place(out: Path) -> tuple[float, float]:
+    """`disagg place` as a user runs it (a fresh process, imports included): (wall s, CPU s)."""
     a = PLACE_ARGS
-    model = load_model_config(a["model"])
-    wl = make_workload(a["workload"], num_requests=2000, max_model_len=model.max_position_embeddings, sample="spread")
-    spec = PlaceSpec(model, a["model"], [DevicePool(get_device(a["gpu"]), a["per_node"], 1)], a["ttft"], a["tpot"],
-                     a["attainment"], wl, a["workload"])
-    return place(spec)
+    cmd = [sys.executable, "-m", "placement.cli", "place", "--model", a["model"], "--gpu",
+           f"{a['gpu']}:{a['per_node']}", "--nodes", "1", "--ttft", str(a["ttft"]), "--tpot", str(a["tpot"]),
+           "--attainment", str(a["attainment"]), "--workload", a["workload"], "--out", str(out), "--quiet"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args(argv)
     from placement.deployment import deployment_from_plan
     from placement.simulator import simulate
     from placement.workload import make_workload
 
-    plan, place_wall, place_cpu = _timed(run_place, 1)
+    from engine.plan import Plan
+    with tempfile.TemporaryDirectory() as tmp:
+        place_wall, place_cpu = run_place(Path(tmp) / "plan.json")
+        plan = Plan.load(Path(tmp) / "plan.json")
     dep = deployment_from_plan(plan)
     trace = make_workload("azure-conv")
     res, sim_wall, sim_cpu = _timed(lambda: simulate(dep, trace), args.repeats)
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
          f"{res.num_events:,} events"),
         (f"simulate it at the plan's goodput ({busy_rate:.0f} req/s)", busy_wall, busy_cpu, None,
          f"{busy.num_events:,} events"),
-        ("`disagg place` llama-3-8b, 1 node x 8 H100", place_wall, place_cpu, PLACE_TARGET_S,
+        ("`disagg place` llama-3-8b, 1 node x 8 H100 (whole command)", place_wall, place_cpu, PLACE_TARGET_S,
          f"{p.num_instances}x prefill tp{p.tp}pp{p.pp} + {d.num_instances}x decode tp{d.tp}pp{d.pp}"),
     ]
     lines = [SECTION, "",
@@ -88,6 +96,10 @@ def main(argv=None) -> int:
     for what, wall, cpu, target, note in rows:
         verdict = "" if target is None else (" ✓" if cpu < target else " ✗")
         lines.append(f"| {what} | {wall:.2f} | {cpu:.2f} | {'-' if target is None else f'< {target:g}{verdict}'} | {note} |")
+    lines += ["", "The replay's time swings with the VM's other load: the same code measured 1.5-2.1 s in "
+              "runs through the day. About two thirds of it is the decode side (~72k of the ~112k "
+              "events: joins, fast-forward runs, finishes); the place search simulates each phase's "
+              "configurations on a 2,000-request sample spread over the trace."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.update_docs:
@@ -104,9 +116,7 @@ def update_docs(section: str) -> None:
         new = old.rstrip("\n") + "\n\n" + section
     else:
         end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + section + (old[end + 1:] if end >= 0 else "")
-        if end >= 0 and not section.endswith("\n\n"):
-            new = old[:start] + section + "\n" + old[end + 1:]
+        new = old[:start] + (section.rstrip("\n") + "\n\n" + old[end + 1:] if end >= 0 else section)
     DOCS.write_text(new)
 
 

@@ -259,6 +259,9 @@ class EngineInstance:
 
     # Between steps ----------------------------------------------------------------------
     def _after_step(self, now, finished):
+        if not finished and not self.inbox:
+            self.busy = False
+            return self._next(now)
         events = []
         for r in finished:
             events.extend(self.on_finish(r, now) or ())
@@ -308,7 +311,8 @@ class EngineInstance:
             self.lazy = lazy
 
     def _next_eager(self, now, running):
-        batch = running[:self.decode.max_batch_size]
+        # running itself is the batch when it fits: nothing changes it until the run ends.
+        batch = running if len(running) <= self.decode.max_batch_size else running[:self.decode.max_batch_size]
         steps_left, context = 1 << 30, 0
         for r in batch:
             n_out = len(r.output_token_ids)
