@@ -7,7 +7,10 @@ Imports only the standard library, numpy, matplotlib (reports) and engine/: neve
     profile.py                      profiled latency model: fit_profile, save/load_profile
     workload.py                     traces and arrivals: make_workload, load_trace
     simulator.py                    simulate(deployment, workload) -> metrics.SimResult
+    instances.py, engine_instance.py, lazy.py, blocks.py
+                                    simulated prefill / decode / colocated instances
     deployment.py                   what is simulated, from a plan (deployment_from_plan)
-    search.py, optimizer.py         goodput per configuration, DistServe Alg. 1 / Alg. 2, place()
-    report.py, cli.py               `disagg simulate` reports, `disagg place` / `simulate` CLI
+    search.py, optimizer.py, pairing.py
+                                    goodput per configuration, DistServe Alg. 1 / Alg. 2, place()
+    report*.py, cli.py              `disagg simulate` reports, `disagg place` / `simulate` CLI
 """
