@@ -22,18 +22,37 @@ def _free_port():
 
 @pytest.fixture()
 def head_node():
+    """A Ray head node of its own, started with `ray start --block` in a new session so that
+    stopping it (SIGTERM to that session) touches no other Ray instance on the machine."""
+    import signal
     import tempfile
     temp = tempfile.mkdtemp(prefix="/tmp/rh")     # short: Ray's socket paths must fit AF_UNIX
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     gcs, dash = _free_port(), _free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                    f"--temp-dir={temp}"], env=env, check=True, capture_output=True, timeout=120)
-    yield f"http://127.0.0.1:{dash}", env, ray_bin, gcs
-    p = subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             "--disable-usage-stats", f"--temp-dir={temp}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            import urllib.request
+            urllib.request.urlopen(address + "/api/version", timeout=2)
+            break
+        except OSError:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head node's dashboard did not come up"
+            time.sleep(1)
+    yield address, env, ray_bin, gcs
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        raise AssertionError("the head node did not stop on SIGTERM")
     import shutil
     shutil.rmtree(temp, ignore_errors=True)
 
