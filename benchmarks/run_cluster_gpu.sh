@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The runtime on one GPU, in one device call: GPU tests (kernels, model, the cluster with a
+# prefill and a decode actor sharing the GPU over CUDA IPC), the engine benchmark, and the KV
+# transfer benchmark at llama-3-8b shape. STAGE=fidelity runs the H100 fidelity check instead.
+# Needs Ray: build .whl/ with ../shared/tools/gpu-wheels and carry it.
+set -o pipefail
+OUT=${OUT:-/tmp/cluster_gpu}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+       RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0
+export PATH=/tmp/site/bin:$PATH
+{ date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv; } 2>&1 | tee "$OUT/env.txt"
+if [ "${STAGE:-main}" = main ]; then
+  timeout 300 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
+    -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/pytest_gpu.log"
+  timeout 200 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
+    2>&1 | grep -v "^(raylet)" | tail -20 | tee "$OUT/kv_transfer.log"
+  timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log"
+else
+  timeout 560 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
+    --rates ${RATES:-2,4,8} --num-requests ${NUM:-120} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
+    --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
+    2>&1 | grep -v "^(raylet)" | tail -40 | tee "$OUT/fidelity.log"
+fi
+date -u
