@@ -19,7 +19,9 @@ if [ "${STAGE:-main}" = main ]; then
     2>&1 | grep -v "^(raylet)" | tail -20 | tee "$OUT/kv_transfer.log"
   timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log"
 else
-  timeout 560 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
+  timeout 150 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
+    2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
+  timeout 420 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
     --rates ${RATES:-2,4,8} --num-requests ${NUM:-120} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
     --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
     2>&1 | grep -v "^(raylet)" | tail -40 | tee "$OUT/fidelity.log"

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from engine.errors import TransferError
 
 KINDS = ("gloo", "nccl", "cuda_ipc")
-IPC_SLOT_BYTES = 256 * 2**20
+IPC_SLOT_BYTES = 512 * 2**20
 IPC_NUM_SLOTS = 2
 
 
@@ -66,6 +66,9 @@ class Channel:
         self.pool = pool
         self._store = store           # keeps the master store alive as long as the channel
         self.broken: str | None = None
+        # Packing and unpacking run on the channel's own stream, so they overlap the model's
+        # kernels on the default stream instead of queueing behind them.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.num_bytes = 0
         self.num_messages = 0
         self.seconds = 0.0
@@ -118,8 +121,12 @@ class Channel:
             self._fail(what, e)
 
     def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def _on_stream(self):
+        import contextlib
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def send(self, nbytes: int, fill: Callable[[torch.Tensor], None], dtype: torch.dtype) -> None:
         """Send one message of `nbytes`: `fill(buf)` writes it into a buffer of that many bytes
@@ -129,17 +136,20 @@ class Channel:
         if self.kind == "cuda_ipc" and nbytes <= IPC_SLOT_BYTES:
             slot = self.num_messages % IPC_NUM_SLOTS
             buf = self.pool[slot * IPC_SLOT_BYTES: slot * IPC_SLOT_BYTES + nbytes].view(dtype)
-            fill(buf)
+            with self._on_stream():
+                fill(buf)
             self._sync()
             self._ipc_control("send", slot, nbytes)
         else:
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device).view(dtype)
-            fill(buf)
+            with self._on_stream():
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device).view(dtype)
+                fill(buf)
             if self.kind == "cuda_ipc":
                 self._ipc_chunked_send(buf)
             else:
                 self._sync()
-                self._wait(self.pg.send([buf.view(torch.uint8)], 1, 0), "send")
+                with self._on_stream():
+                    self._wait(self.pg.send([buf.view(torch.uint8)], 1, 0), "send")
         self.num_messages += 1
         self.num_bytes += nbytes
         self.seconds += time.monotonic() - t0
@@ -152,16 +162,20 @@ class Channel:
         if self.kind == "cuda_ipc" and nbytes <= IPC_SLOT_BYTES:
             slot = self.num_messages % IPC_NUM_SLOTS
             self._ipc_control("recv_header", slot, nbytes)
-            consume(self.pool[slot * IPC_SLOT_BYTES: slot * IPC_SLOT_BYTES + nbytes].view(dtype))
+            with self._on_stream():
+                consume(self.pool[slot * IPC_SLOT_BYTES: slot * IPC_SLOT_BYTES + nbytes].view(dtype))
             self._sync()
             self._ipc_control("ack", slot, nbytes)
         else:
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            with self._on_stream():
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             if self.kind == "cuda_ipc":
                 self._ipc_chunked_recv(buf)
             else:
-                self._wait(self.pg.recv([buf], 0, 0), "recv")
-            consume(buf.view(dtype))
+                with self._on_stream():
+                    self._wait(self.pg.recv([buf], 0, 0), "recv")
+            with self._on_stream():
+                consume(buf.view(dtype))
             self._sync()
         self.num_messages += 1
         self.num_bytes += nbytes
@@ -184,7 +198,8 @@ class Channel:
         flat = buf.view(torch.uint8)
         for off in range(0, flat.numel(), IPC_SLOT_BYTES):
             n = min(IPC_SLOT_BYTES, flat.numel() - off)
-            self.pool[:n].copy_(flat[off:off + n])
+            with self._on_stream():
+                self.pool[:n].copy_(flat[off:off + n])
             self._sync()
             self._ipc_control("send", 0, n)
 
@@ -192,7 +207,8 @@ class Channel:
         for off in range(0, buf.numel(), IPC_SLOT_BYTES):
             n = min(IPC_SLOT_BYTES, buf.numel() - off)
             self._ipc_control("recv_header", 0, n)
-            buf[off:off + n].copy_(self.pool[:n])
+            with self._on_stream():
+                buf[off:off + n].copy_(self.pool[:n])
             self._sync()
             self._ipc_control("ack", 0, n)
 
