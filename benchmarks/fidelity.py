@@ -42,7 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 CPU_PHASE = {"num_cpus_per_rank": 1, "torch_threads": 1, "num_kv_blocks": 1024}
 CPU_PLAN = {"model": "embedded", "prefill": dict(CPU_PHASE), "decode": dict(CPU_PHASE)}
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def start_server(plan_path: Path, workdir: Path, timeout_s: float = 240.0, env=None):

@@ -50,12 +50,16 @@ def run(model: str, device: str, lengths: list[int], layerwise: bool, reps: int)
         bytes_per_token = c.controller._block_bytes() // plan.block_size
         c.generate([[5] * 64], SamplingParams(max_tokens=2, ignore_eos=True), timeout=600)     # warm-up
         for n in lengths:
-            exposed, compute, gbps = [], [], []
+            exposed, compute, gbps, pack, unpack = [], [], [], [], []
             for r in range(reps):
-                before = c.stats()["workers"]["prefill-0"]
+                st = c.stats()["workers"]
+                before, dbefore = st["prefill-0"], st["decode-0"]
                 prompt = [(7 * r + i) % 250 + 3 for i in range(n)]
                 out = c.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True), timeout=600)[0]
-                after = c.stats()["workers"]["prefill-0"]
+                st = c.stats()["workers"]
+                after, dafter = st["prefill-0"], st["decode-0"]
+                pack.append(after["kv_pack_seconds"] - before["kv_pack_seconds"])
+                unpack.append(dafter["kv_pack_seconds"] - dbefore["kv_pack_seconds"])
                 sent_bytes = after["kv_bytes"] - before["kv_bytes"]
                 sent_s = after["kv_seconds"] - before["kv_seconds"]
                 exposed.append(out.times.get("kv_transfer_s", 0.0))
@@ -64,6 +68,7 @@ def run(model: str, device: str, lengths: list[int], layerwise: bool, reps: int)
             rows.append({"prompt_tokens": n, "layerwise": layerwise, "kv_bytes": n * bytes_per_token,
                          "channel_gbps": statistics.median(gbps), "exposed_transfer_ms": 1e3 * statistics.median(exposed),
                          "prefill_compute_ms": 1e3 * statistics.median(compute),
+                         "sender_pack_ms": 1e3 * statistics.median(pack), "receiver_unpack_ms": 1e3 * statistics.median(unpack),
                          "transport": next(iter(c.stats()["transports"].values()))})
     return rows
 
@@ -84,10 +89,11 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"KV transfer, {args.model}, {dev}; device copy bandwidth {copy:.0f} GB/s (read + write)")
     print(f"{'tokens':>7} {'layerwise':>9} {'KV MB':>8} {'channel GB/s':>13} {'% of copy':>9} "
-          f"{'exposed ms':>11} {'prefill ms':>11}  transport")
+          f"{'exposed ms':>11} {'prefill ms':>11} {'pack ms':>8} {'unpack ms':>9}  transport")
     for r in rows:
         print(f"{r['prompt_tokens']:>7} {str(r['layerwise']):>9} {r['kv_bytes'] / 1e6:>8.1f} {r['channel_gbps']:>13.1f} "
-              f"{100 * r['channel_gbps'] / copy:>8.1f}% {r['exposed_transfer_ms']:>11.2f} {r['prefill_compute_ms']:>11.2f}  {r['transport']}")
+              f"{100 * r['channel_gbps'] / copy:>8.1f}% {r['exposed_transfer_ms']:>11.2f} {r['prefill_compute_ms']:>11.2f} "
+              f"{r['sender_pack_ms']:>8.2f} {r['receiver_unpack_ms']:>9.2f}  {r['transport']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": dev, "model": args.model, "copy_gbps": copy, "date": time.strftime("%Y-%m-%d"),

@@ -114,6 +114,7 @@ class _Agent:
         chans = [t.channel for t in self.threads.values()]
         return {"kv_bytes": sum(c.num_bytes for c in chans), "kv_messages": sum(c.num_messages for c in chans),
                 "kv_seconds": sum(c.seconds for c in chans),
+                "kv_pack_seconds": sum(c.pack_seconds for c in chans),
                 "broken_channels": sum(1 for c in chans if c.broken)}
 
 

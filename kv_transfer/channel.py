@@ -72,6 +72,7 @@ class Channel:
         self.num_bytes = 0
         self.num_messages = 0
         self.seconds = 0.0
+        self.pack_seconds = 0.0        # filling or draining buffers, device work included
 
     # Construction ----------------------------------------------------------------------
     @classmethod
@@ -139,6 +140,7 @@ class Channel:
             with self._on_stream():
                 fill(buf)
             self._sync()
+            self.pack_seconds += time.monotonic() - t0
             self._ipc_control("send", slot, nbytes)
         else:
             with self._on_stream():
@@ -162,9 +164,11 @@ class Channel:
         if self.kind == "cuda_ipc" and nbytes <= IPC_SLOT_BYTES:
             slot = self.num_messages % IPC_NUM_SLOTS
             self._ipc_control("recv_header", slot, nbytes)
+            t1 = time.monotonic()
             with self._on_stream():
                 consume(self.pool[slot * IPC_SLOT_BYTES: slot * IPC_SLOT_BYTES + nbytes].view(dtype))
             self._sync()
+            self.pack_seconds += time.monotonic() - t1
             self._ipc_control("ack", slot, nbytes)
         else:
             with self._on_stream():
