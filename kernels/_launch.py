@@ -42,10 +42,16 @@ if triton is not None and triton.knobs.runtime.interpret:
     _fix_interpreter_index()
 
 
-def jit(fn):
-    """triton.jit when Triton is importable; otherwise a stub that explains what is missing."""
+def jit(fn=None, *, do_not_specialize=()):
+    """triton.jit when Triton is importable; otherwise a stub that explains what is missing.
+
+    `do_not_specialize` names integer arguments that change from call to call (batch sizes,
+    block-table widths): Triton would otherwise compile a variant for each of their classes
+    (== 1, multiple of 16, other), which costs a second or more mid-serving."""
+    if fn is None:
+        return functools.partial(jit, do_not_specialize=do_not_specialize)
     if triton is not None:
-        return triton.jit(fn)
+        return triton.jit(fn, do_not_specialize=list(do_not_specialize) or None)
 
     def missing(*args, **kwargs):
         raise RuntimeError(f"{fn.__name__}: Triton is not installed; install triton==3.6.0 "

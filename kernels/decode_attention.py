@@ -38,7 +38,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
-@jit
+@jit(do_not_specialize=['stride_btb', 'num_splits'])
 def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
                          stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb,
                          stride_ob, stride_oh, num_splits,
@@ -103,7 +103,7 @@ def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
         tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=out_mask)
 
 
-@jit
+@jit(do_not_specialize=['num_splits'])
 def _decode_reduce_kernel(PART_O, PART_LSE, OUT, stride_ob, stride_oh, num_heads, num_splits,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     # Combine the splits of one (sequence, query head): weights 2^(lse_s - max lse).

@@ -35,7 +35,7 @@ def unpack_kv_ref(buf: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Te
     dst.index_copy_(2, block_ids.to(kv_cache.device).long(), buf.view(shape).to(kv_cache.dtype))
 
 
-@jit
+@jit(do_not_specialize=['layer0', 'head_offset', 'num_packed'])
 def _pack_kernel(CACHE, BUF, BLOCK_IDS, stride_l, stride_kv, stride_b, stride_t, layer0, head_offset,
                  num_packed, ROW: tl.constexpr, TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_R: tl.constexpr, UNPACK: tl.constexpr):

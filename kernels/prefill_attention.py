@@ -157,7 +157,7 @@ def _attend_new(acc, l_i, m_i, q, K, V, row0, col, stride_kt, stride_vt, lo, hi,
     return acc, l_i, m_i
 
 
-@jit
+@jit(do_not_specialize=['num_seqs', 'stride_btb'])
 def _prefill_kernel(Q, K, V, O, CU, KC, VC, BT, PLEN, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_btb, num_seqs,

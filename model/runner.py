@@ -73,6 +73,25 @@ class ModelRunner:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
             self.graphs = DecodeGraphs(model, kv_cache, block_size, max_batch_size, max_len)
+        if self.device.type == "cuda":
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Compile every kernel variant serving uses (prefill with and without a cached prefix,
+        eager decode, KV pack/unpack) before the first request: Triton compiles on first use, a
+        second or more each, which would otherwise land in some request's TTFT. Writes only to
+        blocks 0-2, which the scheduler has not handed out yet."""
+        from kernels.kv_pack import pack_kv, unpack_kv
+        bs = self.block_size
+        if self.kv_cache.shape[2] < 3:
+            return
+        self.prefill([([1] * (bs + 1), 0, [0, 1], True), ([2] * 3, 0, [2], True)])
+        self.prefill([([3] * 2, bs, [0, 1], True)])
+        self.decode([(4, bs + 2, [0, 1])])
+        ids = torch.tensor([0, 1], device=self.device)
+        layers, heads = (0, self.kv_cache.shape[0]), (0, self.kv_cache.shape[4])
+        unpack_kv(pack_kv(self.kv_cache, ids, layers, heads), self.kv_cache, ids, layers, heads)
+        torch.cuda.synchronize(self.device)
 
     def _slots(self, table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
