@@ -127,8 +127,9 @@ class RankActor:
     def connect_kv_receiver(self, peer: str, peer_layout, epoch: int, addresses: dict) -> None:
         self.worker.kv.connect(peer, peer_layout, epoch, addresses)
 
-    def receive_kv(self, peer: str, epoch: int, seq: int, block_ids: list[int]) -> tuple[bool, str]:
-        """Blocks until this rank has its part of one request's KV. (ok, error message)."""
+    def receive_kv(self, peer: str, epoch: int, seq: int, block_ids: list[int] | int) -> tuple[bool, str]:
+        """Blocks until this rank has its part of one request's KV (an int: drain that many
+        blocks' worth and drop it). Returns (ok, error message)."""
         try:
             self.worker.receive(peer, epoch, seq, block_ids)
             return True, ""

@@ -282,6 +282,8 @@ class Controller:
                 self.prefill_tokens[inst.instance_id] -= ev["num_tokens"]
                 t.num_cached_tokens = max(t.num_cached_tokens, ev["num_cached_tokens"])
                 self._spawn(self._transfer(t, t.attempt, ev))
+            else:
+                self._spawn(self._drain(inst, ev))
         elif kind == "token":
             self._on_prefill_token(ev)
         elif kind == "tokens":
@@ -399,6 +401,15 @@ class Controller:
             return
         if t.attempt == attempt and t.cancel_requested:
             await self._release_attempt(t, drop=True)
+
+    async def _drain(self, p: Instance, ev: dict) -> None:
+        """A transfer was scheduled for an attempt that is gone: receive and drop it, so the
+        channel's order holds for the transfers behind it, then free the prefill's blocks."""
+        d = next((i for i in self.decodes if i.instance_id == ev["peer"] and i.alive), None)
+        if d is not None:
+            await asyncio.gather(*[_quiet(r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], ev["num_blocks"]))
+                                   for r in d.ranks])
+        await _quiet(p.driver.release.remote(ev["request_id"]))
 
     def _block_bytes(self) -> int:
         dtype = self.plan.dtype

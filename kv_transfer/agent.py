@@ -191,10 +191,14 @@ class KVReceiver(_Agent):
             with self._lock:
                 self.threads[(peer, int(src))] = _ChannelThread(f"kv-recv-{peer}-{src}", ch, epoch)
 
-    def receive(self, peer: str, epoch: int, seq: int, block_ids: list[int]) -> None:
+    def receive(self, peer: str, epoch: int, seq: int, block_ids: list[int] | int) -> None:
         """Block until every piece of this request that this rank owns has arrived and been
-        unpacked into `block_ids`; raises TransferError on failure or timeout."""
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        unpacked into `block_ids`; raises TransferError on failure or timeout. An int instead
+        of a list drains that many blocks' worth and drops it: a transfer nobody wants any more
+        must still be received, or every later one on the channel would wait for it."""
+        drain = isinstance(block_ids, int)
+        ids = torch.empty(block_ids, dtype=torch.int64, device=self.device) if drain else \
+            torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         futures = []
         for p in transfer_plan(self.peer_layouts[peer], self.layout):
             if p.dst_rank != self.rank:
@@ -204,7 +208,7 @@ class KVReceiver(_Agent):
                 raise TransferError(f"no channel from {peer} rank {p.src_rank}")
             groups = self._groups(p.rect)
             for g, rect in enumerate(groups):
-                futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids), len(groups))))
+                futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids, drain), len(groups))))
         errors = []
         for f in futures:
             try:
@@ -214,12 +218,15 @@ class KVReceiver(_Agent):
         if errors:
             raise TransferError(f"receiving from {peer} failed: {errors[0]}")
 
-    def _recv_job(self, rect: Rect, ids: torch.Tensor):
+    def _recv_job(self, rect: Rect, ids: torch.Tensor, drain: bool = False):
         local = rect.local(self.owner)
         shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
         nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
 
+        def unpack(buf):
+            if not drain:
+                unpack_kv(buf.view(shape), self.kv_cache, ids, local.layers, local.heads)
+
         def run(ch: Channel):
-            ch.recv(nbytes, lambda buf: unpack_kv(buf.view(shape), self.kv_cache, ids, local.layers, local.heads),
-                    self.kv_cache.dtype)
+            ch.recv(nbytes, unpack, self.kv_cache.dtype)
         return run

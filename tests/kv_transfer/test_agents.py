@@ -99,3 +99,19 @@ def test_timeout_breaks_channel_and_rebuild_recovers():
         stale[0].result(timeout=5)
     s.close()
     r.close()
+
+
+def test_drained_transfer_keeps_the_channel_in_order():
+    lay = Layout(1, 1, L, H)
+    sc, dc = _cache(lay, 0), _cache(lay, 0, fill=False)
+    s, r = KVSender(sc, lay, 0, 5.0, 2), KVReceiver(dc, lay, 0, 5.0, 2)
+    _connect([s], [r], lay, lay)
+    s.send("D", 0, 0, [1, 2])
+    s.send("D", 0, 1, [3])
+    before = dc.clone()
+    r.receive("P", 0, 0, 2)                  # nobody wants seq 0 any more: drained
+    assert torch.equal(dc, before)
+    r.receive("P", 0, 1, [7])                # seq 1 still lands where it should
+    assert torch.equal(dc[:, :, 7], sc[:, :, 3])
+    s.close()
+    r.close()
