@@ -158,7 +158,7 @@ class Controller:
         elif t.phase == "prefill":
             if t.prefill.alive and await _quiet(t.prefill.driver.cancel.remote(t.wid)):
                 self.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
-                await self._release_decode(t)
+                await self._release_decode(t.decode, t.wid, len(t.blocks or ()))
             else:
                 return          # scheduled meanwhile: the transfer task cleans up
         elif t.phase == "decode":
@@ -169,13 +169,18 @@ class Controller:
         if drop:
             self._drop(t)
 
-    async def _release_decode(self, t: Tracked) -> None:
-        if t.decode is not None and t.decode.alive and t.blocks:
-            if await _quiet(t.decode.driver.release.remote(t.wid)):
-                self.decode_free[t.decode.instance_id] += len(t.blocks)
+    async def _release_decode(self, d: Instance | None, wid: str, num_blocks: int) -> None:
+        """Give back an attempt's decode reservation (a no-op once it started decoding)."""
+        if d is not None and d.alive and num_blocks:
+            if await _quiet(d.driver.release.remote(wid)):
+                self.decode_free[d.instance_id] += num_blocks
 
     # Routing -----------------------------------------------------------------------------
     async def _dispatch(self, t: Tracked, from_submit: bool = False) -> None:
+        """Reserve decode blocks and hand the current attempt to a prefill instance, or park it.
+        Every await re-checks that the attempt is still current: a concurrent retry (an
+        instance failure racing a transfer failure) must not act on a newer attempt's id."""
+        attempt, wid = t.attempt, t.wid
         live_p = [i for i in self.prefills if i.alive]
         live_d = [i for i in self.decodes if i.alive]
         if not live_p or not live_d:
@@ -192,28 +197,35 @@ class Controller:
             if k is None:
                 break
             d = live_d[k]
-            blocks = await _quiet(d.driver.reserve.remote(t.wid, need_tokens))
+            blocks = await _quiet(d.driver.reserve.remote(wid, need_tokens))
             if blocks:
                 self.decode_free[d.instance_id] -= len(blocks)
                 break
             free[k] = -1
+        if t.attempt != attempt:                 # superseded while reserving
+            if blocks:
+                await _quiet(d.driver.release.remote(wid))
+            return
         if not blocks:
             self._park(t)
             return
         p = live_p[pick_prefill([self.prefill_tokens[i.instance_id] for i in live_p],
                                 [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])]
         t.prefill, t.decode, t.blocks, t.phase = p, d, blocks, "prefill"
-        t.token_seen[t.attempt] = asyncio.Event()
+        t.token_seen[attempt] = asyncio.Event()
         # Count the request against p before awaiting, so concurrent dispatches see it.
         self.prefill_tokens[p.instance_id] += t.req.num_tokens
         self.prefill_assigned[p.instance_id] = self.prefill_assigned.get(p.instance_id, 0) + 1
-        spec = PrefillSpec(t.wid, t.req.prompt_token_ids, t.req.sampling, d.instance_id, blocks,
-                           list(t.req.output_token_ids), attempt=t.attempt)
+        spec = PrefillSpec(wid, t.req.prompt_token_ids, t.req.sampling, d.instance_id, blocks,
+                           list(t.req.output_token_ids), attempt=attempt)
         try:
             await p.driver.add_request.remote(spec)
         except Exception as e:  # noqa: BLE001 - overload, or the instance just died
             self.prefill_tokens[p.instance_id] -= t.req.num_tokens
-            await self._release_decode(t)
+            if await _quiet(d.driver.release.remote(wid)):
+                self.decode_free[d.instance_id] += len(blocks)
+            if t.attempt != attempt:
+                return
             t.phase = "pending"
             cause = getattr(e, "cause", e)
             if isinstance(cause, OverloadedError) and from_submit:
@@ -359,6 +371,7 @@ class Controller:
     # KV transfer -----------------------------------------------------------------------------
     async def _transfer(self, t: Tracked, attempt: int, ev: dict) -> None:
         p, d, wid = t.prefill, t.decode, ev["request_id"]
+        reserved = len(t.blocks)
         blocks = t.blocks[:ev["num_blocks"]]
         t0 = time.monotonic()
         results = await asyncio.gather(
@@ -379,15 +392,18 @@ class Controller:
         if errors:
             self.counters["kv_transfer_failures"] += 1
             log.warning("KV transfer of %s from %s to %s failed: %s", wid, p.instance_id, d.instance_id, errors[0])
-            await self._release_decode(t)
+            await self._release_decode(d, wid, reserved)
             if p.alive and d.alive:
                 await self._rebuild(p, d, ev["epoch"])
-            await self._retry(t, f"KV transfer failed: {errors[0]}")
+            await self._retry(t, f"KV transfer failed: {errors[0]}", attempt)
+            return
+        if t.attempt != attempt:            # abandoned while the prefill released its blocks
+            await _quiet(d.driver.release.remote(wid))
             return
         if self.metrics:
             self.metrics.on_transfer(p.instance_id, d.instance_id, len(blocks) * self._block_bytes(), time.monotonic() - t0)
         if t.closed:
-            await self._release_decode(t)
+            await self._release_decode(d, wid, reserved)
             self._drop(t)
             return
         t.times["transfer_end"] = time.monotonic()
@@ -425,8 +441,11 @@ class Controller:
             self.counters["channel_rebuilds"] += 1
             await self._connect(p, d)
 
-    async def _retry(self, t: Tracked, why: str) -> None:
-        """A new attempt for `t`: recompute prompt + tokens streamed so far elsewhere."""
+    async def _retry(self, t: Tracked, why: str, failed_attempt: int) -> None:
+        """A new attempt for `t`: recompute prompt + tokens streamed so far elsewhere. Only
+        once per failed attempt, whoever notices the failure first."""
+        if t.attempt != failed_attempt:
+            return
         if t.closed:
             self._drop(t)
             return

@@ -60,14 +60,14 @@ class HealthMonitor:
     async def _abandon(self, t) -> None:
         """Free the survivors' part of the current attempt and start a new one."""
         from cluster.controller import _quiet
-        c, wid = self.c, t.wid
+        c, wid, attempt = self.c, t.wid, t.attempt
         if t.prefill is not None and t.prefill.alive:
             if t.phase == "prefill" and await _quiet(t.prefill.driver.cancel.remote(wid)):
                 c.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
             await _quiet(t.prefill.driver.release.remote(wid))
         if t.decode is not None and t.decode.alive:
             await _quiet(t.decode.driver.cancel.remote(wid))
-        await c._retry(t, "an instance it used failed")
+        await c._retry(t, "an instance it used failed", attempt)
 
     async def _restart(self, inst, t0: float) -> None:
         c = self.c
