@@ -25,6 +25,20 @@ def split_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _submit_with_retry(client, entry: str, runtime_env, job_id, timeout_s: float = 60.0) -> str:
+    """A head node that just started answers 500 'No available agent' for a while: retry that;
+    anything else (or still failing at the deadline) becomes one clear error."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entry, runtime_env=runtime_env, submission_id=job_id)
+        except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError with the HTTP status
+            transient = "No available agent" in str(e) or "try again" in str(e)
+            if not transient or time.monotonic() > deadline:
+                raise DisaggError(f"job submission failed: {str(e).strip().splitlines()[-1]}") from None
+            time.sleep(1.0)
+
+
 def submit(args, serve_argv: list[str]) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
     try:
@@ -37,7 +51,7 @@ def submit(args, serve_argv: list[str]) -> int:
     if args.pip:
         runtime_env["pip"] = args.pip
     entry = "disagg serve " + shlex.join(serve_argv)
-    job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env or None, submission_id=args.job_id)
+    job_id = _submit_with_retry(client, entry, runtime_env or None, args.job_id)
     print(f"submitted job {job_id}: {entry}", flush=True)
     if args.no_wait:
         return 0
