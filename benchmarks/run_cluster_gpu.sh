@@ -7,7 +7,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/cluster_gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0
 export PATH=/tmp/site/bin:$PATH
@@ -18,6 +18,13 @@ if [ "${STAGE:-main}" = main ]; then
   timeout 200 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -20 | tee "$OUT/kv_transfer.log"
   timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log"
+elif [ "$STAGE" = final ]; then
+  timeout 220 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
+    -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/pytest_gpu.log"
+  timeout 340 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
+    --rates ${RATES:-2,4,8} --num-requests ${NUM:-120} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
+    --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
+    2>&1 | grep -v "^(raylet)" | tail -30 | tee "$OUT/fidelity.log"
 else
   timeout 150 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
