@@ -186,9 +186,13 @@ def pack_prefill(chunks, block_size: int) -> tuple[np.ndarray, dict]:
     want = (cu[1:] - 1)[np.fromiter((bool(c[3]) for c in chunks), bool, num_seqs)]
     fields = [("ids", ids), ("positions", pos), ("slots", slots), ("cu_seqlens", cu),
               ("prefix_lens", starts), ("block_tables", tables.ravel()), ("want", want)]
-    layout, off = {}, 0
+    # Each field starts on a 16-byte boundary: Triton specialises pointer arguments on their
+    # alignment, so fields at arbitrary offsets would compile new kernel variants mid-serving.
+    layout, off, parts = {}, 0, []
     for name, arr in fields:
         layout[name] = (off, len(arr))
-        off += len(arr)
+        pad = -len(arr) % 4
+        parts += [arr, np.zeros(pad, np.int64)]
+        off += len(arr) + pad
     layout["width"] = width
-    return np.concatenate([a for _, a in fields]).astype(np.int32), layout
+    return np.concatenate(parts).astype(np.int32), layout
