@@ -98,7 +98,12 @@ class _Agent:
         self.faults: dict[str, float] = {}     # test hooks, e.g. {"send_delay_s": 5}
         self._lock = threading.Lock()
 
-    def _groups(self, rect: Rect) -> list[Rect]:
+    def _groups(self, rect: Rect, thread: "_ChannelThread | None") -> list[Rect]:
+        # Over CUDA IPC one message wins: the copies take ~1 ms per GiB, while packing layer
+        # groups from this thread during the prefill waits on the GIL behind the model's kernel
+        # launches (measured on the H100, docs/benchmarks.md). Layer-wise elsewhere.
+        if thread is not None and thread.channel.kind == "cuda_ipc":
+            return [rect]
         return split_layers(rect, self.num_groups)
 
     def close_peer(self, peer: str) -> None:
@@ -154,7 +159,7 @@ class KVSender(_Agent):
             if p.src_rank != self.rank:
                 continue
             thread = self.threads.get((peer, p.dst_rank))
-            groups = self._groups(p.rect)
+            groups = self._groups(p.rect, thread)
             for g, rect in enumerate(groups):
                 job = _Job((epoch, seq, g), self._send_job(rect, ids, wait_layers), len(groups))
                 if thread is None:
@@ -206,7 +211,7 @@ class KVReceiver(_Agent):
             thread = self.threads.get((peer, p.src_rank))
             if thread is None:
                 raise TransferError(f"no channel from {peer} rank {p.src_rank}")
-            groups = self._groups(p.rect)
+            groups = self._groups(p.rect, thread)
             for g, rect in enumerate(groups):
                 futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids, drain), len(groups))))
         errors = []
