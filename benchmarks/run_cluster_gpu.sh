@@ -18,6 +18,11 @@ if [ "${STAGE:-main}" = main ]; then
   timeout 200 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -20 | tee "$OUT/kv_transfer.log"
   timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log"
+elif [ "$STAGE" = fidelity-only ]; then
+  timeout 500 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
+    --rates ${RATES:-12,24,36} --num-requests ${NUM:-200} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
+    --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
+    2>&1 | grep -v "^(raylet)" | tail -30 | tee "$OUT/fidelity.log"
 elif [ "$STAGE" = final ]; then
   timeout 220 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
     -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/pytest_gpu.log"
