@@ -31,8 +31,13 @@ def head_node():
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     gcs, dash = _free_port(), _free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    # Every port of its own: the test session's local Ray may hold the defaults (the dashboard
+    # agent's 52365 among them, without which jobs cannot be submitted).
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             *ports, "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              "--disable-usage-stats", f"--temp-dir={temp}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
