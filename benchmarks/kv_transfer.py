@@ -47,7 +47,7 @@ def run(model: str, device: str, lengths: list[int], layerwise: bool, reps: int)
                            "enable_prefix_caching": False, "kv_transfer_timeout_s": 120})
     rows = []
     with Cluster.start(plan) as c:
-        bytes_per_token = c.controller._block_bytes() // plan.block_size
+        bytes_per_token = c.controller.block_bytes() // plan.block_size
         c.generate([[5] * 64], SamplingParams(max_tokens=2, ignore_eos=True), timeout=600)     # warm-up
         for n in lengths:
             exposed, compute, gbps, pack, unpack = [], [], [], [], []

@@ -20,7 +20,12 @@ log = logging.getLogger("disagg.actor")
 _STOP = object()
 
 
-@ray.remote(max_concurrency=64)
+STUCK_S = 300.0          # a step loop silent this long while it has work is declared stuck
+
+
+# KV receives block a thread each for as long as a transfer takes; they get a pool of their
+# own so that pings, starts and cancels never queue behind them.
+@ray.remote(max_concurrency=64, concurrency_groups={"kv": 256})
 class RankActor:
     def __init__(self, role: str, cfg: WorkerConfig, max_queue: int = 1024):
         if role not in ("prefill", "decode"):
@@ -31,6 +36,7 @@ class RankActor:
         self._stop = threading.Event()
         self._thread = None
         self._tp_store = None
+        self._beat = time.monotonic()
         self.faults: dict = {}
 
     # Setup ----------------------------------------------------------------------------
@@ -71,6 +77,7 @@ class RankActor:
     def _drive(self):
         w = self.worker
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             try:
                 worked = w.step()
             except Exception as e:  # noqa: BLE001 - reported to the controller, loop goes on
@@ -127,6 +134,7 @@ class RankActor:
     def connect_kv_receiver(self, peer: str, peer_layout, epoch: int, addresses: dict) -> None:
         self.worker.kv.connect(peer, peer_layout, epoch, addresses)
 
+    @ray.method(concurrency_group="kv")
     def receive_kv(self, peer: str, epoch: int, seq: int, block_ids: list[int] | int) -> tuple[bool, str]:
         """Blocks until this rank has its part of one request's KV (an int: drain that many
         blocks' worth and drop it). Returns (ok, error message)."""
@@ -166,6 +174,12 @@ class RankActor:
         self.worker.kv.faults[kind] = value
 
     def ping(self) -> bool:
+        """Raises when this rank cannot serve: its loop thread died, or (rank 0) one step has
+        run for longer than STUCK_S."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            raise RuntimeError(f"{self.cfg.instance_id} rank {self.cfg.rank}: step loop thread died")
+        if self.cfg.rank == 0 and self._thread is not None and time.monotonic() - self._beat > STUCK_S:
+            raise RuntimeError(f"{self.cfg.instance_id}: one step has run for over {STUCK_S:.0f} s")
         return True
 
     def shutdown(self) -> None:

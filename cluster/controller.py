@@ -1,5 +1,5 @@
 """The controller: routes requests to prefill and decode instances, moves them through the
-request states, coordinates KV transfers, streams tokens back, and recovers from failures.
+request states, streams tokens back, and recovers from failures.
 
     submit ─► pending ─► prefill (queued, computing) ─► transfer ─► decode ─► done
                  ▲                                         │            │
@@ -8,12 +8,14 @@ request states, coordinates KV transfers, streams tokens back, and recovers from
 Routing: the prefill instance with the fewest queued prompt tokens, the decode instance with
 the most free blocks after reservations (engine/routing.py, shared with the simulator).
 Decode blocks are reserved before the prefill starts, so KV can leave layer by layer while the
-prefill still runs; the prefill frees its blocks only after every decode rank confirmed.
+prefill still runs; the prefill frees its blocks only after every decode rank confirmed
+(cluster/transfers.py).
 
 Every attempt at a request has its own worker-side id `request_id#attempt`. A retry (after a
 failed transfer or a dead instance) is a new attempt that recomputes prompt + tokens already
 streamed, so the client's stream continues with no duplicated or missing token, and late
-messages about an abandoned attempt are recognised and ignored. Runs on one asyncio loop.
+messages about an abandoned attempt are recognised and ignored. Every await re-checks that the
+attempt is still current. Runs on one asyncio loop: no locks.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from collections import deque
 from cluster.health import HealthMonitor
 from cluster.instances import Instance, choose_transport, connect_pair, create_instance, shutdown_instance
 from cluster.tracking import StreamDelta, Tracked, split_wid
-from engine.errors import OverloadedError, RequestFailedError
+from cluster.transfers import TransferCoordinator, quiet
+from engine.errors import InvalidRequestError, OverloadedError, RequestFailedError
 from engine.plan import Plan
 from engine.request import Request
 from engine.routing import pick_decode, pick_prefill
@@ -51,9 +54,10 @@ class Controller:
         self.decode_free: dict[str, int] = {}
         self.epochs: dict[tuple[str, str], int] = {}
         self.transports: dict[tuple[str, str], str] = {}
-        self._pair_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.pair_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self.health = HealthMonitor(self)
+        self.transfers = TransferCoordinator(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
                          "instance_failures": 0, "instance_restarts": 0, "rejected": 0}
 
@@ -63,27 +67,31 @@ class Controller:
         p, d = self.plan.prefill, self.plan.decode
         made = await asyncio.gather(
             *[create_instance(self.plan, "prefill", i, p, mc.num_layers, mc.num_kv_heads) for i in range(p.num_instances)],
-            *[create_instance(self.plan, "decode", i, d, mc.num_layers, mc.num_kv_heads) for i in range(d.num_instances)])
+            *[create_instance(self.plan, "decode", i, d, mc.num_layers, mc.num_kv_heads) for i in range(d.num_instances)],
+            return_exceptions=True)
+        failed = [m for m in made if isinstance(m, BaseException)]
+        if failed:
+            await asyncio.gather(*[shutdown_instance(m) for m in made if isinstance(m, Instance)], return_exceptions=True)
+            raise failed[0]
         self.prefills, self.decodes = list(made[:p.num_instances]), list(made[p.num_instances:])
         for inst in self.prefills + self.decodes:
-            self._adopt(inst)
-        await asyncio.gather(*[self._connect(pi, di) for pi in self.prefills for di in self.decodes])
+            self.adopt(inst)
+        await asyncio.gather(*[self.connect(pi, di) for pi in self.prefills for di in self.decodes])
         for inst in self.prefills + self.decodes:
-            self._spawn(self._consume(inst))
-        self._spawn(self.health.run())
-        self._spawn(self._kick_pending())
+            self.spawn(self._consume(inst))
+        self.spawn(self.health.run())
+        self.spawn(self._kick_pending())
 
-    def _adopt(self, inst: Instance) -> None:
+    def adopt(self, inst: Instance) -> None:
         if inst.role == "prefill":
             self.prefill_tokens[inst.instance_id] = 0
         else:
             self.decode_free[inst.instance_id] = inst.num_blocks
 
-    async def _connect(self, pi: Instance, di: Instance) -> None:
+    async def connect(self, pi: Instance, di: Instance) -> None:
         key = (pi.instance_id, di.instance_id)
         self.transports[key] = choose_transport(self.plan.kv_transport, pi, di)
         self.epochs[key] = self.epochs.get(key, -1) + 1
-        self._pair_locks.setdefault(key, asyncio.Lock())
         await connect_pair(pi, di, self.epochs[key], self.transports[key])
 
     @property
@@ -99,7 +107,7 @@ class Controller:
             t.cancel()
         await asyncio.gather(*[shutdown_instance(i) for i in self.prefills + self.decodes], return_exceptions=True)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -107,8 +115,8 @@ class Controller:
 
     # Requests ----------------------------------------------------------------------------
     async def submit(self, req: Request) -> Tracked:
-        """Accept a validated request, or raise OverloadedError / RequestFailedError with
-        nothing half done."""
+        """Accept a validated request, or raise OverloadedError / RequestFailedError /
+        InvalidRequestError with nothing half done."""
         if len(self.pending) >= self.max_pending:
             self.counters["rejected"] += 1
             if self.metrics:
@@ -122,9 +130,14 @@ class Controller:
         self.outputs.add(req.request_id, req.prompt_token_ids, req.sampling.stop)
         if self.metrics:
             self.metrics.on_submit(t)
+        # Shielded: a caller that goes away mid-dispatch must not leave it half done.
+        task = asyncio.ensure_future(self._dispatch(t, from_submit=True))
         try:
-            await self._dispatch(t, from_submit=True)
-        except OverloadedError:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.spawn(self._cancel_after(task, req.request_id))
+            raise
+        except (OverloadedError, InvalidRequestError):
             self.counters["rejected"] += 1
             self.outputs.discard(req.request_id)
             self.tracked.pop(req.request_id, None)
@@ -132,6 +145,14 @@ class Controller:
                 self.metrics.on_rejected(t)
             raise
         return t
+
+    async def _cancel_after(self, task: asyncio.Task, request_id: str) -> None:
+        try:
+            await task
+        except Exception:  # noqa: BLE001 - a refused request holds nothing
+            self.tracked.pop(request_id, None)
+            return
+        await self.cancel(request_id)
 
     async def stream(self, t: Tracked):
         """The request's StreamDelta items until the last one."""
@@ -146,48 +167,50 @@ class Controller:
         if t is None or t.closed:
             return
         t.cancel_requested = True
-        self._close(t, "cancelled")
-        await self._release_attempt(t, drop=True)
+        self.close(t, "cancelled")
+        await self.release_attempt(t, drop=True)
 
-    async def _release_attempt(self, t: Tracked, drop: bool) -> None:
-        """Free what the current attempt holds on live workers. A scheduled prefill is left
-        to its transfer task, which frees both sides when the transfer ends."""
+    async def release_attempt(self, t: Tracked, drop: bool) -> None:
+        """Free what the current attempt holds on live workers. Once its transfer is scheduled
+        the transfer task frees both sides, when no receive can write any more."""
         if t.phase == "pending":
             if t in self.pending:
                 self.pending.remove(t)
         elif t.phase == "prefill":
-            if t.prefill.alive and await _quiet(t.prefill.driver.cancel.remote(t.wid)):
+            if t.prefill.alive and await quiet(t.prefill.driver.cancel.remote(t.wid)):
                 self.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
-                await self._release_decode(t.decode, t.wid, len(t.blocks or ()))
+                await self.release_decode(t.decode, t.wid, len(t.blocks or ()))
             else:
-                return          # scheduled meanwhile: the transfer task cleans up
+                return
         elif t.phase == "decode":
             if t.decode.alive:
-                await _quiet(t.decode.driver.cancel.remote(t.wid))
+                await quiet(t.decode.driver.cancel.remote(t.wid))
         elif t.phase == "transfer":
             return
         if drop:
-            self._drop(t)
+            self.drop(t)
 
-    async def _release_decode(self, d: Instance | None, wid: str, num_blocks: int) -> None:
+    async def release_decode(self, d: Instance | None, wid: str, num_blocks: int) -> None:
         """Give back an attempt's decode reservation (a no-op once it started decoding)."""
         if d is not None and d.alive and num_blocks:
-            if await _quiet(d.driver.release.remote(wid)):
+            if await quiet(d.driver.release.remote(wid)):
                 self.decode_free[d.instance_id] += num_blocks
 
     # Routing -----------------------------------------------------------------------------
-    async def _dispatch(self, t: Tracked, from_submit: bool = False) -> None:
-        """Reserve decode blocks and hand the current attempt to a prefill instance, or park it.
-        Every await re-checks that the attempt is still current: a concurrent retry (an
-        instance failure racing a transfer failure) must not act on a newer attempt's id."""
+    async def _dispatch(self, t: Tracked, from_submit: bool = False, front: bool = False) -> None:
+        """Reserve decode blocks and hand the current attempt to a prefill instance, or park it."""
         attempt, wid = t.attempt, t.wid
+
+        def stale() -> bool:
+            return t.attempt != attempt or t.closed
+
         live_p = [i for i in self.prefills if i.alive]
         live_d = [i for i in self.decodes if i.alive]
         if not live_p or not live_d:
             if self.health.can_serve():
-                self._park(t)
+                self._park(t, front)
             else:
-                self._fail(t, "no prefill or decode instance can serve the request any more")
+                self.fail(t, "no prefill or decode instance can serve the request any more")
             return
         need_tokens = t.req.num_tokens + 1
         free = [self.decode_free[d.instance_id] for d in live_d]
@@ -197,17 +220,19 @@ class Controller:
             if k is None:
                 break
             d = live_d[k]
-            blocks = await _quiet(d.driver.reserve.remote(wid, need_tokens))
+            blocks = await quiet(d.driver.reserve.remote(wid, need_tokens))
             if blocks:
                 self.decode_free[d.instance_id] -= len(blocks)
                 break
             free[k] = -1
-        if t.attempt != attempt:                 # superseded while reserving
-            if blocks:
-                await _quiet(d.driver.release.remote(wid))
+        if blocks and (stale() or not d.alive):
+            await self.release_decode(d, wid, len(blocks))
+            if t.closed and t.attempt == attempt:
+                self.drop(t)
             return
         if not blocks:
-            self._park(t)
+            if not stale():
+                self._park(t, front)
             return
         p = live_p[pick_prefill([self.prefill_tokens[i.instance_id] for i in live_p],
                                 [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])]
@@ -220,23 +245,32 @@ class Controller:
                            list(t.req.output_token_ids), attempt=attempt)
         try:
             await p.driver.add_request.remote(spec)
-        except Exception as e:  # noqa: BLE001 - overload, or the instance just died
+        except Exception as e:  # noqa: BLE001 - overload, a request that cannot fit, or p died
             self.prefill_tokens[p.instance_id] -= t.req.num_tokens
-            if await _quiet(d.driver.release.remote(wid)):
-                self.decode_free[d.instance_id] += len(blocks)
+            await self.release_decode(d, wid, len(blocks))
             if t.attempt != attempt:
                 return
-            t.phase = "pending"
             cause = getattr(e, "cause", e)
+            if isinstance(cause, InvalidRequestError):
+                if from_submit:
+                    raise cause from None
+                self.fail(t, str(cause))
+                return
+            t.phase = "pending"
             if isinstance(cause, OverloadedError) and from_submit:
                 raise cause from None
-            self._park(t)
+            if not t.closed:
+                self._park(t, front)
 
-    def _park(self, t: Tracked) -> None:
-        """Wait for capacity (decode blocks, a prefill queue slot, a restarting instance)."""
+    def _park(self, t: Tracked, front: bool = False) -> None:
+        """Wait for capacity (decode blocks, a prefill queue slot, a restarting instance).
+        Retries and requests that already waited go back to the front: FCFS holds."""
         t.phase = "pending"
         if t not in self.pending:
-            self.pending.appendleft(t) if t.attempt else self.pending.append(t)
+            if front or t.attempt:
+                self.pending.appendleft(t)
+            else:
+                self.pending.append(t)
 
     async def dispatch_pending(self) -> None:
         for _ in range(len(self.pending)):
@@ -244,10 +278,10 @@ class Controller:
                 return
             t = self.pending.popleft()
             if t.closed:
-                self._drop(t)
+                self.drop(t)
                 continue
-            await self._dispatch(t)
-            if t.phase == "pending":      # still no room: it went back to the front; stop here
+            await self._dispatch(t, front=True)
+            if t.phase == "pending":      # still no room: it is back at the front; stop here
                 return
 
     async def _kick_pending(self) -> None:
@@ -258,12 +292,15 @@ class Controller:
             await asyncio.sleep(0.25)
             if not self.pending:
                 continue
-            live = [d for d in self.decodes if d.alive]
-            free = await asyncio.gather(*[_quiet(d.driver.free_blocks.remote()) for d in live])
-            for d, n in zip(live, free):
-                if n is not None:
-                    self.decode_free[d.instance_id] = n
-            await self.dispatch_pending()
+            try:
+                live = [d for d in self.decodes if d.alive]
+                free = await asyncio.gather(*[quiet(d.driver.free_blocks.remote()) for d in live])
+                for d, n in zip(live, free):
+                    if n is not None:
+                        self.decode_free[d.instance_id] = n
+                await self.dispatch_pending()
+            except Exception:  # noqa: BLE001 - this loop must outlive any one failure
+                log.exception("dispatching waiting requests failed")
 
     # Events from the workers -----------------------------------------------------------
     async def _consume(self, inst: Instance) -> None:
@@ -278,7 +315,7 @@ class Controller:
         except Exception as e:  # noqa: BLE001 - the instance is gone
             if inst.alive:
                 log.warning("event stream of %s ended: %s", inst.instance_id, e)
-                self._spawn(self.health.on_failure(inst, f"event stream ended: {e}"))
+                self.spawn(self.health.on_failure(inst, f"event stream ended: {e}"))
 
     def _current(self, wid: str) -> Tracked | None:
         rid, attempt = split_wid(wid)
@@ -286,6 +323,8 @@ class Controller:
         return t if t is not None and t.attempt == attempt else None
 
     def _on_event(self, inst: Instance, ev: dict) -> None:
+        if not any(inst is i for i in self.prefills + self.decodes):
+            return                                  # from an instance that was replaced
         kind = ev["type"]
         if kind == "scheduled":
             t = self._current(ev["request_id"])
@@ -293,9 +332,9 @@ class Controller:
                 t.phase = "transfer"
                 self.prefill_tokens[inst.instance_id] -= ev["num_tokens"]
                 t.num_cached_tokens = max(t.num_cached_tokens, ev["num_cached_tokens"])
-                self._spawn(self._transfer(t, t.attempt, ev))
+                self.spawn(self.transfers.transfer(t, t.attempt, ev))
             else:
-                self._spawn(self._drain(inst, ev))
+                self.spawn(self.transfers.drain(inst, ev))
         elif kind == "token":
             self._on_prefill_token(ev)
         elif kind == "tokens":
@@ -309,10 +348,10 @@ class Controller:
             for wid in ev["finished"]:
                 t = self._current(wid)
                 if t is not None and t.phase == "decode" and t.decode is inst:
-                    self._drop(t)
+                    self.drop(t)
         elif kind == "error":
             log.error("%s: %s", inst.instance_id, ev["message"])
-            self._spawn(self.health.on_failure(inst, ev["message"]))
+            self.spawn(self.health.on_failure(inst, ev["message"]))
 
     def _on_prefill_token(self, ev: dict) -> None:
         t = self._current(ev["request_id"])
@@ -331,6 +370,10 @@ class Controller:
             return
         now = time.monotonic()
         t.req.output_token_ids.extend(tokens)
+        if finish_reason is None and t.req.num_tokens >= self.max_model_len:
+            # The smallest instance's context: a retry must fit anywhere it may be sent.
+            finish_reason = "length"
+            self.spawn(self.release_attempt(t, drop=True))
         first = "first_token" not in t.times
         t.times.setdefault("first_token", now)
         t.times["last_token"] = now
@@ -338,12 +381,12 @@ class Controller:
             self.metrics.on_tokens(t, len(tokens), first, now)
         delta = self.outputs.process(t.request_id, tokens, finish_reason)
         if delta.finish_reason is not None and finish_reason is None:     # a stop string matched
-            self._spawn(self._release_attempt(t, drop=True))
+            self.spawn(self.release_attempt(t, drop=True))
         t.out.put_nowait(StreamDelta(t.request_id, tokens, delta.text))
         if delta.finish_reason is not None:
-            self._close(t, delta.finish_reason)
+            self.close(t, delta.finish_reason)
 
-    def _close(self, t: Tracked, reason: str, error: str | None = None) -> None:
+    def close(self, t: Tracked, reason: str, error: str | None = None) -> None:
         """End the caller's stream (the workers may free their part a little later)."""
         if t.closed:
             return
@@ -356,120 +399,54 @@ class Controller:
             self.metrics.on_finish(t, reason)
         t.out.put_nowait(StreamDelta(t.request_id, [], "", reason, usage, t.timings(), error))
 
-    def _fail(self, t: Tracked, message: str) -> None:
+    def fail(self, t: Tracked, message: str) -> None:
         log.error("request %s failed: %s", t.request_id, message)
-        self._close(t, "error", message)
+        self.close(t, "error", message)
         if t in self.pending:
             self.pending.remove(t)
-        self._drop(t)
+        self.drop(t)
 
-    def _drop(self, t: Tracked) -> None:
+    def drop(self, t: Tracked) -> None:
         t.phase = "done"
         if self.tracked.get(t.request_id) is t:
             del self.tracked[t.request_id]
 
-    # KV transfer -----------------------------------------------------------------------------
-    async def _transfer(self, t: Tracked, attempt: int, ev: dict) -> None:
-        p, d, wid = t.prefill, t.decode, ev["request_id"]
-        reserved = len(t.blocks)
-        blocks = t.blocks[:ev["num_blocks"]]
-        t0 = time.monotonic()
-        results = await asyncio.gather(
-            *[r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], blocks) for r in d.ranks],
-            return_exceptions=True)
-        errors = [str(r) if isinstance(r, Exception) else r[1] for r in results if isinstance(r, Exception) or not r[0]]
-        if not errors:
-            try:
-                await asyncio.wait_for(t.token_seen[attempt].wait(), self.plan.kv_transfer_timeout_s)
-            except asyncio.TimeoutError:
-                errors.append("the first token never arrived")
-        if t.attempt != attempt:            # abandoned meanwhile (an instance died): just clean up
-            await _quiet(p.driver.release.remote(wid))
-            await _quiet(d.driver.release.remote(wid))
-            return
-        t.durations["kv_transfer_s"] = max(0.0, time.monotonic() - max(t0, t.times.get("prefill_end", t0)))
-        await _quiet(p.driver.release.remote(wid))
-        if errors:
-            self.counters["kv_transfer_failures"] += 1
-            log.warning("KV transfer of %s from %s to %s failed: %s", wid, p.instance_id, d.instance_id, errors[0])
-            await self._release_decode(d, wid, reserved)
-            if p.alive and d.alive:
-                await self._rebuild(p, d, ev["epoch"])
-            await self._retry(t, f"KV transfer failed: {errors[0]}", attempt)
-            return
-        if t.attempt != attempt:            # abandoned while the prefill released its blocks
-            await _quiet(d.driver.release.remote(wid))
-            return
-        if self.metrics:
-            self.metrics.on_transfer(p.instance_id, d.instance_id, len(blocks) * self._block_bytes(), time.monotonic() - t0)
-        if t.closed:
-            await self._release_decode(d, wid, reserved)
-            self._drop(t)
-            return
-        t.times["transfer_end"] = time.monotonic()
-        # In "decode" before the call returns: the first decode step's tokens may arrive first.
-        t.phase = "decode"
-        try:
-            await d.driver.start_decode.remote(wid, t.req.prompt_token_ids, list(t.req.output_token_ids),
-                                               t.req.sampling, t.req.arrival_s)
-        except Exception as e:  # noqa: BLE001 - the decode instance died: health handles it
-            await self.health.on_failure(d, f"start_decode failed: {e}")
-            return
-        if t.attempt == attempt and t.cancel_requested:
-            await self._release_attempt(t, drop=True)
-
-    async def _drain(self, p: Instance, ev: dict) -> None:
-        """A transfer was scheduled for an attempt that is gone: receive and drop it, so the
-        channel's order holds for the transfers behind it, then free the prefill's blocks."""
-        d = next((i for i in self.decodes if i.instance_id == ev["peer"] and i.alive), None)
-        if d is not None:
-            await asyncio.gather(*[_quiet(r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], ev["num_blocks"]))
-                                   for r in d.ranks])
-        await _quiet(p.driver.release.remote(ev["request_id"]))
-
-    def _block_bytes(self) -> int:
-        dtype = self.plan.dtype
-        if dtype == "auto":
-            dtype = self.model_config.dtype if self.plan.prefill.device == "cuda" else "float32"
-        return self.plan.block_size * self.model_config.kv_bytes_per_token(dtype)
-
-    async def _rebuild(self, p: Instance, d: Instance, failed_epoch: int) -> None:
-        key = (p.instance_id, d.instance_id)
-        async with self._pair_locks[key]:
-            if self.epochs[key] != failed_epoch:
-                return                      # rebuilt already
-            self.counters["channel_rebuilds"] += 1
-            await self._connect(p, d)
-
-    async def _retry(self, t: Tracked, why: str, failed_attempt: int) -> None:
+    async def retry(self, t: Tracked, why: str, failed_attempt: int) -> None:
         """A new attempt for `t`: recompute prompt + tokens streamed so far elsewhere. Only
         once per failed attempt, whoever notices the failure first."""
         if t.attempt != failed_attempt:
             return
         if t.closed:
-            self._drop(t)
+            self.drop(t)
             return
         t.attempt += 1
         self.counters["retries"] += 1
         if t.attempt >= MAX_ATTEMPTS:
-            self._fail(t, f"gave up after {t.attempt} attempts: {why}")
+            self.fail(t, f"gave up after {t.attempt} attempts: {why}")
             return
         t.phase = "pending"
-        await self._dispatch(t)
+        await self._dispatch(t, front=True)
+
+    def block_bytes(self) -> int:
+        dtype = self.plan.dtype
+        if dtype == "auto":
+            dtype = self.model_config.dtype if self.plan.prefill.device == "cuda" else "float32"
+        return self.plan.block_size * self.model_config.kv_bytes_per_token(dtype)
 
     # Stats -----------------------------------------------------------------------------------
     async def stats(self) -> dict:
         insts = self.prefills + self.decodes
-        per = await asyncio.gather(*[i.driver.stats.remote() for i in insts], return_exceptions=True)
-        workers = {i.instance_id: (s if not isinstance(s, Exception) else {"error": str(s)}) for i, s in zip(insts, per)}
+        per = await asyncio.gather(*[asyncio.wait_for(i.driver.stats.remote(), 10) for i in insts],
+                                   return_exceptions=True)
+        workers = {i.instance_id: (s if not isinstance(s, BaseException) else {"error": str(s)})
+                   for i, s in zip(insts, per)}
         for i in insts:
             workers[i.instance_id]["alive"] = i.alive
         phases: dict[str, int] = {}
         for t in self.tracked.values():
             phases[t.phase] = phases.get(t.phase, 0) + 1
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.pending),
-                "requests_by_phase": phases,
-                "counters": dict(self.counters),
+                "requests_by_phase": phases, "counters": dict(self.counters),
                 "transports": {f"{a}->{b}": k for (a, b), k in self.transports.items()}}
 
 
@@ -478,12 +455,3 @@ def describe(t: Tracked) -> str:
     where = f"{t.prefill.instance_id if t.prefill else '-'}->{t.decode.instance_id if t.decode else '-'}"
     return (f"{t.request_id} attempt={t.attempt} phase={t.phase} {where} tokens={t.req.num_output_tokens}"
             f" closed={t.closed}")
-
-
-async def _quiet(ref):
-    """Await a worker call whose failure (dead actor) the health monitor handles anyway."""
-    try:
-        return await ref
-    except Exception as e:  # noqa: BLE001
-        log.debug("worker call failed: %s", e)
-        return None

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import InvalidRequestError, OverloadedError
+from engine.errors import ConfigError, InvalidRequestError, OverloadedError, RequestFailedError
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
 
@@ -65,12 +65,15 @@ class InferenceService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: longer than {MAX_REQUEST_ID} characters")
         prompt = req.text if kind == "text" else list(req.token_ids.ids)
         rid = req.request_id or f"grpc-{uuid.uuid4().hex[:16]}"
+        t = None
         try:
             t = await self.cluster.submit(prompt, sampling_from_proto(req.sampling), rid)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OverloadedError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RequestFailedError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
             async for item in self.cluster.controller.stream(t):
                 if item.finish_reason is None:
@@ -118,18 +121,21 @@ async def start_server(cluster, host: str = "127.0.0.1", port: int = 0, auth_tok
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     addr = f"{host}:{port}"
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            from engine.errors import ConfigError
-            raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-        bound = server.add_secure_port(addr, creds)
-    else:
-        bound = server.add_insecure_port(addr)
+    try:
+        if tls_cert or tls_key:
+            if not (tls_cert and tls_key):
+                raise ConfigError("TLS needs both --tls-cert and --tls-key")
+            with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            bound = server.add_secure_port(addr, creds)
+        else:
+            bound = server.add_insecure_port(addr)
+    except OSError as e:
+        raise ConfigError(f"cannot read the TLS files: {e}") from None
+    except RuntimeError as e:          # grpcio >= 1.85 raises where older versions return 0
+        raise ConfigError(f"cannot bind gRPC to {addr} ({e}); is the port in use?") from None
     if bound == 0:
-        from engine.errors import ConfigError
-        raise ConfigError(f"cannot bind {addr}")
+        raise ConfigError(f"cannot bind gRPC to {addr}; is the port in use?")
     await server.start()
     for name in ("", SERVICE):
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)

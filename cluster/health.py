@@ -1,11 +1,12 @@
 """Failure detection and recovery for the controller's instances.
 
-An instance is failed when any of its ranks stops answering a ping, its event stream breaks,
-or a step raises. Then: every request the instance touched is abandoned on the survivors and
-recomputed elsewhere (a new attempt, from prompt + tokens already streamed); the instance's
-actors are killed and a fresh instance with the same id takes its place, reconnecting its KV
-channels to every peer. While it restarts, requests that need its phase wait; when no instance
-of a phase is alive or restarting, requests fail with a clear error.
+An instance is failed when any of its ranks stops answering a ping (or reports its step loop
+dead or stuck), its event stream breaks, or a step raises. Then every request whose current
+attempt uses it is abandoned on the survivors and recomputed elsewhere (a new attempt, from
+prompt + tokens already streamed); the instance's actors are killed and a fresh instance with
+the same id takes its place and reconnects its KV channels to every live peer. While it
+restarts, requests that need its phase wait; when no instance of a phase is alive or
+restarting, requests fail with a clear error.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import logging
 import time
 
 from cluster.instances import create_instance, shutdown_instance
+from cluster.transfers import quiet
 
 log = logging.getLogger("disagg.health")
 PING_INTERVAL_S = 1.0
@@ -28,6 +30,7 @@ class HealthMonitor:
         self.restarts: dict[str, int] = {}
         self.given_up: set[str] = set()
         self.recovery_s: list[float] = []
+        self._join_lock = asyncio.Lock()
 
     def can_serve(self) -> bool:
         c = self.c
@@ -40,8 +43,11 @@ class HealthMonitor:
             for inst in [i for i in self.c.prefills + self.c.decodes if i.alive]:
                 try:
                     await asyncio.wait_for(asyncio.gather(*[r.ping.remote() for r in inst.ranks]), PING_TIMEOUT_S)
-                except Exception as e:  # noqa: BLE001 - dead actor or a hung one
-                    await self.on_failure(inst, f"ping failed: {type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001 - dead, hung, or its loop died
+                    try:
+                        await self.on_failure(inst, f"ping failed: {type(e).__name__}: {e}")
+                    except Exception:  # noqa: BLE001 - monitoring must go on
+                        log.exception("handling the failure of %s failed", inst.instance_id)
 
     async def on_failure(self, inst, why: str) -> None:
         c = self.c
@@ -53,21 +59,25 @@ class HealthMonitor:
         log.error("instance %s failed (%s): recomputing its requests elsewhere and restarting it", inst.instance_id, why)
         self.restarting.add(inst.instance_id)
         for t in list(c.tracked.values()):
-            if t.phase in ("prefill", "transfer", "decode") and inst in (t.prefill, t.decode):
+            uses = (t.decode is inst) or (t.prefill is inst and t.phase in ("prefill", "transfer"))
+            if uses and t.phase in ("prefill", "transfer", "decode"):
                 await self._abandon(t)
-        c._spawn(self._restart(inst, t0))
+        c.spawn(self._restart(inst, t0))
 
     async def _abandon(self, t) -> None:
-        """Free the survivors' part of the current attempt and start a new one."""
-        from cluster.controller import _quiet
-        c, wid, attempt = self.c, t.wid, t.attempt
-        if t.prefill is not None and t.prefill.alive:
-            if t.phase == "prefill" and await _quiet(t.prefill.driver.cancel.remote(wid)):
+        """Free the survivors' part of the current attempt and start a new one. A scheduled
+        transfer's task frees both sides itself once its receives have ended."""
+        c, wid, attempt, phase = self.c, t.wid, t.attempt, t.phase
+        if phase == "prefill" and t.prefill.alive:
+            if await quiet(t.prefill.driver.cancel.remote(wid)):
                 c.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
-            await _quiet(t.prefill.driver.release.remote(wid))
-        if t.decode is not None and t.decode.alive:
-            await _quiet(t.decode.driver.cancel.remote(wid))
-        await c._retry(t, "an instance it used failed", attempt)
+                await c.release_decode(t.decode, wid, len(t.blocks or ()))
+            # else: it was scheduled meanwhile; its `scheduled` event drains it
+        elif phase == "prefill":
+            await c.release_decode(t.decode, wid, len(t.blocks or ()))
+        elif phase == "decode" and t.decode.alive:
+            await quiet(t.decode.driver.cancel.remote(wid))
+        await c.retry(t, "an instance it used failed", attempt)
 
     async def _restart(self, inst, t0: float) -> None:
         c = self.c
@@ -83,26 +93,32 @@ class HealthMonitor:
             return
         mc = c.model_config
         phase = c.plan.prefill if inst.role == "prefill" else c.plan.decode
+        new = None
         try:
             new = await create_instance(c.plan, inst.role, int(iid.rsplit("-", 1)[1]), phase,
                                         mc.num_layers, mc.num_kv_heads)
-            peers = c.decodes if inst.role == "prefill" else c.prefills
             new.alive = False
             pool = c.prefills if inst.role == "prefill" else c.decodes
             pool[pool.index(inst)] = new
-            c._adopt(new)
-            await asyncio.gather(*[c._connect(new, d) if inst.role == "prefill" else c._connect(d, new)
-                                   for d in peers if d.alive])
+            c.adopt(new)
+            # One restart joins at a time, so two instances restarting together still meet:
+            # the second connects to the first, which is alive by then.
+            async with self._join_lock:
+                peers = c.decodes if inst.role == "prefill" else c.prefills
+                await asyncio.gather(*[c.connect(new, d) if inst.role == "prefill" else c.connect(d, new)
+                                       for d in peers if d.alive])
+                new.alive = True
         except Exception as e:  # noqa: BLE001 - could not come back
             log.error("restart of %s failed: %s", iid, e)
+            if new is not None:
+                await shutdown_instance(new)
             self._give_up(iid)
             return
-        new.alive = True
         self.restarting.discard(iid)
         c.counters["instance_restarts"] += 1
         self.recovery_s.append(time.monotonic() - t0)
         log.warning("instance %s is back after %.1f s", iid, self.recovery_s[-1])
-        c._spawn(c._consume(new))
+        c.spawn(c._consume(new))
         await c.dispatch_pending()
 
     def _give_up(self, iid: str) -> None:
@@ -110,4 +126,4 @@ class HealthMonitor:
         self.given_up.add(iid)
         if not self.can_serve():
             for t in list(self.c.pending):
-                self.c._fail(t, f"instance {iid} is down for good and no other can serve the request")
+                self.c.fail(t, f"instance {iid} is down for good and no other can serve the request")

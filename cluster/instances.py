@@ -70,8 +70,14 @@ async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig,
         strategy = PlacementGroupSchedulingStrategy(inst.pg, placement_group_bundle_index=r)
         inst.ranks.append(RankActor.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
             role, worker_config(plan, phase, inst.instance_id, r), phase.max_queue))
-    tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None
-    infos = await asyncio.gather(*[a.init.remote(tp_addr) for a in inst.ranks])
+    try:
+        tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None
+        infos = await asyncio.gather(*[a.init.remote(tp_addr) for a in inst.ranks])
+    except Exception as e:  # noqa: BLE001 - a worker could not start: one clear line, nothing left behind
+        await shutdown_instance(inst)
+        cause = getattr(e, "cause", None) or e
+        raise ConfigError(f"{inst.instance_id}: a worker failed to start: {type(cause).__name__}: "
+                          f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}") from None
     inst.num_blocks = infos[0]["num_blocks"]
     inst.max_model_len = infos[0]["max_model_len"]
     inst.node_ids = [i["node_id"] for i in infos]

@@ -43,10 +43,19 @@ async def serve(args) -> int:
     metrics = Metrics()
     cluster = Cluster(plan, metrics, args.max_prompt_tokens, args.max_tokens_limit, args.max_pending)
     await cluster.astart()
-    server, port = await start_server(cluster, args.host, args.port, args.auth_token, args.tls_cert, args.tls_key)
-    http = None
-    if args.metrics_port is not None and args.metrics_port >= 0:
-        http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
+    server = http = None
+    try:
+        server, port = await start_server(cluster, args.host, args.port, args.auth_token, args.tls_cert, args.tls_key)
+        if args.metrics_port is not None and args.metrics_port >= 0:
+            try:
+                http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on port {args.metrics_port}: {e}") from None
+    except BaseException:
+        if server is not None:
+            await server.stop(0)
+        await cluster.ashutdown()       # nothing left running behind a failed start
+        raise
     mport = http.server_port if http else None
     ready = {"host": args.host, "port": port, "metrics_port": mport, "pid": os.getpid()}
     print(f"disagg serve: ready on {args.host}:{port}"

@@ -32,6 +32,7 @@ class DecodeWorker:
         self.policy = ColocatedPolicy(self.bm, cfg.max_batch_tokens, cfg.max_batch_size, "prefill_first")
         self.reservations: dict[str, list[int]] = {}
         self.requests: dict[str, Request] = {}
+        self._cancelled: set[str] = set()        # applied between steps by the step thread
         self._lock = threading.Lock()
         self.wake = threading.Event()
         self.num_steps = 0
@@ -80,16 +81,26 @@ class DecodeWorker:
             return True
 
     def cancel(self, request_id: str) -> bool:
+        """Drop a reservation now, or a running request at the next step boundary (its blocks
+        may be in the batch that is running right now)."""
         with self._lock:
             if request_id in self.reservations:
                 self.bm.free(self.reservations.pop(request_id))
                 return True
-            req = self.requests.pop(request_id, None)
-            if req is None:
+            if request_id not in self.requests:
                 return False
-            self.policy.release(req)
-            finish(req, FinishReason.CANCELLED, time.monotonic())
-            return True
+            self._cancelled.add(request_id)
+        self.wake.set()
+        return True
+
+    def _apply_cancels(self, now: float) -> None:
+        for rid in self._cancelled:
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                self.policy.release(req)
+                if not req.state.terminal:
+                    finish(req, FinishReason.CANCELLED, now)
+        self._cancelled.clear()
 
     # All ranks: receive one request's KV (blocks until done) ------------------------------
     def receive(self, peer: str, epoch: int, seq: int, block_ids: list[int]) -> None:
@@ -99,6 +110,8 @@ class DecodeWorker:
     def step(self) -> bool:
         now = time.monotonic()
         with self._lock:
+            if self._cancelled:
+                self._apply_cancels(now)
             batch = self.policy.schedule(now)
             self.num_preemptions += len(batch.preempted)
             if batch.empty:

@@ -78,6 +78,13 @@ class PrefillPolicy:
             return True
         return False
 
+    def complete(self, chunks: list[PrefillChunk]) -> None:
+        """After the chunks ran: their tokens' KV is in the cache (and may now be shared)."""
+        for c in chunks:
+            req = c.request
+            req.num_computed_tokens = c.start + c.num_tokens
+            self.bm.commit(req.block_ids, req.all_token_ids, req.num_computed_tokens)
+
     def schedule(self, now_s: float, token_budget: int | None = None,
                  max_chunk_tokens: int | None = None) -> list[PrefillChunk]:
         """Take requests from the head of the queue while they fit. With `max_chunk_tokens`,
@@ -251,9 +258,10 @@ class ColocatedPolicy:
         """After the batch ran and tokens were appended: advance chunk progress, move finished
         prefills into decode, and free finished requests."""
         done = set(id(r) for r in finished)
+        self.prefill.complete(batch.prefill)
         for c in batch.prefill:
-            c.request.num_computed_tokens = c.start + c.num_tokens
-            if c.is_last and id(c.request) not in done:
+            # A request cancelled while its (re)computation ran is terminal: it does not decode.
+            if c.is_last and id(c.request) not in done and not c.request.state.terminal:
                 self.decode.add(c.request, now_s)
         for req in finished:
             self.release(req)

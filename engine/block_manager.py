@@ -103,8 +103,6 @@ class BlockManager:
             self._ref(bid)
         table = list(hits)
         table += [self._take_free() for _ in range(self.blocks_for(len(token_ids)) - len(hits))]
-        if self.enable_prefix_caching:
-            self._register_full_blocks(table, token_ids, start_block=len(hits))
         num_cached = len(hits) * self.block_size
         self.num_prefix_hit_tokens += num_cached
         self.num_prefix_query_tokens += len(token_ids)
@@ -115,6 +113,13 @@ class BlockManager:
         if num_blocks > len(self._free):
             raise BlockError(f"asked for {num_blocks} blocks, {len(self._free)} free")
         return [self._take_free() for _ in range(num_blocks)]
+
+    def commit(self, table: list[int], token_ids: list[int], num_computed: int) -> None:
+        """The KV of the first `num_computed` tokens is now in the cache: their full blocks may
+        serve later prompts. Only computed blocks are shared: a block allocated to a request that
+        is cancelled before its prefill holds nothing and must never be a hit."""
+        if self.enable_prefix_caching:
+            self._register_full_blocks(table, token_ids[:num_computed], start_block=0)
 
     def _register_full_blocks(self, table: list[int], token_ids: list[int], start_block: int) -> None:
         bs = self.block_size

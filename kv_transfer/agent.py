@@ -126,12 +126,17 @@ class _Agent:
 class KVSender(_Agent):
     """Prefill side. `open` + `connect` build channels; `send` queues a request's pieces."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._masters: dict[tuple[str, int], ChannelMaster] = {}
+        self._next_epochs: dict[str, int] = {}
+
     def open(self, peer: str, peer_layout: Layout, epoch: int, kind: str, host: str) -> dict[int, dict]:
         """First phase of (re)building the channels to decode instance `peer`: close the old
         ones, open a store per peer rank that receives from this rank; returns addresses."""
         self.close_peer(peer)
-        self.peer_layouts[peer], self.epochs[peer] = peer_layout, epoch
-        self._masters = getattr(self, "_masters", {})
+        self.peer_layouts[peer] = peer_layout
+        self._next_epochs[peer] = epoch        # published by connect, once its threads exist
         out = {}
         for p in transfer_plan(self.layout, peer_layout):
             if p.src_rank == self.rank:
@@ -141,12 +146,16 @@ class KVSender(_Agent):
         return out
 
     def connect(self, peer: str) -> None:
+        epoch = self._next_epochs[peer]
         for (pr, dst), m in list(self._masters.items()):
             if pr == peer:
                 ch = Channel.connect_sender(m)
                 with self._lock:
-                    self.threads[(peer, dst)] = _ChannelThread(f"kv-send-{peer}-{dst}", ch, self.epochs[peer])
+                    self.threads[(peer, dst)] = _ChannelThread(f"kv-send-{peer}-{dst}", ch, epoch)
                 del self._masters[(pr, dst)]
+        with self._lock:
+            # A step numbering transfers under this epoch now finds its threads.
+            self.epochs[peer] = epoch
 
     def send(self, peer: str, epoch: int, seq: int, block_ids: list[int],
              wait_layers: Callable[[int], None] | None = None) -> list[Future]:
@@ -154,6 +163,10 @@ class KVSender(_Agent):
         the first n global layers are in the cache (layer-wise transfer); None when the KV is
         complete already."""
         futures = []
+        if peer not in self.peer_layouts:       # never connected: the receiver times out and retries
+            f = Future()
+            f.set_exception(TransferError(f"no channels to {peer}"))
+            return [f]
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         for p in transfer_plan(self.layout, self.peer_layouts[peer]):
             if p.src_rank != self.rank:
@@ -205,6 +218,8 @@ class KVReceiver(_Agent):
         ids = torch.empty(block_ids, dtype=torch.int64, device=self.device) if drain else \
             torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         futures = []
+        if peer not in self.peer_layouts:
+            raise TransferError(f"no channels from {peer}")
         for p in transfer_plan(self.peer_layouts[peer], self.layout):
             if p.dst_rank != self.rank:
                 continue

@@ -51,6 +51,9 @@ class CountingBlockManager:
         self.num_prefix_query_tokens += len(token_ids)
         return [_PLACEHOLDER] * n, 0
 
+    def commit(self, table: list[int], token_ids: list[int], num_computed: int) -> None:
+        """Nothing to share: this twin does no prefix caching."""
+
     def allocate_blocks(self, num_blocks: int) -> list[int]:
         if num_blocks > self._num_free:
             raise BlockError(f"asked for {num_blocks} blocks, {self._num_free} free")

@@ -80,8 +80,8 @@ class PrefillInstance:
 
     def _done(self, now: float, chunks):
         events = []
+        self.policy.complete(chunks)
         for c in chunks:
-            c.request.num_computed_tokens = c.start + c.num_tokens
             events.extend(self.on_prefilled(self, c.request, now) or ())
         events.extend(self.kick(now) or ())
         return events

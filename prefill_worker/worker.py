@@ -58,6 +58,7 @@ class PrefillWorker:
         self.specs: dict[str, PrefillSpec] = {}
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}             # prefilled, KV held until release
+        self._release_after_step: set[str] = set()     # released while their prefill ran
         self._seq: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self.wake = threading.Event()
@@ -95,13 +96,23 @@ class PrefillWorker:
             return True
 
     def release(self, request_id: str) -> bool:
-        """The transfer ended (confirmed or failed): free the held blocks."""
+        """The transfer ended (confirmed or failed): free the held blocks. A request whose
+        prefill is still running is freed as soon as its step ends; one still queued is
+        dropped now."""
         with self._lock:
             req = self.held.pop(request_id, None)
             if req is None:
-                return False
-            self.bm.free(req.block_ids)
-            self._forget(request_id)
+                live = self.requests.get(request_id)
+                if live is None:
+                    return False
+                if live.state is RequestState.PREFILLING:
+                    self._release_after_step.add(request_id)
+                    return True
+            else:
+                self.bm.free(req.block_ids)
+                self._forget(request_id)
+        if req is None:
+            return self.cancel(request_id)
         self.wake.set()
         return True
 
@@ -143,10 +154,16 @@ class PrefillWorker:
         t1 = time.monotonic()
         events = []
         with self._lock:
+            self.policy.complete(chunks)           # their KV is computed: prefix hits from now on
             for req, tok in zip(reqs, tokens):
                 done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
                 req.transition(RequestState.TRANSFERRING)
                 req.mark("prefill_end", t1)
+                if req.request_id in self._release_after_step:
+                    self._release_after_step.discard(req.request_id)
+                    self.bm.free(req.block_ids)
+                    self._forget(req.request_id)
+                    continue
                 self.held[req.request_id] = req
                 events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
                                "attempt": self.specs[req.request_id].attempt,

@@ -66,3 +66,16 @@ def test_routing_rules():
     assert pick_prefill([0, 0, 0], [5, 2, 2]) == 1            # ties: the least used
     assert pick_decode([4, 9, 9], 3) == 1                     # most free blocks, lowest index
     assert pick_decode([4, 2], 5) is None                     # nobody can take it
+
+
+def test_a_request_cancelled_during_its_recompute_does_not_decode():
+    from engine.batching import finish
+    from engine.request import FinishReason
+    bm = BlockManager(16, 16)
+    pol = ColocatedPolicy(bm)
+    r = _req(0, 20)
+    pol.add(r, 0.0)
+    batch = pol.schedule(0.0)
+    finish(r, FinishReason.CANCELLED, 0.1)        # cancelled while the batch ran
+    pol.complete(batch, [], 0.2)
+    assert pol.decode.running == []

@@ -11,6 +11,7 @@ BS = 4
 def test_prefix_hit_shares_blocks_and_leaves_last_block_computed():
     bm = BlockManager(16, BS)
     a, cached_a = bm.allocate(list(range(10)))          # 3 blocks, 2 full
+    bm.commit(a, list(range(10)), 10)
     b, cached_b = bm.allocate(list(range(8)) + [99, 98, 97])
     assert cached_a == 0
     assert b[:2] == a[:2] and cached_b == 8              # the two full blocks are shared
@@ -22,6 +23,7 @@ def test_prefix_hit_shares_blocks_and_leaves_last_block_computed():
 def test_freed_blocks_stay_cached_until_reused():
     bm = BlockManager(4, BS)
     a, _ = bm.allocate(list(range(9)))
+    bm.commit(a, list(range(9)), 9)
     first = list(a)
     bm.free(a)
     assert bm.num_free_blocks == 4
@@ -63,6 +65,7 @@ def test_random_operations_keep_invariants(ops, prefix_caching):
             tokens = [which % 3] * n                     # few distinct prefixes -> many hits
             if bm.can_allocate(tokens):
                 table, cached = bm.allocate(tokens)
+                bm.commit(table, tokens, n)                  # as if its prefill ran
                 assert cached % BS == 0 and cached < n
                 assert len(table) == bm.blocks_for(n)
                 live.append((table, tokens))
@@ -103,9 +106,24 @@ def test_equal_prefixes_share_every_full_block(shared, tails):
     for i, tail in enumerate(tails):
         tokens = prefix + [i] * tail
         table, cached = bm.allocate(tokens)
+        bm.commit(table, tokens, len(tokens))
         tables.append(table)
         if i > 0:
             expect = min(shared // BS, (len(tokens) - 1) // BS) * BS
             assert cached == expect
             assert table[:expect // BS] == tables[0][:expect // BS]
     bm.check_invariants(tables)
+
+
+def test_only_computed_blocks_are_shared():
+    """A request cancelled before its prefill ran must not leave 'cached' blocks with no KV."""
+    bm = BlockManager(16, BS)
+    prompt = list(range(12))
+    table, _ = bm.allocate(prompt)
+    bm.free(table)                                      # cancelled: nothing was computed
+    again, cached = bm.allocate(prompt)
+    assert cached == 0, "uncomputed blocks were offered as prefix hits"
+    bm.commit(again, prompt, 8)                          # the first two blocks are computed
+    bm.free(again)
+    _, cached = bm.allocate(prompt)
+    assert cached == 8
