@@ -5,6 +5,8 @@ ceilings and beside HF transformers in the same run.
            1-256 x context 512-8k (what fits), judged against device-to-device copy bandwidth
   prefill  TFLOP/s and MFU = (matmul + causal attention FLOPs) / time, 1k-16k tokens, judged
            against the bf16 matmul rate
+  short    prefills of 16-1024 tokens (1-8 sequences), wall clock through sampling, with the
+           prefill CUDA graphs and eagerly: the launch floor the graphs remove
   HF       transformers `generate` decode tokens/s at batch 1 and 32, forward TFLOP/s at 1k/4k/8k
            (random bf16 weights, SDPA, dynamic cache)
 
@@ -41,6 +43,7 @@ BS = 16
 DECODE_BATCH = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 DECODE_CONTEXT = [512, 1024, 2048, 4096, 8192]
 PREFILL_TOKENS = [1024, 2048, 4096, 8192, 16384]
+SHORT_PREFILL = [(1, 16), (1, 128), (1, 512), (1, 1024), (4, 128), (8, 64)]   # (sequences, tokens each)
 KV_TOKENS = 256 * 1024          # 32 GiB at this shape: every grid point with batch x context <= it
 CEILING_COPY_GBPS = 3020.0      # ../shared/ENVIRONMENT.md, H100 2026-11-24
 CEILING_MATMUL_TFLOPS = 800.0
@@ -129,6 +132,24 @@ class Engine:
         flops = self.prefill_flops(tokens)
         return {"tokens": tokens, "ms": ms, "TFLOPs": flops / ms / 1e9, "flops": flops,
                 "attention_share": self.cfg.attention_flops(tokens, tokens) / flops}
+
+
+@torch.inference_mode()
+def short_prefill_point(eng, runner, seqs: int, tokens: int, reps: int = 10) -> float:
+    """Wall ms of a prefill of `seqs` new sequences of `tokens` tokens each, through the sampled
+    tokens' .tolist() (what a prefill worker's step waits for); median of reps after 3 warm-ups."""
+    n = -(-tokens // BS)
+    chunks = [(torch.randint(0, eng.cfg.vocab_size, (tokens,)).tolist(), 0, list(range(1 + i * n, 1 + (i + 1) * n)), True)
+              for i in range(seqs)]
+    step, sp = StepInput(prefill=chunks), [SamplingParams(max_tokens=1)] * seqs
+    times = []
+    for i in range(3 + reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.sampler(runner.execute(step), sp, [0] * seqs)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def cuda_event_ms(fn, warmup: int, reps: int) -> float:
@@ -221,6 +242,15 @@ def run_ours(quick: bool, log) -> dict:
         row = eng.prefill_point(s, reps=5)
         prefill.append(row)
         log(f"prefill {s:>5} tokens: {row['ms']:8.2f} ms  {row['TFLOPs']:5.0f} TFLOP/s")
+    short = []
+    eager = ModelRunner(eng.model, eng.runner.kv_cache, BS, enforce_eager=True)
+    for seqs, tokens in SHORT_PREFILL:
+        row = {"seqs": seqs, "tokens_each": tokens, "graph_ms": short_prefill_point(eng, eng.runner, seqs, tokens),
+               "eager_ms": short_prefill_point(eng, eager, seqs, tokens)}
+        row["gpu_bound_ms"] = linear_only_ms(eng.model, seqs * tokens) if seqs * tokens <= 256 else None
+        short.append(row)
+        log(f"short prefill {seqs} x {tokens:>4} tokens: graph {row['graph_ms']:6.2f} ms, eager {row['eager_ms']:6.2f} ms")
+    del eager
     breakdown = {"linear_only_ms": {}}
     for rows in (1, 32, 4096, 8192):
         breakdown["linear_only_ms"][str(rows)] = linear_only_ms(eng.model, rows)
@@ -239,9 +269,10 @@ def run_ours(quick: bool, log) -> dict:
         log(f"{name}: wall {b['wall_ms']:.2f} ms, kernels {b['kernel_ms']:.2f} ms ({kinds})")
     breakdown["matrix_bytes"] = eng.matrix_bytes
     breakdown["layer_params"] = eng.layer_params
-    out = {"decode": decode, "prefill": prefill, "breakdown": breakdown,
+    out = {"decode": decode, "prefill": prefill, "short_prefill": short, "breakdown": breakdown,
            "build_s": eng.build_s, "graph_capture_s": eng.capture_s,
-           "graph_sizes": eng.runner.graphs.sizes, "num_kv_blocks": eng.num_blocks}
+           "graph_sizes": eng.runner.graphs.sizes, "prefill_graph_sizes": eng.runner.prefill_graphs.sizes,
+           "num_kv_blocks": eng.num_blocks}
     del eng
     gc.collect()
     torch.cuda.empty_cache()

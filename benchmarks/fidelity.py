@@ -15,7 +15,9 @@
    part used meanwhile (/proc): the serve process, the worker actors, the rest of Ray, the
    client, and everyone else on the machine.
 4. Simulates the very requests each run sent (their lengths, their send times) with placement's
-   simulator, the plan's batching and KV blocks, and the engine-only or calibrated profile.
+   simulator, the plan's batching and KV blocks, and the engine-only or calibrated profile;
+   where the plan's prefill and decode share a GPU, also as if they did not (the simulator
+   time-slices shared GPUs, placement/simulator.py).
    `disagg simulate` (placement/cli.py) takes a named workload redrawn at each rate, not a
    run's exact sample (clipped lengths, actual send times), so this is a small adapter over
    placement's Python API (deployment_from_plan, simulate).
@@ -226,15 +228,18 @@ def _workload(run: dict):
                     np.array([r["output_len"] for r in rows]))
 
 
-def simulate_run(plan, profile: dict, run: dict, ttft_offset_s: float, slo) -> dict:
+def simulate_run(plan, profile: dict, run: dict, ttft_offset_s: float, slo, shared: bool = True) -> dict:
     """Simulate the requests a bench run sent, at the times it sent them, with `profile`;
-    `ttft_offset_s` (the TTFT outside the workers) is added to every simulated TTFT."""
+    `ttft_offset_s` (the TTFT outside the workers) is added to every simulated TTFT.
+    `shared=False` ignores that the plan's prefill and decode instances share GPUs."""
     from placement.deployment import deployment_from_plan
     from placement.profile import ProfiledModel
     from placement.simulator import simulate
     wl = _workload(run)
     dep = deployment_from_plan(plan, latency="roofline")    # KV blocks and batching from the plan
     dep.prefill.latency = dep.decode.latency = ProfiledModel(profile)
+    if not shared:
+        dep.shared = []
     res = simulate(dep, wl)
     ttft, tpot = res.ttft_s + ttft_offset_s, res.tpot_s
     multi = wl.output_lens > 1
@@ -295,6 +300,8 @@ def main(argv=None) -> int:
     engine = ProfiledModel(engine_profile)
     mc = load_model_config(resolve_model_source(plan.model))
     slo = (args.ttft_slo_s, args.tpot_slo_s)
+    from placement.deployment import shared_pairs
+    shared_gpu = bool(shared_pairs(plan))
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "device": f"{platform.machine()} CPU x{os.cpu_count()}" if plan.prefill.device == "cpu" else "cuda",
               "args": vars(args), "plan": plan.to_dict(), "engine_profile": str(prof_path), "runs": []}
@@ -323,6 +330,9 @@ def main(argv=None) -> int:
             meas = measured(run)
             preds = {"engine": simulate_run(plan, engine_profile, run, 0.0, slo),
                      "calibrated": simulate_run(plan, serving, run, fit["ttft_offset_s"], slo)}
+            if shared_gpu:
+                preds["calibrated, GPU not shared"] = simulate_run(plan, serving, run, fit["ttft_offset_s"], slo,
+                                                                   shared=False)
             result["runs"].append({"rate": rate, "cpu_cores": cpu, "measured": meas,
                                    "predicted": preds, "verdict": {k: verdict(meas, v) for k, v in preds.items()}})
             print(_row(result["runs"][-1]), flush=True)
@@ -336,11 +346,11 @@ def main(argv=None) -> int:
 def _row(r: dict) -> str:
     m = r["measured"]
     lines = [f"rate {r['rate']:g} req/s (cores used: {r['cpu_cores']})",
-             f"  {'measured':<12} attainment {m['attainment']:.3f}  p90 TTFT {m['ttft_p90_s'] * 1e3:7.1f} ms  "
+             f"  {'measured':<28} attainment {m['attainment']:.3f}  p90 TTFT {m['ttft_p90_s'] * 1e3:7.1f} ms  "
              f"p90 TPOT {m['tpot_p90_s'] * 1e3:6.1f} ms"]
     for k, p in r["predicted"].items():
         v = r["verdict"][k]
-        lines.append(f"  {k:<12} attainment {p['attainment']:.3f}  p90 TTFT {p['ttft_p90_s'] * 1e3:7.1f} ms  "
+        lines.append(f"  {k:<28} attainment {p['attainment']:.3f}  p90 TTFT {p['ttft_p90_s'] * 1e3:7.1f} ms  "
                      f"p90 TPOT {p['tpot_p90_s'] * 1e3:6.1f} ms  {'ok' if v['ok'] else 'miss'} ({v['attainment_pp']:+.1f} pp, "
                      f"TTFT {v['ttft_p90_rel']:+.0%}, TPOT {v['tpot_p90_rel']:+.0%})")
     return "\n".join(lines)

@@ -18,6 +18,13 @@ if [ "${STAGE:-main}" = main ]; then
   timeout 200 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -20 | tee "$OUT/kv_transfer.log"
   timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log"
+elif [ "$STAGE" = engine ]; then
+  # GPU tests, the engine benchmark (short prefills with and without graphs; no HF), the profile
+  timeout 240 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
+    -p no:cacheprovider 2>&1 | tail -12 | tee "$OUT/pytest_gpu.log"
+  timeout 200 python3 -m benchmarks.engine --no-hf --out "$OUT/engine.json" 2>&1 | tail -70 | tee "$OUT/engine.log"
+  timeout 130 python3 -m cluster.cli profile --device cuda --model llama-3-8b --out "$OUT/H100_llama-3-8b.json" \
+    2>&1 | tail -20 | tee "$OUT/profile.log"
 elif [ "$STAGE" = fidelity-only ]; then
   timeout 500 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
     --rates ${RATES:-12,24,36} --num-requests ${NUM:-200} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \

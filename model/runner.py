@@ -5,10 +5,14 @@ tensor-parallel peers receive the same StepInput, and every rank runs `execute`.
 computes logits.
 
 On CPU every step runs eagerly from tensors built from the lists (the oracle path). On CUDA,
-decode steps replay CUDA graphs (model/cuda_graph.py) fed by one pinned host-to-device copy, and
-prefill runs eagerly (it is long enough to hide launch costs, and layer_hook must run between
-layers) from one packed copy of its metadata. `enforce_eager=True`, or DISAGG_ENFORCE_EAGER=1 in
-the environment, turns graphs off for debugging.
+decode steps replay CUDA graphs (model/cuda_graph.py) fed by one pinned host-to-device copy;
+prefills of new sequences up to `max_prefill_graph_tokens` tokens in all replay prefill graphs
+(an eager pass costs ~28 ms of launches at llama-3-8b shape, longer than the GPU needs below ~1k
+tokens), with `layer_hook` called once, for the last layer, after the replay; longer prefills
+and those over a cached prefix run eagerly (long enough to hide launch costs, and the hook then
+runs between layers, so layer-wise KV transfer overlaps them) from one packed copy of their
+metadata. `enforce_eager=True`, or DISAGG_ENFORCE_EAGER=1 in the environment, turns graphs off
+for debugging.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import torch
 
 from engine.batching import Batch
 from model.attention_metadata import AttentionMetadata
-from model.cuda_graph import DEFAULT_MAX_BATCH_SIZE, DecodeGraphs, pack_prefill
+from model.cuda_graph import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_GRAPH_TOKENS, DecodeGraphs,
+                              PrefillGraphs, pack_prefill)
 from model.llama import LlamaModel
 
 
@@ -56,11 +61,13 @@ class ModelRunner:
 
     max_batch_size: the largest decode batch captured as a CUDA graph (larger ones run eagerly);
     max_model_len: the longest context a graph serves (default: the model's rotary table, capped
-    by the cache); enforce_eager: no graphs (None: DISAGG_ENFORCE_EAGER). Graphs are used on CUDA
-    with tensor parallelism 1 only: capturing NCCL collectives is not verified on our hosts."""
+    by the cache); max_prefill_graph_tokens: the largest prefill captured (0: none);
+    enforce_eager: no graphs (None: DISAGG_ENFORCE_EAGER). Graphs are used on CUDA with tensor
+    parallelism 1 only: capturing NCCL collectives is not verified on our hosts."""
 
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, *,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_model_len: int = 0,
+                 max_prefill_graph_tokens: int = DEFAULT_PREFILL_GRAPH_TOKENS,
                  enforce_eager: bool | None = None):
         self.model = model
         self.kv_cache = kv_cache
@@ -69,10 +76,15 @@ class ModelRunner:
         self.is_driver = model.tp.rank == 0
         self.enforce_eager = _eager_from_env() if enforce_eager is None else enforce_eager
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
-            self.graphs = DecodeGraphs(model, kv_cache, block_size, max_batch_size, max_len)
+            pool = torch.cuda.graph_pool_handle()
+            self.graphs = DecodeGraphs(model, kv_cache, block_size, max_batch_size, max_len, pool=pool)
+            if max_prefill_graph_tokens > 0:
+                self.prefill_graphs = PrefillGraphs(model, kv_cache, block_size,
+                                                    min(max_prefill_graph_tokens, max_len), pool=pool)
         if self.device.type == "cuda":
             self.warmup()
 
@@ -85,6 +97,11 @@ class ModelRunner:
         bs = self.block_size
         if self.kv_cache.shape[2] < 3:
             return
+        graphs, self.prefill_graphs = self.prefill_graphs, None     # the eager variants first
+        try:
+            self.prefill([([1] * (bs + 1), 0, [0, 1], True), ([2] * 3, 0, [2], True)])
+        finally:
+            self.prefill_graphs = graphs
         self.prefill([([1] * (bs + 1), 0, [0, 1], True), ([2] * 3, 0, [2], True)])
         self.prefill([([3] * 2, bs, [0, 1], True)])
         self.decode([(4, bs + 2, [0, 1])])
@@ -125,6 +142,13 @@ class ModelRunner:
         return self.model.compute_logits(hidden[self._tensor(want, torch.int64)])
 
     def _prefill_cuda(self, chunks, layer_hook=None) -> torch.Tensor | None:
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(chunks):
+            hidden, want = self.prefill_graphs.run(chunks)
+            if layer_hook is not None:      # every layer is queued: the hook's event covers them all
+                layer_hook(len(self.model.layers) - 1)
+            if not self.is_driver or not len(want):
+                return None
+            return self.model.compute_logits(hidden.index_select(0, want))
         # Same metadata as the CPU path, built with numpy and moved in one copy (int32: every
         # kernel and the embedding take int32 indices).
         packed, at = pack_prefill(chunks, self.block_size)

@@ -51,17 +51,39 @@ class InstanceGroup:
 
 @dataclass
 class Deployment:
-    """Either `prefill` + `decode` (disaggregated) or `colocated`."""
+    """Either `prefill` + `decode` (disaggregated) or `colocated`.
+
+    `shared` pairs (prefill instance, decode instance) that run on the same GPUs (a plan whose
+    ranks take fractions of a GPU, e.g. 1P + 1D at 0.5 GPU each over CUDA IPC). The two time-
+    slice the device: while both are busy each runs at `shared_speed` of its own model's speed
+    (processes without MPS never run kernels at the same time; 0.5 is an even split)."""
 
     block_size: int
     kv_bytes_per_token: int
     prefill: InstanceGroup | None = None
     decode: InstanceGroup | None = None
     colocated: InstanceGroup | None = None
+    shared: list[tuple[int, int]] = field(default_factory=list)
+    shared_speed: float = 0.5
 
     def __post_init__(self):
         if self.colocated is None and (self.prefill is None or self.decode is None):
             raise ConfigError("a deployment needs prefill and decode groups, or a colocated group")
+        if self.shared:
+            if self.colocated is not None:
+                raise ConfigError("shared devices pair prefill and decode instances; a colocated "
+                                  "deployment has none")
+            ps = [p for p, _ in self.shared]
+            ds = [d for _, d in self.shared]
+            if len(set(ps)) != len(ps) or len(set(ds)) != len(ds) \
+                    or not all(0 <= p < self.prefill.num_instances for p in ps) \
+                    or not all(0 <= d < self.decode.num_instances for d in ds):
+                raise ConfigError(f"shared pairs must name distinct prefill and decode instances "
+                                  f"that exist, got {self.shared}")
+            if self.prefill.ranks != self.decode.ranks:
+                raise ConfigError("instances sharing devices need the same tp x pp on both sides")
+        if not 0 < self.shared_speed <= 1:
+            raise ConfigError(f"shared_speed must be in (0, 1], got {self.shared_speed}")
 
     @property
     def disaggregated(self) -> bool:
@@ -70,7 +92,8 @@ class Deployment:
     @property
     def num_devices(self) -> int:
         groups = [self.colocated] if self.colocated else [self.prefill, self.decode]
-        return sum(g.num_devices for g in groups)
+        shared = len(self.shared) * self.prefill.ranks if self.shared else 0
+        return sum(g.num_devices for g in groups) - shared
 
     def link(self, prefill_index: int, decode_index: int) -> Link:
         """The link from prefill instance i to decode instance j."""
@@ -127,12 +150,30 @@ def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: 
                          layout.get("prefill"))
     d = group_from_phase(plan.decode, model, plan.block_size, latency, "prefill_first",
                          layout.get("decode"))
-    if not layout.get("decode") and d.device.name == p.device.name:
+    shared = shared_pairs(plan)
+    if shared:
+        d.nodes = [p.nodes[i] for i in range(d.num_instances)]      # pair i on pair i's GPUs
+    elif not layout.get("decode") and d.device.name == p.device.name:
         # Decode instances continue on the nodes after the prefill instances' devices.
         used = p.num_devices
         d.nodes = [f"{d.device.name}:{(used + i * d.ranks) // d.device.devices_per_node}"
                    for i in range(d.num_instances)]
-    return Deployment(plan.block_size, kv, prefill=p, decode=d)
+    return Deployment(plan.block_size, kv, prefill=p, decode=d, shared=shared)
+
+
+def shared_pairs(plan: Plan) -> list[tuple[int, int]]:
+    """Prefill and decode instances that share GPUs in a plan: both phases on CUDA, ranks taking
+    fractions that fit on one GPU together, as many instances with the same tp x pp on each
+    side (Ray then packs prefill instance i with decode instance i). Empty otherwise."""
+    p, d = plan.prefill, plan.decode
+    if plan.mode != "disaggregated" or p.device != "cuda" or d.device != "cuda":
+        return []
+    if not (p.num_gpus_per_rank < 1 and d.num_gpus_per_rank < 1
+            and p.num_gpus_per_rank + d.num_gpus_per_rank <= 1 + 1e-9):
+        return []
+    if p.num_instances != d.num_instances or p.ranks_per_instance != d.ranks_per_instance:
+        return []
+    return [(i, i) for i in range(p.num_instances)]
 
 
 def with_instances(group: InstanceGroup, num_instances: int) -> InstanceGroup:

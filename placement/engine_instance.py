@@ -12,6 +12,10 @@ in progress. Steps that preempt, and every prefill or mixed step, go through
 Two ways to run: `DecodePolicy.max_steps_without_preemption` and `DecodePolicy.fast_forward`
 at O(batch) per run; or, with the counting block manager, a few dozen requests running and
 all of them in the batch, a `LazyBatch` at O(1) per join or finish.
+
+`speed` (1 = the latency model's times) is lowered by the simulator while a prefill instance
+sharing this one's GPU is busy (`set_speed`): the run in flight is cut after its step in
+progress and the next steps take 1/speed as long.
 """
 from __future__ import annotations
 
@@ -54,6 +58,15 @@ class EngineInstance:
         self.run_need = None            # blocks the run in flight takes as it goes (lazily)
         self.inbox: list = []           # (request, time, joins_decode) that came while busy
         self.fresh: list = []           # in decode, first decode step not yet recorded
+        self.speed = 1.0
+
+    def set_speed(self, now: float, speed: float):
+        """Steps started from `now` on take 1/speed of the model's time; the run in flight ends
+        after its step in progress (events returned)."""
+        if speed == self.speed:
+            return None
+        self.speed = speed
+        return self._cut(now)
 
     # Entry points ---------------------------------------------------------------------
     def join(self, req, now: float):
@@ -167,6 +180,8 @@ class EngineInstance:
 
     def _start_run(self, now, batch, batch_size, num_steps, sum_context):
         first, growth, valid = self.latency.decode_line(batch_size, sum_context)
+        if self.speed != 1.0:
+            first, growth = first / self.speed, growth / self.speed
         k = min(num_steps, valid)
         self.run = (now, k, first, growth, batch)
         self.run_token += 1
@@ -234,6 +249,7 @@ class EngineInstance:
                                      cached if any(cached) else None)
         else:
             t = lat.decode_time(len(b.decode), decode_context)
+        t /= self.speed
         for r in b.preempted:
             self.queued_tokens += r.num_tokens
             if r in self.fresh:

@@ -43,7 +43,11 @@ def make_block_manager(num_blocks: int, block_size: int, exact: bool, prefix_cac
 
 class PrefillInstance:
     """Prefill batches under a token budget; with pp stages up to pp batches are in flight.
-    `on_prefilled(instance, request, now)` gets each request after its batch."""
+    `on_prefilled(instance, request, now)` gets each request after its batch.
+
+    `speed` (1 = the latency model's times) is lowered by the simulator while a decode
+    instance sharing this one's GPU is busy (`set_speed`): the batch in flight then ends later
+    by the work it has left, at the new speed."""
 
     def __init__(self, index: int, group: InstanceGroup, block_size: int, on_prefilled,
                  exact_blocks: bool = False, prefix_caching: bool = False):
@@ -54,6 +58,13 @@ class PrefillInstance:
         self.on_prefilled = on_prefilled
         self.queued_tokens = 0          # what pick_prefill compares
         self.stage_free_s = 0.0
+        self.speed = 1.0
+        self.flight: dict[int, list] = {}   # batch number -> [end_s, version, chunks]
+        self.num_batches = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.flight)
 
     def add(self, req, now: float):
         self.policy.add(req, now)
@@ -70,15 +81,42 @@ class PrefillInstance:
         cached = [c.start for c in chunks]
         self.queued_tokens -= sum(c.num_tokens for c in chunks)
         t = self.latency.prefill_time([c.start + c.num_tokens for c in chunks],
-                                      cached if any(cached) else None)
+                                      cached if any(cached) else None) / self.speed
         interval = self.latency.prefill_interval(t)
         self.stage_free_s = now + interval
-        events = [(now + t, self._done, chunks)]
+        self.num_batches += 1
+        self.flight[self.num_batches] = [now + t, 0, chunks]
+        events = [(now + t, self._done, (self.num_batches, 0))]
         if interval < t:
             events.append((now + interval, self.kick, None))
         return events
 
-    def _done(self, now: float, chunks):
+    def set_speed(self, now: float, speed: float):
+        """Run at `speed` from `now` on: batches in flight end later (or sooner) by the work they
+        have left; returns their new end events."""
+        old, self.speed = self.speed, speed
+        if old == speed or not self.flight:
+            return None
+        stretch = old / speed
+        events = []
+        if self.stage_free_s > now:
+            self.stage_free_s = now + (self.stage_free_s - now) * stretch
+            if self.latency.pp > 1:         # the next stage's kick, at its new time
+                events.append((self.stage_free_s, self.kick, None))
+        for number, entry in self.flight.items():
+            if entry[0] > now:
+                entry[0] = now + (entry[0] - now) * stretch
+                entry[1] += 1           # the old end event is stale now
+                events.append((entry[0], self._done, (number, entry[1])))
+        return events
+
+    def _done(self, now: float, arg):
+        number, version = arg
+        entry = self.flight.get(number)
+        if entry is None or entry[1] != version:
+            return None                 # rescheduled by set_speed
+        del self.flight[number]
+        chunks = entry[2]
         events = []
         self.policy.complete(chunks)
         for c in chunks:

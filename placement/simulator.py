@@ -12,6 +12,11 @@ its KV moves over the prefill->decode link (transfers on one link go one after a
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
 each arrival to the instance with the most free blocks after its queued prompts.
 
+Prefill and decode instances that share GPUs (`Deployment.shared`) time-slice them: after each
+event the simulator looks at whether each pair is busy, and while both are, both run at
+`Deployment.shared_speed` (a prefill batch in flight is stretched by its remaining work; a
+decode run is cut after its step in progress and continues at the new speed).
+
 `phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
 them: prefill-only requests end at their first token; decode-only requests arrive with their
 KV already in place.
@@ -117,10 +122,22 @@ class Simulator:
         heap = [(float(self.wl.arrival_s[0]), 0, self._arrive, 0)] if self.wl.num_requests else []
         seq, num_events = 1, 0
         push, pop = heapq.heappush, heapq.heappop
+        pairs = [(self.prefills[i], self.decodes[j]) for i, j in self.dep.shared] \
+            if self.prefills and self.decodes else []
+        busy = [(False, False)] * len(pairs)
+        speed = self.dep.shared_speed
         while heap and not self.stopped:
             now, _, handler, arg = pop(heap)
             num_events += 1
             events = handler(now, arg)
+            if pairs:
+                events = list(events or ())
+                for k, (p, d) in enumerate(pairs):
+                    state = (p.busy, d.busy)
+                    if state != busy[k]:
+                        busy[k] = state
+                        events.extend(p.set_speed(now, speed if state[1] else 1.0) or ())
+                        events.extend(d.set_speed(now, speed if state[0] else 1.0) or ())
             if events:
                 for t, h, a in events:
                     push(heap, (t, seq, h, a))

@@ -14,6 +14,8 @@ CASES = [
     pytest.param(4, 1, 128, 16, [65, 2], None, id="gqa4-d128-bs16"),
     pytest.param(2, 1, 80, 16, [19, 33], [16, 5], id="gqa2-d80-prefix"),
     pytest.param(4, 2, 16, 16, [9, 40], [3, 0], id="gqa2-d16-prefix"),
+    # a prefill graph's padded batch: the real sequences, a padding sequence, then empty ones
+    pytest.param(4, 1, 64, 16, [5, 30, 13, 0, 0, 0], None, id="gqa4-d64-graph-padding"),
 ]
 LONG = [  # GPU only: many tiles per sequence, long prefixes
     pytest.param(32, 8, 128, 16, [700, 129, 1000], [300, 0, 1200], id="gqa4-d128-long",

@@ -1,17 +1,17 @@
-"""Decode CUDA graphs and the packed step inputs behind them.
+"""Decode and prefill CUDA graphs and the packed step inputs behind them.
 
-On CPU: the packed prefill metadata equals the lists the oracle path builds, and a decode step
-run from the graphs' padded input buffer (without a graph) gives the eager step's logits and
-writes nothing for its padding rows. On the GPU (`-m gpu`): graph decode gives the same greedy
-tokens as eager CUDA decode and as the CPU path, prefill's layer hook still runs, and the decode
-step makes no host synchronisation.
+On CPU: the packed prefill metadata equals the lists the oracle path builds, and decode and
+prefill steps run from the graphs' padded input buffers (without a graph) give the eager steps'
+logits and write nothing for their padding rows. On the GPU (`-m gpu`): graph decode and prefill
+give the same greedy tokens as eager CUDA and as the CPU path, prefill's layer hook still runs
+(once after a replay, per layer when eager), and the decode step makes no host synchronisation.
 """
 import numpy as np
 import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from model.cuda_graph import DecodeInputs, graph_batch_sizes, pack_prefill
+from model.cuda_graph import DecodeInputs, PrefillInputs, graph_batch_sizes, pack_prefill, prefill_graph_sizes
 from model.kv_cache import allocate_kv_cache
 from model.loader import build_model
 from model.runner import ModelRunner, StepInput
@@ -27,6 +27,57 @@ def test_graph_batch_sizes_ladder():
     assert sizes[:6] == [1, 2, 4, 8, 16, 24] and sizes[-1] == 256 and sizes == sorted(set(sizes))
     with pytest.raises(ValueError):
         graph_batch_sizes(0)
+
+
+def test_prefill_graph_sizes_ladder():
+    assert prefill_graph_sizes(1) == [1]
+    assert prefill_graph_sizes(100) == [16, 32, 48, 64, 96, 100]
+    sizes = prefill_graph_sizes(1024)
+    assert sizes[:8] == [16, 32, 48, 64, 96, 128, 192, 256] and sizes[-1] == 1024
+    assert sizes == sorted(set(sizes)) and all(b - a <= max(a, 128) for a, b in zip(sizes, sizes[1:]))
+    with pytest.raises(ValueError):
+        prefill_graph_sizes(0)
+
+
+def test_prefill_inputs_layout_and_errors():
+    inp = PrefillInputs(64, max_seqs=3, block_size=BS, device="cpu")
+    chunks = [([7, 8, 9], 0, [3], True), (list(range(20)), 0, [9, 2], False), ([4], 0, [6], True)]
+    assert inp.fill(chunks, 32) == 2
+    inp.upload(32)
+    ids, pos, meta = inp.views(32)
+    assert ids.tolist() == [7, 8, 9] + list(range(20)) + [4] + [0] * 8
+    assert pos.tolist() == [0, 1, 2] + list(range(20)) + [0] + [0] * 8
+    slots = [3 * BS + p for p in range(3)] + [(9 if p < BS else 2) * BS + p % BS for p in range(20)]
+    assert meta.slot_mapping.tolist() == slots + [6 * BS] + [-1] * 8
+    # real sequences, the padding sequence up to 32, then an empty one (max_seqs + 1 in all)
+    assert meta.cu_seqlens.tolist() == [0, 3, 23, 24, 32]
+    assert inp.want(32, 2).tolist() == [2, 23]
+    assert all(t.data_ptr() % 16 == 0 for t in (ids, pos, meta.slot_mapping, meta.cu_seqlens))
+    inp.fill(chunks[:1], 16)                # a smaller size: its own layout, fully rewritten
+    inp.upload(16)
+    assert inp.views(16)[2].cu_seqlens.tolist() == [0, 3, 16, 16, 16]
+    with pytest.raises(ValueError, match="sequences"):
+        inp.fill(chunks + chunks, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        inp.fill(chunks, 16)
+
+
+@torch.inference_mode()
+def test_padded_prefill_inputs_match_eager_on_cpu():
+    model, kv = _tiny("cpu")
+    chunks = [(PROMPTS[i], 0, [3 * i, 3 * i + 1, 3 * i + 2, 40 + 3 * i], i != 2) for i in range(5)]
+    kv_eager = kv.clone()
+    want = ModelRunner(model, kv_eager, BS).prefill(chunks)
+    inp = PrefillInputs(256, max_seqs=8, block_size=BS, device="cpu")
+    n = inp.fill(chunks, 192)
+    inp.upload(192)
+    ids, pos, meta = inp.views(192)
+    kv_padded = kv.clone()
+    hidden = model(ids, pos, kv_padded, meta)
+    got = model.compute_logits(hidden.index_select(0, inp.want(192, n).long()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The padding tokens wrote nothing: both caches hold the same KV everywhere.
+    torch.testing.assert_close(kv_padded, kv_eager, rtol=1e-6, atol=1e-6)
 
 
 def test_pack_prefill_matches_list_metadata():
@@ -122,6 +173,7 @@ def test_graph_decode_tokens_match_eager_and_cpu(tmp_path, monkeypatch, arch):
         llms[name] = llm
     assert llms["eager"].runner.graphs is None
     assert llms["graph"].runner.graphs is not None and llms["graph"].runner.graphs.num_replays > 10
+    assert llms["graph"].runner.prefill_graphs.num_replays >= 1       # the prompts' prefill
     assert tokens["graph"] == tokens["eager"] == tokens["cpu"]
 
 
@@ -151,11 +203,47 @@ def test_graph_decode_bf16_close_to_eager_without_host_sync():
 def test_prefill_layer_hook_runs_with_graphs():
     _needs_cuda()
     model, kv = _tiny("cuda")
-    runner = ModelRunner(model, kv, BS)
-    assert runner.graphs is not None
-    seen = []
-    logits = runner.execute(StepInput(prefill=[(PROMPTS[3], 0, [4, 5, 6], True)]), layer_hook=seen.append)
-    assert seen == list(range(model.cfg.num_layers)) and logits.shape == (1, model.cfg.vocab_size)
+    runner = ModelRunner(model, kv, BS, max_prefill_graph_tokens=32)
+    assert runner.graphs is not None and runner.prefill_graphs is not None
     ref_model, ref_kv = _tiny("cpu")
-    ref = ModelRunner(ref_model, ref_kv, BS).execute(StepInput(prefill=[(PROMPTS[3], 0, [4, 5, 6], True)]))
-    assert int(logits.argmax()) == int(ref.argmax())
+    ref_runner = ModelRunner(ref_model, ref_kv, BS)
+    last = model.cfg.num_layers - 1
+    # 40 tokens: past the largest prefill graph, so eager, and the hook runs after every layer;
+    # 17 tokens: a replay, after which the hook runs once for the last layer (all are queued).
+    for prompt, table, hooks in ((PROMPTS[3], [4, 5, 6], list(range(last + 1))), (PROMPTS[2], [7, 8], [last])):
+        seen, replays = [], runner.prefill_graphs.num_replays
+        logits = runner.execute(StepInput(prefill=[(prompt, 0, table, True)]), layer_hook=seen.append)
+        assert seen == hooks and logits.shape == (1, model.cfg.vocab_size)
+        assert runner.prefill_graphs.num_replays == replays + (len(hooks) == 1)
+        ref = ref_runner.execute(StepInput(prefill=[(prompt, 0, table, True)]))
+        assert int(logits.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.gpu
+def test_graph_prefill_bf16_close_to_eager():
+    _needs_cuda()
+    model, kv = _tiny("cuda", torch.bfloat16)
+    graph_runner = ModelRunner(model, kv, BS, max_prefill_graph_tokens=128)
+    eager_runner = ModelRunner(model, kv, BS, enforce_eager=True)
+    kv_graph = graph_runner.kv_cache
+    cases = [  # (chunks, replayed?)
+        ([(PROMPTS[5], 0, [1], True)], True),                               # one token
+        ([(PROMPTS[i], 0, [2 * i + 1, 2 * i + 2, 30 + i, 40 + i], True) for i in (0, 1, 2, 3, 5)], True),
+        ([(PROMPTS[3], 0, [9, 10, 11], False), (PROMPTS[4], 0, [12, 13, 14, 15], True)], True),
+        ([(PROMPTS[1], 16, [20, 21], True)], False),                        # a cached prefix: eager
+        ([(PROMPTS[4] * 3, 0, list(range(50, 63)), True)], False),          # 192 tokens > 128
+    ]
+    for chunks, replayed in cases:
+        kv_before = kv.clone()
+        want = eager_runner.execute(StepInput(prefill=chunks)).clone()
+        kv_want = kv.clone()
+        kv.copy_(kv_before)
+        replays = graph_runner.prefill_graphs.num_replays
+        got = graph_runner.execute(StepInput(prefill=chunks))
+        assert graph_runner.prefill_graphs.num_replays == replays + replayed
+        err = (got - want).norm() / want.norm()
+        assert got.shape == want.shape and err < 2e-2, (chunks, float(err))
+        # the same KV written (GEMMs over padded rows may round differently), nothing elsewhere
+        assert float((kv_graph.float() - kv_want.float()).norm() / kv_want.float().norm()) < 1e-2
+        untouched = kv_want == kv_before
+        assert torch.equal(kv_graph[untouched], kv_before[untouched])

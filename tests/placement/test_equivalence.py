@@ -25,6 +25,10 @@ def _deployments():
     yield "disagg", disagg(prefill=group(2, 200, 512, prof=PROF), decode=group(2, 60, 512, prof=PROF, max_batch_size=8))
     # Plenty of memory but a small batch: requests wait outside the batch and move up into it.
     yield "disagg-small-batch", disagg(prefill=group(1, 400, 512, prof=PROF), decode=group(1, 2000, 512, prof=PROF, max_batch_size=4))
+    # Prefill and decode time-slicing shared GPUs: speed changes cut runs at step boundaries.
+    yield "disagg-shared", Deployment(16, KV_BYTES, prefill=group(2, 200, 512, prof=PROF),
+                                      decode=group(2, 60, 512, prof=PROF, max_batch_size=8),
+                                      shared=[(0, 0), (1, 1)], shared_speed=0.6)
     for mode in ("prefill_first", "chunked"):
         yield mode, Deployment(16, KV_BYTES, colocated=group(2, 80, 512, mode, PROF, chunk_tokens=64))
 

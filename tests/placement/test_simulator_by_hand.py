@@ -102,3 +102,42 @@ def test_requests_beyond_the_batch_wait_then_move_up(lazy_min_batch):
     r = simulate(dep, workload([0.0] * 6, [100] * 6, [5] * 6), phase="decode", lazy_min_batch=lazy_min_batch)
     np.testing.assert_allclose(r.finish_s, [0.4, 0.5, 0.5, 0.5, 0.8, 0.9])
     np.testing.assert_allclose(r.breakdown()["decode_queue"], [0.0, 0.1, 0.1, 0.1, 0.4, 0.5], atol=1e-12)
+
+
+def test_prefill_and_decode_sharing_a_gpu_by_hand():
+    # 1P + 1D time-slicing one GPU at half speed each while both are busy. Prefill 1.0 s alone,
+    # KV 0.11 s, decode steps 0.1 s. r0 (0.0, 10 decode steps): prefill [0, 1.0] alone, decode
+    # from 1.11, steps ending 1.21 ... 1.61. r1 arrives at 1.66, mid-step 6 (1.61-1.71): its
+    # prefill starts at half speed; step 6 ends at 1.71 as started, steps 7-10 take 0.2 s each:
+    # r0 finishes at 2.51. The prefill then did 0.425 s of its work in 0.85 s, the remaining
+    # 0.575 s at full speed: first token at 3.085, KV at 3.195, one full-speed step: 3.295.
+    shared = Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speed=0.5)
+    wl = workload([0.0, 1.66], [100, 100], [11, 2])
+    r = simulate(shared, wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 3.085])
+    np.testing.assert_allclose(r.finish_s, [2.51, 3.295])
+    np.testing.assert_allclose(r.tpot_s, [0.151, 0.21])
+    assert shared.num_devices == 1
+    alone = simulate(disagg(), wl)              # on two GPUs: nothing slows down
+    np.testing.assert_allclose(alone.first_token_s, [1.0, 2.66])
+    np.testing.assert_allclose(alone.finish_s, [2.11, 2.87])
+    assert disagg().num_devices == 2
+
+
+def test_shared_pairs_from_a_plan():
+    from engine.errors import ConfigError
+    from engine.plan import Plan
+    from placement.deployment import deployment_from_plan
+    half = {"device": "cuda", "gpu_type": "H100", "num_gpus_per_rank": 0.5, "num_kv_blocks": 100}
+    dep = deployment_from_plan(Plan.from_dict({"model": "llama-3-8b", "prefill": half, "decode": half}))
+    assert dep.shared == [(0, 0)] and dep.num_devices == 1 and dep.link(0, 0).same_node
+    two = {**half, "num_instances": 2}
+    dep = deployment_from_plan(Plan.from_dict({"model": "llama-3-8b", "prefill": two, "decode": two}))
+    assert dep.shared == [(0, 0), (1, 1)] and dep.num_devices == 2
+    whole = {**half, "num_gpus_per_rank": 1.0}
+    dep = deployment_from_plan(Plan.from_dict({"model": "llama-3-8b", "prefill": whole, "decode": whole}))
+    assert dep.shared == [] and dep.num_devices == 2
+    with pytest.raises(ConfigError, match="shared pairs"):
+        Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 1)])
+    with pytest.raises(ConfigError, match="shared_speed"):
+        Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speed=0)
