@@ -126,12 +126,16 @@ def cpu_usage(before: dict, after: dict) -> dict:
     return {k: round(v, 3) for k, v in use.items()}
 
 
+_SEEDS = iter(range(10_000, 1 << 30))
+
+
 def bench_args(server: str, workload: str, **kw) -> argparse.Namespace:
-    """`disagg bench`'s arguments with its defaults, for in-process calibration runs."""
+    """`disagg bench`'s arguments with its defaults, for in-process calibration runs; each run
+    gets a seed of its own, so no run's prompts hit the prefix cache another run filled."""
     from cluster.bench import add_bench_args
     p = argparse.ArgumentParser()
     add_bench_args(p)
-    a = p.parse_args(["--server", server, "--workload", workload])
+    a = p.parse_args(["--server", server, "--workload", workload, "--seed", str(next(_SEEDS))])
     for k, v in kw.items():
         setattr(a, k, v)
     return a
@@ -148,12 +152,13 @@ def _lstsq_nonneg(x, y, scale=None):
 
 
 def calibrate(server: str, serve_pid: int, engine, prompt_lens=(16, 128, 512), batches=(1, 4, 16),
-              repeats: int = 7) -> dict:
+              repeats: int = 7, shared: bool = False) -> dict:
     """Zero-load measurements against the running server, each beside the engine model's time:
     prefill steps one request at a time, decode steps of b requests decoding together (median
     inter-token gap in the middle of 64 tokens), the first-to-second-token gap, the TTFT
     outside the workers; the CPU the frontend and client spend per token; the cores the rest of
-    the machine used meanwhile."""
+    the machine used meanwhile; with `shared` (prefill and decode on one GPU), how they slow
+    each other (`interference`)."""
     from cluster.bench import replay
     out = {"prefill": [], "decode": [], "handover": [], "ttft_offset": []}
     start = cpu_snapshot(serve_pid)
@@ -176,21 +181,82 @@ def calibrate(server: str, serve_pid: int, engine, prompt_lens=(16, 128, 512), b
     after = cpu_snapshot(serve_pid)
     out["frontend_cpu_s_per_token"] = sum(after[k] - before[k] for k in ("serve", "ray", "client")) / max(1, tokens)
     out["other_cores"] = cpu_usage(start, after)["other"]
+    if shared:
+        out["interference"] = interference(server)
     return out
 
 
-def fit_calibration(cal: dict, kv_bytes_per_token: int) -> dict:
-    """serving step = scale * engine step + overhead (+ per request, decode). `scale` is 1 / the
-    share of a core a worker gets (fitted on prefill steps, whose lengths separate it from the
-    overhead; the same for decode, one core each), the overheads what a step costs beyond the
-    forward pass. The hand-over (first to second token, less one decode step) becomes the KV
+def _token_times(rec, start_unix_s: float) -> np.ndarray:
+    """Unix times at which a record's tokens arrived."""
+    return start_unix_s + rec.first_token_s + np.concatenate([[0.0], np.cumsum(rec.itl_s)])
+
+
+def interference(server: str, prompt_len: int = 256, decode_batch: int = 16, decode_tokens: int = 500,
+                 num_prefills: int = 40) -> dict:
+    """How a prefill and a decode instance sharing a GPU slow each other. Alone: prefill-only
+    requests (1 output token) of `prompt_len` tokens one at a time with the decode idle, and
+    `decode_batch` requests decoding together with the prefill idle. Together: the same decode
+    load while the same prefills run one after another. The prefill's speed while the decode
+    is busy (it always is here) = its compute time alone / together; the decode's = f /
+    (ITL together / ITL alone - 1 + f), f being the share of the window the prefill worker
+    was computing (a step overlaps a prefill for that share of the time). ITLs are compared at
+    the same token positions (the decode's step time grows with its context)."""
+    from cluster.bench import replay
+
+    def prefill_times(recs):
+        return [r.timings["prefill_compute_s"] for r in recs if r.ok]
+    alone_p = prefill_times(asyncio.run(replay(bench_args(
+        server, f"random:{prompt_len},1,0", num_requests=num_prefills // 2, max_concurrency=1, num_warmups=0)))[0])
+    dec_spec = f"random:64,{decode_tokens},0"
+    drecs = asyncio.run(replay(bench_args(server, dec_spec, num_requests=decode_batch, num_warmups=0)))[0]
+    alone_gaps = np.array([r.itl_s for r in drecs if r.ok and len(r.itl_s) == decode_tokens - 1])
+
+    async def together():
+        dec = asyncio.create_task(replay(bench_args(server, dec_spec, num_requests=decode_batch, num_warmups=0)))
+        await asyncio.sleep(0.5)                    # the decode batch is running
+        pre = await replay(bench_args(server, f"random:{prompt_len},1,0", num_requests=num_prefills,
+                                      max_concurrency=1, num_warmups=0))
+        return pre, await dec
+    (precs, _, _, pnotes), (drecs, _, _, dnotes) = asyncio.run(together())
+    ok_p = [r for r in precs if r.ok]
+    lo = pnotes["start_unix_s"] + min(r.sent_s for r in ok_p)
+    hi = pnotes["start_unix_s"] + max(r.done_s for r in ok_p)
+    ratios = []
+    for r in drecs:
+        if not (r.ok and len(r.itl_s) == decode_tokens - 1) or not len(alone_gaps):
+            continue
+        t = _token_times(r, dnotes["start_unix_s"])[1:]      # when each gap ended
+        inside = (t > lo) & (t < hi)
+        if inside.sum() >= 5:
+            ratios.append(np.median(np.array(r.itl_s)[inside]) / np.median(alone_gaps[:, inside]))
+    busy = sum(prefill_times(ok_p)) / max(hi - lo, 1e-9)
+    slow_p = float(np.median(prefill_times(ok_p)) / np.median(alone_p))
+    slow_d = float(np.median(ratios)) if ratios else 1.0
+    speed_d = busy / (slow_d - 1 + busy) if slow_d > 1 and busy > 0 else 1.0
+    return {"prompt_len": prompt_len, "decode_batch": decode_batch, "prefill_alone_s": float(np.median(alone_p)),
+            "prefill_together_s": float(np.median(prefill_times(ok_p))), "prefill_busy_share": float(busy),
+            "decode_itl_ratio": slow_d, "window_s": hi - lo,
+            "shared_speeds": [float(min(1.0, 1 / slow_p)), float(min(1.0, speed_d))]}
+
+
+
+def fit_calibration(cal: dict, kv_bytes_per_token: int, gpu: bool = False) -> dict:
+    """serving step = scale * engine step + overhead (+ per request, decode). On CPU `scale` is
+    1 / the share of a core a worker gets (fitted on prefill steps, whose lengths separate it
+    from the overhead; the same for decode, one core each); on a GPU the device is the
+    worker's own, scale is 1 and the overheads are the median excess over the engine's times.
+    The overheads are what a step costs beyond the forward pass. The hand-over (first to second token, less one decode step) becomes the KV
     link's latency + bytes / bandwidth."""
-    pre = cal["prefill"]
-    p_scale, p_o = _lstsq_nonneg([[e, 1] for _, _, e in pre], [m for _, m, _ in pre])
-    dec = cal["decode"]
-    d_scale = p_scale
-    d_o, d_s = _lstsq_nonneg([[1, b] for b, _, _, _ in dec], [m - d_scale * e for _, _, m, e in dec],
-                             [m for _, _, m, _ in dec])
+    pre, dec = cal["prefill"], cal["decode"]
+    if gpu:
+        p_scale = d_scale = 1.0
+        p_o = max(0.0, float(np.median([m - e for _, m, e in pre])))
+        d_o, d_s = max(0.0, float(np.median([m - e for _, _, m, e in dec]))), 0.0
+    else:
+        p_scale, p_o = _lstsq_nonneg([[e, 1] for _, _, e in pre], [m for _, m, _ in pre])
+        d_scale = p_scale
+        d_o, d_s = _lstsq_nonneg([[1, b] for b, _, _, _ in dec], [m - d_scale * e for _, _, m, e in dec],
+                                 [m for _, _, m, _ in dec])
     fit = {"prefill_scale": float(p_scale), "prefill_overhead_s": float(p_o), "decode_scale": float(d_scale),
            "decode_overhead_s": float(d_o), "decode_overhead_s_per_request": float(d_s)}
     step1 = [d_scale * e + d_o + d_s for b, _, _, e in dec if b == 1]
@@ -201,6 +267,8 @@ def fit_calibration(cal: dict, kv_bytes_per_token: int) -> dict:
                 "ttft_offset_s": float(np.median(cal["ttft_offset"])),
                 "frontend_cpu_s_per_token": cal["frontend_cpu_s_per_token"],
                 "other_cores": cal["other_cores"]})
+    if "interference" in cal:
+        fit["shared_speeds"] = cal["interference"]["shared_speeds"]
     return fit
 
 
@@ -212,6 +280,8 @@ def calibrated_profile(profile: dict, fit: dict, tp: int = 1) -> dict:
         e["prefill"][k] *= fit["prefill_scale"]
         e["decode"][k] *= fit["decode_scale"]
     e["prefill"]["a"] += fit["prefill_overhead_s"]
+    if e.get("prefill_floor_s"):
+        e["prefill_floor_s"] = e["prefill_floor_s"] * fit["prefill_scale"] + fit["prefill_overhead_s"]
     e["decode"]["a"] += fit["decode_overhead_s"]
     e["decode"]["c"] += fit["decode_overhead_s_per_request"]
     e["serving_calibration"] = fit
@@ -228,10 +298,12 @@ def _workload(run: dict):
                     np.array([r["output_len"] for r in rows]))
 
 
-def simulate_run(plan, profile: dict, run: dict, ttft_offset_s: float, slo, shared: bool = True) -> dict:
+def simulate_run(plan, profile: dict, run: dict, ttft_offset_s: float, slo, shared: bool = True,
+                 shared_speeds=None) -> dict:
     """Simulate the requests a bench run sent, at the times it sent them, with `profile`;
     `ttft_offset_s` (the TTFT outside the workers) is added to every simulated TTFT.
-    `shared=False` ignores that the plan's prefill and decode instances share GPUs."""
+    `shared=False` ignores that the plan's prefill and decode instances share GPUs;
+    `shared_speeds` (prefill, decode) replaces the deployment's default even split."""
     from placement.deployment import deployment_from_plan
     from placement.profile import ProfiledModel
     from placement.simulator import simulate
@@ -240,6 +312,8 @@ def simulate_run(plan, profile: dict, run: dict, ttft_offset_s: float, slo, shar
     dep.prefill.latency = dep.decode.latency = ProfiledModel(profile)
     if not shared:
         dep.shared = []
+    elif shared_speeds is not None:
+        dep.shared_speeds = tuple(shared_speeds)
     res = simulate(dep, wl)
     ttft, tpot = res.ttft_s + ttft_offset_s, res.tpot_s
     multi = wl.output_lens > 1
@@ -310,9 +384,9 @@ def main(argv=None) -> int:
     proc, server = start_server(out / "plan.json", out, env=env)
     try:
         t0 = time.monotonic()
-        cal = calibrate(server, proc.pid, engine)
+        cal = calibrate(server, proc.pid, engine, shared=shared_gpu)
         kv_bytes = mc.kv_bytes_per_token("float32" if plan.prefill.device == "cpu" else None)
-        fit = fit_calibration(cal, kv_bytes)
+        fit = fit_calibration(cal, kv_bytes, gpu=plan.prefill.device == "cuda")
         serving = calibrated_profile(engine_profile, fit)
         save_profile(serving, out / "profile-serving.json")
         result["calibration"] = {"raw": cal, "fit": fit, "seconds": time.monotonic() - t0}
@@ -320,17 +394,22 @@ def main(argv=None) -> int:
         for rate in [float(x) for x in args.rates.split(",")]:
             path = out / f"bench-rate{rate:g}.json"
             snap = cpu_snapshot(proc.pid)
+            # A seed per rate: the same trace rows, other arrivals and prompt ids, so no run hits the
+            # prefix cache that the runs before it filled (the simulator has no cache to hit).
             subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--server", server, "--workload", args.workload,
-                            "--rate", str(rate), "--num-requests", str(args.num_requests), "--seed", str(args.seed),
+                            "--rate", str(rate), "--num-requests", str(args.num_requests),
+                            "--seed", str(args.seed + len(result["runs"])),
                             "--max-prompt-len", str(args.max_prompt_len), "--max-output-len", str(args.max_output_len),
                             "--ttft-slo-s", str(slo[0]), "--tpot-slo-s", str(slo[1]), "--out", str(path)],
                            cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
             cpu = cpu_usage(snap, cpu_snapshot(proc.pid))
             run = json.loads(path.read_text())
             meas = measured(run)
+            speeds = fit.get("shared_speeds")
             preds = {"engine": simulate_run(plan, engine_profile, run, 0.0, slo),
-                     "calibrated": simulate_run(plan, serving, run, fit["ttft_offset_s"], slo)}
+                     "calibrated": simulate_run(plan, serving, run, fit["ttft_offset_s"], slo, shared_speeds=speeds)}
             if shared_gpu:
+                preds["calibrated, even split"] = simulate_run(plan, serving, run, fit["ttft_offset_s"], slo)
                 preds["calibrated, GPU not shared"] = simulate_run(plan, serving, run, fit["ttft_offset_s"], slo,
                                                                    shared=False)
             result["runs"].append({"rate": rate, "cpu_cores": cpu, "measured": meas,

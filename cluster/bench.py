@@ -185,7 +185,9 @@ async def replay(args):
         for _ in range(args.num_warmups):          # first steps on a fresh server are slow
             warm = make_request(list(range(8)), SamplingParams(max_tokens=4, ignore_eos=True))
             await _one(stub, Record(-1, 8, 4, 0.0), warm, time.perf_counter(), md, args.request_timeout_s)
-        msgs = [make_request(prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None),
+        # Prompts depend on the seed: a run with another seed shares no prefix with this one.
+        msgs = [make_request(prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None,
+                                              salt=args.seed),
                              SamplingParams(max_tokens=int(o), ignore_eos=True, seed=args.seed), f"bench-{run_id}-{i}")
                 for i, (p, o) in enumerate(zip(prompts, outputs))]
         recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
@@ -198,6 +200,7 @@ async def replay(args):
                 if sem:
                     sem.release()
         tasks, t0 = [], time.perf_counter()
+        notes["start_unix_s"] = time.time()        # record times count from here
         for rec, msg in zip(recs, msgs):
             delay = rec.arrival_s - (time.perf_counter() - t0)
             if delay > 0:
@@ -313,7 +316,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at most (0 = unbounded)")
     p.add_argument("--max-prompt-len", type=int, default=0, help="clip prompts (besides the server's limits)")
     p.add_argument("--max-output-len", type=int, default=0, help="clip outputs (besides the server's limits)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="arrivals, sampled trace rows and prompt token ids; runs with different seeds share "
+                        "no prompt prefix (the server's prefix cache keeps what an earlier run sent)")
     p.add_argument("--ttft-slo-s", type=float, default=None)
     p.add_argument("--tpot-slo-s", type=float, default=None)
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the run")

@@ -23,7 +23,7 @@ from engine.errors import ConfigError
 # (prefill lengths, prefill batch sizes, max prefill batch tokens, decode batches, decode contexts)
 GRIDS = {
     "cpu": ([16, 64, 128, 256, 512], [1, 2, 4], 1024, [1, 2, 4, 8, 16, 32], [32, 128, 512, 1024]),
-    "cuda": ([128, 256, 512, 1024, 2048, 4096, 8192, 16384], [1, 2, 4, 8], 16384,
+    "cuda": ([16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384], [1, 2, 4, 8], 16384,
              [1, 2, 4, 8, 16, 32, 64, 128, 256], [256, 1024, 2048, 4096, 8192]),
 }
 
@@ -224,7 +224,7 @@ def run(args) -> int:
     entry = profile["tp"][str(args.tp)]
     errs = sorted(prediction_errors(profile, args.tp))
     print(f"prefill: a={entry['prefill']['a'] * 1e3:.3f} ms  b={entry['prefill']['b'] * 1e6:.3f} us/token  "
-          f"c={entry['prefill']['c'] * 1e9:.3f} ns/token^2")
+          f"c={entry['prefill']['c'] * 1e9:.3f} ns/token^2, floor {entry.get('prefill_floor_s', 0) * 1e3:.3f} ms")
     print(f"decode:  a={entry['decode']['a'] * 1e3:.3f} ms  b={entry['decode']['b'] * 1e9:.3f} ns/context token  "
           f"c={entry['decode']['c'] * 1e6:.3f} us/request")
     print(f"fit over {len(errs)} points: median error {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%} "

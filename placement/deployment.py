@@ -55,8 +55,10 @@ class Deployment:
 
     `shared` pairs (prefill instance, decode instance) that run on the same GPUs (a plan whose
     ranks take fractions of a GPU, e.g. 1P + 1D at 0.5 GPU each over CUDA IPC). The two time-
-    slice the device: while both are busy each runs at `shared_speed` of its own model's speed
-    (processes without MPS never run kernels at the same time; 0.5 is an even split)."""
+    slice the device: while both are busy the prefill runs at `shared_speeds[0]` and the decode
+    at `shared_speeds[1]` of their own models' speeds (processes without MPS never run kernels
+    at the same time, so the two add up to about 1; (0.5, 0.5) is an even split, and
+    benchmarks/fidelity.py measures the split on a running cluster)."""
 
     block_size: int
     kv_bytes_per_token: int
@@ -64,7 +66,7 @@ class Deployment:
     decode: InstanceGroup | None = None
     colocated: InstanceGroup | None = None
     shared: list[tuple[int, int]] = field(default_factory=list)
-    shared_speed: float = 0.5
+    shared_speeds: tuple[float, float] = (0.5, 0.5)
 
     def __post_init__(self):
         if self.colocated is None and (self.prefill is None or self.decode is None):
@@ -82,8 +84,9 @@ class Deployment:
                                   f"that exist, got {self.shared}")
             if self.prefill.ranks != self.decode.ranks:
                 raise ConfigError("instances sharing devices need the same tp x pp on both sides")
-        if not 0 < self.shared_speed <= 1:
-            raise ConfigError(f"shared_speed must be in (0, 1], got {self.shared_speed}")
+        if len(self.shared_speeds) != 2 or not all(0 < v <= 1 for v in self.shared_speeds):
+            raise ConfigError(f"shared_speeds must be two speeds in (0, 1] (prefill, decode), "
+                              f"got {self.shared_speeds}")
 
     @property
     def disaggregated(self) -> bool:

@@ -68,6 +68,29 @@ def _fit_phase(rows: list[list[float]], times: list[float], phase: str) -> tuple
     return dict(zip("abc", (float(c) for c in coef))), float(rel.max())
 
 
+FLOOR_MARGIN = 1.2
+
+
+def _fit_prefill(rows: list[list[float]], times: list[float]) -> tuple[dict, float, float]:
+    """Prefill = max(floor, a + b l + c pairs). A short prefill costs what reading the weights
+    (or launching the kernels) costs whatever its length: the floor is the fastest sample, and
+    a, b, c are fitted to the samples clear of it (> FLOOR_MARGIN x floor) when there are at
+    least 3 of them. Returns (coefficients, max relative error over all samples, floor)."""
+    if len(rows) < 3:
+        raise ConfigError(f"fit_profile: need at least 3 prefill samples, got {len(rows)}")
+    x, y = np.array(rows), np.array(times)
+    if (y <= 0).any():
+        raise ConfigError("fit_profile: every prefill time_s must be > 0")
+    floor = float(y.min())
+    keep = y > FLOOR_MARGIN * floor
+    if keep.sum() < 3:
+        coef, err = _fit_phase(rows, times, "prefill")
+        return coef, err, 0.0
+    c = _nonneg_lstsq(x[keep] / y[keep, None], np.ones(int(keep.sum())))
+    rel = np.abs(np.maximum(floor, x @ c) - y) / y
+    return dict(zip("abc", (float(v) for v in c))), float(rel.max()), floor
+
+
 def fit_profile(samples: list[dict], device: str, model: str, tp: int,
                 base: dict | None = None) -> dict:
     """Fit prefill and decode coefficients for one TP degree. Returns a profile dict holding
@@ -85,7 +108,7 @@ def fit_profile(samples: list[dict], device: str, model: str, tp: int,
                 raise ConfigError(f"fit_profile: sample {i} has phase {s['phase']!r}, expected prefill or decode")
         except (KeyError, TypeError) as e:
             raise ConfigError(f"fit_profile: sample {i} lacks a field ({e})") from None
-    prefill, prefill_err = _fit_phase(pre_rows, pre_t, "prefill")
+    prefill, prefill_err, floor = _fit_prefill(pre_rows, pre_t)
     decode, decode_err = _fit_phase(dec_rows, dec_t, "decode")
     profile = json.loads(json.dumps(base)) if base else {
         "format": FORMAT, "device": device, "model": model, "tp": {}}
@@ -93,7 +116,7 @@ def fit_profile(samples: list[dict], device: str, model: str, tp: int,
         raise ConfigError(f"fit_profile: base profile is for {profile['device']}/{profile['model']}, not {device}/{model}")
     profile["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     profile["tp"][str(int(tp))] = {
-        "samples": list(samples), "prefill": prefill, "decode": decode,
+        "samples": list(samples), "prefill": prefill, "prefill_floor_s": floor, "decode": decode,
         "max_rel_error": {"prefill": prefill_err, "decode": decode_err}}
     return profile
 
@@ -146,7 +169,8 @@ def _validate(profile, where: str) -> None:
 
 
 class ProfiledModel(LatencyModel):
-    """prefill = a + b * sum(new tokens) + c * sum(n^2 + 2 n cached); decode = a + b * sum_context
+    """prefill = max(floor, a + b * sum(new tokens) + c * sum(n^2 + 2 n cached)) (floor: the
+    profile's `prefill_floor_s`, 0 when absent); decode = a + b * sum_context
     + c * batch_size, with the coefficients of one TP degree. Profiles are measured without
     pipeline parallelism, so pp must be 1. KV transfers use the profile's measured link figures
     when it has them, else the link the simulator passes in (from the device table)."""
@@ -161,12 +185,14 @@ class ProfiledModel(LatencyModel):
             raise ConfigError("a profiled latency model supports pp=1 only (profiles are measured without pipelining)")
         self.profile, self.tp, self.pp = profile, tp, 1
         self._pa, self._pb, self._pc = (entry["prefill"][k] for k in "abc")
+        self._floor = float(entry.get("prefill_floor_s", 0.0))
         self._da, self._db, self._dc = (entry["decode"][k] for k in "abc")
         self._links = profile.get("kv_transfer", {})
 
     def prefill_time(self, prompt_lens: Sequence[int], cached_lens=None) -> float:
         _, new, square = _prefill_features(prompt_lens, cached_lens)
-        return self._pa + self._pb * new + self._pc * square
+        t = self._pa + self._pb * new + self._pc * square
+        return t if t > self._floor else self._floor
 
     def decode_time(self, batch_size: int, sum_context: int) -> float:
         return self._da + self._db * sum_context + self._dc * batch_size

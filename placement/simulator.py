@@ -13,8 +13,8 @@ the prefill blocks are freed only once the transfer completes. A colocated deplo
 each arrival to the instance with the most free blocks after its queued prompts.
 
 Prefill and decode instances that share GPUs (`Deployment.shared`) time-slice them: after each
-event the simulator looks at whether each pair is busy, and while both are, both run at
-`Deployment.shared_speed` (a prefill batch in flight is stretched by its remaining work; a
+event the simulator looks at whether each pair is busy, and while both are, each runs at its
+share of `Deployment.shared_speeds` (a prefill batch in flight is stretched by its remaining work; a
 decode run is cut after its step in progress and continues at the new speed).
 
 `phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
@@ -125,7 +125,7 @@ class Simulator:
         pairs = [(self.prefills[i], self.decodes[j]) for i, j in self.dep.shared] \
             if self.prefills and self.decodes else []
         busy = [(False, False)] * len(pairs)
-        speed = self.dep.shared_speed
+        p_speed, d_speed = self.dep.shared_speeds
         while heap and not self.stopped:
             now, _, handler, arg = pop(heap)
             num_events += 1
@@ -136,8 +136,8 @@ class Simulator:
                     state = (p.busy, d.busy)
                     if state != busy[k]:
                         busy[k] = state
-                        events.extend(p.set_speed(now, speed if state[1] else 1.0) or ())
-                        events.extend(d.set_speed(now, speed if state[0] else 1.0) or ())
+                        events.extend(p.set_speed(now, p_speed if state[1] else 1.0) or ())
+                        events.extend(d.set_speed(now, d_speed if state[0] else 1.0) or ())
             if events:
                 for t, h, a in events:
                     push(heap, (t, seq, h, a))

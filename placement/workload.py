@@ -205,16 +205,19 @@ def make_workload(name_or_path: str, rate: float | None = None, num_requests: in
 
 
 def prompt_token_ids(index: int, prompt_len: int, vocab_size: int, hash_ids=None,
-                     block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> list[int]:
+                     block_tokens: int = MOONCAKE_BLOCK_TOKENS, salt: int = 0) -> list[int]:
     """Deterministic token ids for a synthetic prompt. With `hash_ids`, each 512-token block's
     ids derive from its hash id, so requests that share leading hash ids share a prefix (and
-    hit the prefix cache); without, ids derive from the request index (no sharing)."""
+    hit the prefix cache); without, ids derive from the request index (no sharing). `salt`
+    (e.g. a benchmark run's seed) gives other ids for the same index and hash ids: runs with
+    different salts never share a prefix, so one run cannot warm the server's prefix cache for
+    the next."""
     if not hash_ids:
-        rng = np.random.default_rng(index + 1)
+        rng = np.random.default_rng([index + 1, salt] if salt else index + 1)
         return rng.integers(0, vocab_size, prompt_len).tolist()
     out: list[int] = []
     for h in hash_ids:
-        rng = np.random.default_rng(int(h) + (1 << 40))
+        rng = np.random.default_rng([int(h) + (1 << 40), salt] if salt else int(h) + (1 << 40))
         out.extend(rng.integers(0, vocab_size, block_tokens).tolist())
         if len(out) >= prompt_len:
             break

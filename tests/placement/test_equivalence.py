@@ -28,7 +28,7 @@ def _deployments():
     # Prefill and decode time-slicing shared GPUs: speed changes cut runs at step boundaries.
     yield "disagg-shared", Deployment(16, KV_BYTES, prefill=group(2, 200, 512, prof=PROF),
                                       decode=group(2, 60, 512, prof=PROF, max_batch_size=8),
-                                      shared=[(0, 0), (1, 1)], shared_speed=0.6)
+                                      shared=[(0, 0), (1, 1)], shared_speeds=(0.4, 0.7))
     for mode in ("prefill_first", "chunked"):
         yield mode, Deployment(16, KV_BYTES, colocated=group(2, 80, 512, mode, PROF, chunk_tokens=64))
 

@@ -24,6 +24,19 @@ def test_fit_recovers_exact_coefficients():
     assert prof["format"] == FORMAT and prof["device"] == "H100"
 
 
+def test_fit_finds_the_short_prefill_floor():
+    # Below ~300 tokens a prefill costs its weight reads, 8 ms, whatever its length.
+    samples = [s for s in _samples() if s.get("prompt_lens") != [64]]
+    for n in (16, 64, 128, 256):
+        samples.append({"phase": "prefill", "prompt_lens": [n], "time_s": max(0.008, 0.002 + 3e-5 * n + 2e-9 * n * n)})
+    entry = fit_profile(samples, "H100", "llama-3-8b", 1)["tp"]["1"]
+    assert entry["prefill_floor_s"] == pytest.approx(0.008)
+    assert entry["prefill"] == pytest.approx({"a": 0.002, "b": 3e-5, "c": 2e-9}, rel=1e-6)
+    assert entry["max_rel_error"]["prefill"] < 1e-9
+    m = ProfiledModel(fit_profile(samples, "H100", "llama-3-8b", 1))
+    assert m.prefill_time([16]) == pytest.approx(0.008) and m.prefill_time([4096]) > 0.1
+
+
 def test_fit_keeps_coefficients_non_negative():
     samples = _samples(c=0.0)
     samples[0]["time_s"] *= 0.5           # noise that would pull a coefficient below zero

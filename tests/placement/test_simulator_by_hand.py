@@ -111,13 +111,21 @@ def test_prefill_and_decode_sharing_a_gpu_by_hand():
     # prefill starts at half speed; step 6 ends at 1.71 as started, steps 7-10 take 0.2 s each:
     # r0 finishes at 2.51. The prefill then did 0.425 s of its work in 0.85 s, the remaining
     # 0.575 s at full speed: first token at 3.085, KV at 3.195, one full-speed step: 3.295.
-    shared = Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speed=0.5)
+    shared = Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speeds=(0.5, 0.5))
     wl = workload([0.0, 1.66], [100, 100], [11, 2])
     r = simulate(shared, wl)
     np.testing.assert_allclose(r.first_token_s, [1.0, 3.085])
     np.testing.assert_allclose(r.finish_s, [2.51, 3.295])
     np.testing.assert_allclose(r.tpot_s, [0.151, 0.21])
     assert shared.num_devices == 1
+    # An uneven split, prefill 0.25 and decode 0.75: steps 7-10 take 0.1 / 0.75 s (r0 done at
+    # 1.71 + 0.4 / 0.75); the prefill did 0.25 x (that - 1.66) of its work meanwhile.
+    uneven = Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speeds=(0.25, 0.75))
+    r = simulate(uneven, wl)
+    r0_done = 1.71 + 0.4 / 0.75
+    first = r0_done + (1.0 - 0.25 * (r0_done - 1.66))
+    np.testing.assert_allclose(r.finish_s, [r0_done, first + 0.11 + 0.1])
+    np.testing.assert_allclose(r.first_token_s, [1.0, first])
     alone = simulate(disagg(), wl)              # on two GPUs: nothing slows down
     np.testing.assert_allclose(alone.first_token_s, [1.0, 2.66])
     np.testing.assert_allclose(alone.finish_s, [2.11, 2.87])
@@ -139,5 +147,5 @@ def test_shared_pairs_from_a_plan():
     assert dep.shared == [] and dep.num_devices == 2
     with pytest.raises(ConfigError, match="shared pairs"):
         Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 1)])
-    with pytest.raises(ConfigError, match="shared_speed"):
-        Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speed=0)
+    with pytest.raises(ConfigError, match="shared_speeds"):
+        Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speeds=(0.5, 0))
