@@ -16,6 +16,7 @@ from cluster.instances import Instance
 from cluster.tracking import Tracked
 
 log = logging.getLogger("disagg.transfers")
+SLOW_HANDOVER_S = 0.2       # hand-overs slower than this are logged with where the time went
 
 
 async def quiet(ref):
@@ -41,6 +42,7 @@ class TransferCoordinator:
         results = await asyncio.gather(
             *[r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], blocks) for r in d.ranks],
             return_exceptions=True)
+        received = time.monotonic()
         errors = [str(r) if isinstance(r, Exception) else r[1] for r in results if isinstance(r, Exception) or not r[0]]
         if not errors:
             try:
@@ -48,6 +50,12 @@ class TransferCoordinator:
             except asyncio.TimeoutError:
                 errors.append("the first token never arrived")
         exposed_s = max(0.0, time.monotonic() - max(t0, t.times.get("prefill_end", t0)))
+        if exposed_s > SLOW_HANDOVER_S:
+            end = t.times.get("prefill_end", t0)
+            log.warning("slow KV hand-over of %s (%d blocks, %s -> %s, seq %d): %.3f s after its prefill; "
+                        "the receive returned %.3f s after it was called and %.3f s after the prefill, which ended %.3f s "
+                        "after the transfer was scheduled", wid, len(blocks), p.instance_id, d.instance_id, ev["seq"],
+                        exposed_s, received - t0, received - end, end - t0)
         await quiet(p.driver.release.remote(wid))
         if t.attempt != attempt:            # abandoned meanwhile: no receive can write any more
             await c.release_decode(d, wid, reserved)
@@ -72,6 +80,9 @@ class TransferCoordinator:
         try:
             await d.driver.start_decode.remote(wid, t.req.prompt_token_ids, list(t.req.output_token_ids),
                                                t.req.sampling, t.req.arrival_s)
+            started = time.monotonic() - t.times["transfer_end"]
+            if started > SLOW_HANDOVER_S:
+                log.warning("slow start_decode of %s on %s: %.3f s", wid, d.instance_id, started)
         except Exception as e:  # noqa: BLE001 - the decode instance died: health handles it
             await c.health.on_failure(d, f"start_decode failed: {e}")
             return

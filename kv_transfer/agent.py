@@ -9,6 +9,7 @@ it fail at once, and the controller rebuilds the channel under a new epoch.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,10 @@ from kernels.kv_pack import pack_kv, packed_shape, unpack_kv
 from kv_transfer.channel import Channel, ChannelMaster
 from kv_transfer.shard_plan import Layout, Rect, split_layers, transfer_plan
 
+IPC_COPY_BYTES = 256 << 20      # the largest staging buffer a CUDA IPC copy uses
+SLOW_JOB_S = 0.2                # transfer jobs slower than this are logged with where the time went
+log = logging.getLogger("disagg.kv")
+
 
 @dataclass(order=True)
 class _Job:
@@ -29,6 +34,9 @@ class _Job:
     run: Callable[[Channel], None] = field(compare=False)
     num_groups: int = field(compare=False, default=1)     # groups of this request on this channel
     future: Future = field(compare=False, default_factory=Future)
+    deferred: bool = field(compare=False, default=False)  # done only once the channel is flushed
+
+MAX_UNFLUSHED = 64          # deferred jobs a channel thread completes together at most
 
 
 class _ChannelThread:
@@ -56,10 +64,19 @@ class _ChannelThread:
         e, s, g = job.key
         self._next = (e, s, g + 1) if g + 1 < job.num_groups else (e, s + 1, 0)
 
+    def _ready(self) -> bool:
+        return bool(self._heap) and self._heap[0].key <= self._next
+
     def _loop(self):
+        unflushed: list[_Job] = []       # deferred jobs run, their GPU work not waited for yet
         while True:
             with self._cv:
-                while not self._closed and not (self._heap and self._heap[0].key <= self._next):
+                ready = self._ready()
+            if unflushed and (not ready or len(unflushed) >= MAX_UNFLUSHED):
+                self._flush(unflushed)      # nothing more to queue now: one wait for all
+                unflushed = []
+            with self._cv:
+                while not self._closed and not self._ready():
                     self._cv.wait()
                 if self._closed:
                     return
@@ -70,15 +87,32 @@ class _ChannelThread:
                 self._advance(job)
             try:
                 job.run(self.channel)
-                job.future.set_result(None)
+                if job.deferred:
+                    unflushed.append(job)
+                else:
+                    job.future.set_result(None)
             except Exception as e:  # noqa: BLE001 - reported through the future
-                job.future.set_exception(e if isinstance(e, TransferError) else TransferError(str(e)))
+                err = e if isinstance(e, TransferError) else TransferError(str(e))
+                self._flush(unflushed)
+                unflushed = []
+                job.future.set_exception(err)
+
+    def _flush(self, jobs: list[_Job]) -> None:
+        try:
+            self.channel.flush()
+        except Exception as e:  # noqa: BLE001 - every job waiting on the GPU work fails
+            for job in jobs:
+                job.future.set_exception(TransferError(f"completing the copy failed: {e}"))
+            return
+        for job in jobs:
+            job.future.set_result(None)
 
     def close(self):
         with self._cv:
             self._closed = True
             for job in self._heap:
                 job.future.set_exception(TransferError("channel closed"))
+            # Deferred jobs already run finish in the thread's next flush or fail by timeout.
             self._heap.clear()
             self._cv.notify_all()
         self.channel.close()
@@ -99,9 +133,9 @@ class _Agent:
         self._lock = threading.Lock()
 
     def _groups(self, rect: Rect, thread: "_ChannelThread | None") -> list[Rect]:
-        # Over CUDA IPC one message wins: the copies take ~1 ms per GiB, while packing layer
-        # groups from this thread during the prefill waits on the GIL behind the model's kernel
-        # launches (measured on the H100, docs/benchmarks.md). Layer-wise elsewhere.
+        # Over CUDA IPC one copy per request: the receiver copies ~1 ms per GiB, while packing
+        # layer groups during the prefill waited on the GIL behind the model's kernel launches
+        # (measured on the H100, docs/benchmarks.md). Layer-wise elsewhere.
         if thread is not None and thread.channel.kind == "cuda_ipc":
             return [rect]
         return split_layers(rect, self.num_groups)
@@ -140,7 +174,8 @@ class KVSender(_Agent):
         out = {}
         for p in transfer_plan(self.layout, peer_layout):
             if p.src_rank == self.rank:
-                m = ChannelMaster(kind, self.device, host, self.timeout_s)
+                m = ChannelMaster(kind, self.device, host, self.timeout_s,
+                                  self.kv_cache if kind == "cuda_ipc" else None)
                 self._masters[(peer, p.dst_rank)] = m
                 out[p.dst_rank] = m.address
         return out
@@ -167,14 +202,20 @@ class KVSender(_Agent):
             f = Future()
             f.set_exception(TransferError(f"no channels to {peer}"))
             return [f]
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        ids = None
         for p in transfer_plan(self.layout, self.peer_layouts[peer]):
             if p.src_rank != self.rank:
                 continue
             thread = self.threads.get((peer, p.dst_rank))
             groups = self._groups(p.rect, thread)
             for g, rect in enumerate(groups):
-                job = _Job((epoch, seq, g), self._send_job(rect, ids, wait_layers), len(groups))
+                if thread is not None and thread.channel.kind == "cuda_ipc":
+                    run = self._ipc_send_job(rect, list(block_ids), wait_layers)
+                else:
+                    if ids is None:
+                        ids = torch.tensor(block_ids, dtype=torch.int64)     # moved on the channel's stream
+                    run = self._send_job(rect, ids, wait_layers)
+                job = _Job((epoch, seq, g), run, len(groups))
                 if thread is None:
                     job.future.set_exception(TransferError(f"no channel to {peer} rank {p.dst_rank}"))
                     futures.append(job.future)
@@ -193,8 +234,31 @@ class KVSender(_Agent):
             delay = self.faults.pop("send_delay_s", 0.0)
             if delay:
                 time.sleep(delay)
-            ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, ids, local.layers, local.heads, out=buf.view(shape)),
-                    self.kv_cache.dtype)
+            ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, ids.to(self.device), local.layers, local.heads,
+                                                out=buf.view(shape)), self.kv_cache.dtype)
+        return run
+
+    def _ipc_send_job(self, rect: Rect, block_ids: list[int], wait):
+        """Over CUDA IPC the receiver copies from this rank's cache itself: once the layers are
+        computed, send the block ids and wait for its acknowledgement."""
+        local = rect.local(self.owner)
+        shape = packed_shape(self.kv_cache, len(block_ids), local.layers, local.heads)
+        nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
+
+        queued = time.monotonic()
+
+        def run(ch: Channel):
+            started = time.monotonic()
+            if wait is not None:
+                wait(rect.layers[1])
+            ready = time.monotonic()
+            delay = self.faults.pop("send_delay_s", 0.0)
+            if delay:
+                time.sleep(delay)
+            ch.send_block_ids(block_ids, nbytes)
+            if time.monotonic() - queued > SLOW_JOB_S:
+                log.warning("slow KV send job: %.3f s in the channel's queue, %.3f s waiting for the layers, "
+                            "%.3f s sending", started - queued, ready - started, time.monotonic() - ready)
         return run
 
 
@@ -215,8 +279,11 @@ class KVReceiver(_Agent):
         of a list drains that many blocks' worth and drops it: a transfer nobody wants any more
         must still be received, or every later one on the channel would wait for it."""
         drain = isinstance(block_ids, int)
-        ids = torch.empty(block_ids, dtype=torch.int64, device=self.device) if drain else \
-            torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        # Host tensors: the jobs move them to the device on their channel's stream. Made on the
+        # device here, in the caller's thread, the copy would queue on the default stream behind
+        # the decode steps in flight (tens of ms each while a prefill shares the GPU), and every
+        # later transfer on the channel would wait for it.
+        ids = torch.zeros(block_ids, dtype=torch.int64) if drain else torch.tensor(block_ids, dtype=torch.int64)
         futures = []
         if peer not in self.peer_layouts:
             raise TransferError(f"no channels from {peer}")
@@ -228,7 +295,13 @@ class KVReceiver(_Agent):
                 raise TransferError(f"no channel from {peer} rank {p.src_rank}")
             groups = self._groups(p.rect, thread)
             for g, rect in enumerate(groups):
-                futures.append(thread.submit(_Job((epoch, seq, g), self._recv_job(rect, ids, drain), len(groups))))
+                ipc = thread.channel.kind == "cuda_ipc"
+                if ipc:
+                    src_owner = self.peer_layouts[peer].rect(p.src_rank)
+                    run = self._ipc_recv_job(rect, src_owner, ids, drain)
+                else:
+                    run = self._recv_job(rect, ids, drain)
+                futures.append(thread.submit(_Job((epoch, seq, g), run, len(groups), deferred=ipc)))
         errors = []
         for f in futures:
             try:
@@ -244,9 +317,38 @@ class KVReceiver(_Agent):
         nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
 
         def unpack(buf):
-            if not drain:
-                unpack_kv(buf.view(shape), self.kv_cache, ids, local.layers, local.heads)
+            if not drain:       # on the channel's stream (Channel.recv)
+                unpack_kv(buf.view(shape), self.kv_cache, ids.to(self.device), local.layers, local.heads)
 
         def run(ch: Channel):
             ch.recv(nbytes, unpack, self.kv_cache.dtype)
+        return run
+
+    def _ipc_recv_job(self, rect: Rect, src_owner: Rect, ids: torch.Tensor, drain: bool = False):
+        """Copy the rectangle straight from the sender's cache (mapped over CUDA IPC) into ours,
+        a few layers at a time so the staging buffer stays under IPC_COPY_BYTES."""
+        local, src = rect.local(self.owner), rect.local(src_owner)
+        shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
+        per_layer = torch.Size(shape[1:]).numel() * self.kv_cache.element_size()
+        nbytes = per_layer * shape[0]
+        step = max(1, IPC_COPY_BYTES // max(per_layer, 1))
+
+        def copy(src_ids: torch.Tensor, ch: Channel):      # on the channel's stream
+            if len(src_ids) != len(ids):
+                raise TransferError(f"the sender has {len(src_ids)} blocks for a request this rank "
+                                    f"reserved {len(ids)} for")
+            dst_ids = ids.to(self.device)
+            for l0 in range(0, shape[0], step):
+                n = min(step, shape[0] - l0)
+                buf = pack_kv(ch.peer_cache, src_ids, (src.layers[0] + l0, src.layers[0] + l0 + n), src.heads)
+                unpack_kv(buf, self.kv_cache, dst_ids, (local.layers[0] + l0, local.layers[0] + l0 + n), local.heads)
+
+        queued = time.monotonic()
+
+        def run(ch: Channel):
+            started = time.monotonic()
+            ch.recv_block_ids(None if drain else (lambda src_ids: copy(src_ids, ch)), nbytes)
+            if time.monotonic() - queued > SLOW_JOB_S:
+                log.warning("slow KV receive job: %.3f s in the channel's queue, %.3f s receiving",
+                            started - queued, time.monotonic() - started)
         return run

@@ -5,15 +5,21 @@ share no world and a channel can be torn down and rebuilt when a peer fails.
 Kinds (the transports of DESIGN.md):
   gloo      CPU tensors over TCP.
   nccl      GPU to GPU through NCCL (NCCL refuses two ranks on one GPU: use cuda_ipc there).
-  cuda_ipc  processes on one host, also sharing one GPU: the sender packs into a staging pool
-            that the receiver maps through a CUDA IPC handle; a gloo pair carries the small
-            headers and acknowledgements.
+  cuda_ipc  processes on one host, also sharing one GPU: the receiver maps the sender's whole
+            KV cache through a CUDA IPC handle and copies a request's blocks straight into its
+            own cache (`send_block_ids` / `recv_block_ids`); a gloo pair carries the block ids.
+            The sender's GPU does no work for a transfer, and its blocks stay allocated until
+            the controller has the receiver's confirmation. The receiver queues the copies of
+            every request ready in order and waits for the GPU once for all of them: two
+            processes sharing a GPU time-slice it, and each wait costs a slice (~30-50 ms on
+            the H100 while a long prefill runs), so one wait per request made transfers queue.
 Every operation has a timeout. After any failure a channel is broken for good (a gloo pair
 closes on timeout); the owner rebuilds it with a new store.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -24,8 +30,8 @@ import torch.distributed as dist
 from engine.errors import TransferError
 
 KINDS = ("gloo", "nccl", "cuda_ipc")
-IPC_SLOT_BYTES = 2**30      # one staging slot: a send waits for its ack before the next
-IPC_NUM_SLOTS = 1
+SLOW_MESSAGE_S = 0.2        # messages slower than this are logged with where their time went
+log = logging.getLogger("disagg.kv")
 
 
 def local_ip() -> str:
@@ -43,27 +49,29 @@ def _td(seconds: float) -> datetime.timedelta:
 
 
 class ChannelMaster:
-    """Sender side, first phase: opens the store (and, for cuda_ipc, the staging pool) and
-    returns the address the receiver connects to."""
+    """Sender side, first phase: opens the store (and, for cuda_ipc, shares the sender's KV
+    cache) and returns the address the receiver connects to."""
 
-    def __init__(self, kind: str, device: torch.device, host: str, timeout_s: float):
+    def __init__(self, kind: str, device: torch.device, host: str, timeout_s: float,
+                 kv_cache: torch.Tensor | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown channel kind {kind!r}; known: {KINDS}")
         self.kind, self.device, self.timeout_s = kind, device, timeout_s
         self.store = dist.TCPStore(host, 0, 2, True, timeout=_td(timeout_s), wait_for_workers=False)
-        self.pool = None
         self.address = {"kind": kind, "host": host, "port": self.store.port}
         if kind == "cuda_ipc":
             from torch.multiprocessing.reductions import reduce_tensor
-            self.pool = torch.empty(IPC_NUM_SLOTS * IPC_SLOT_BYTES, dtype=torch.uint8, device=device)
-            self.address["pool"] = reduce_tensor(self.pool)
+            if kv_cache is None or not kv_cache.is_cuda:
+                raise ValueError("a cuda_ipc channel needs the sender's CUDA KV cache")
+            self.address["cache"] = reduce_tensor(kv_cache)
 
 
 class Channel:
-    def __init__(self, side: int, kind: str, pg, device: torch.device, timeout_s: float, pool=None, store=None):
+    def __init__(self, side: int, kind: str, pg, device: torch.device, timeout_s: float, peer_cache=None,
+                 store=None):
         self.side, self.kind, self.pg, self.device = side, kind, pg, device
         self.timeout_s = timeout_s
-        self.pool = pool
+        self.peer_cache = peer_cache  # cuda_ipc receiver: the sender's KV cache, mapped
         self._store = store           # keeps the master store alive as long as the channel
         self.broken: str | None = None
         # Packing and unpacking run on the channel's own stream, so they overlap the model's
@@ -79,17 +87,17 @@ class Channel:
     @classmethod
     def connect_sender(cls, master: ChannelMaster) -> "Channel":
         pg = cls._make_pg(master.kind, master.store, 0, master.device, master.timeout_s)
-        return cls(0, master.kind, pg, master.device, master.timeout_s, master.pool, master.store)
+        return cls(0, master.kind, pg, master.device, master.timeout_s, None, master.store)
 
     @classmethod
     def connect_receiver(cls, address: dict, device: torch.device, timeout_s: float) -> "Channel":
         store = dist.TCPStore(address["host"], address["port"], 2, False, timeout=_td(timeout_s))
-        pool = None
+        peer_cache = None
         if address["kind"] == "cuda_ipc":
-            rebuild, args = address["pool"]
-            pool = rebuild(*args)
+            rebuild, args = address["cache"]
+            peer_cache = rebuild(*args)
         pg = cls._make_pg(address["kind"], store, 1, device, timeout_s)
-        return cls(1, address["kind"], pg, device, timeout_s, pool, store)
+        return cls(1, address["kind"], pg, device, timeout_s, peer_cache, store)
 
     @staticmethod
     def _make_pg(kind: str, store, rank: int, device, timeout_s: float):
@@ -134,25 +142,20 @@ class Channel:
         """Send one message of `nbytes`: `fill(buf)` writes it into a buffer of that many bytes
         viewed as `dtype` (the pack kernel writes straight into it)."""
         self._check()
+        if self.kind == "cuda_ipc":
+            raise TransferError("a cuda_ipc channel moves blocks with send_block_ids, not messages")
         t0 = time.monotonic()
-        if self.kind == "cuda_ipc" and nbytes <= IPC_SLOT_BYTES:
-            slot = self.num_messages % IPC_NUM_SLOTS
-            buf = self.pool[slot * IPC_SLOT_BYTES: slot * IPC_SLOT_BYTES + nbytes].view(dtype)
-            with self._on_stream():
-                fill(buf)
-            self._sync()
-            self.pack_seconds += time.monotonic() - t0
-            self._ipc_control("send", slot, nbytes)
-        else:
-            with self._on_stream():
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device).view(dtype)
-                fill(buf)
-            if self.kind == "cuda_ipc":
-                self._ipc_chunked_send(buf)
-            else:
-                self._sync()
-                with self._on_stream():
-                    self._wait(self.pg.send([buf.view(torch.uint8)], 1, 0), "send")
+        with self._on_stream():
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device).view(dtype)
+            fill(buf)
+        self._sync()
+        t1 = time.monotonic()
+        self.pack_seconds += t1 - t0
+        with self._on_stream():
+            self._wait(self.pg.send([buf.view(torch.uint8)], 1, 0), "send")
+        if time.monotonic() - t0 > SLOW_MESSAGE_S:
+            log.warning("slow KV send of %d MB: pack %.3f s, send %.3f s", nbytes >> 20, t1 - t0,
+                        time.monotonic() - t1)
         self.num_messages += 1
         self.num_bytes += nbytes
         self.seconds += time.monotonic() - t0
@@ -161,61 +164,59 @@ class Channel:
         """Receive one message and hand it to `consume(buf)` (which unpacks it into the cache)
         before the buffer is released."""
         self._check()
+        if self.kind == "cuda_ipc":
+            raise TransferError("a cuda_ipc channel moves blocks with recv_block_ids, not messages")
         t0 = time.monotonic()
-        if self.kind == "cuda_ipc" and nbytes <= IPC_SLOT_BYTES:
-            slot = self.num_messages % IPC_NUM_SLOTS
-            self._ipc_control("recv_header", slot, nbytes)
-            t1 = time.monotonic()
-            with self._on_stream():
-                consume(self.pool[slot * IPC_SLOT_BYTES: slot * IPC_SLOT_BYTES + nbytes].view(dtype))
-            self._sync()
-            self.pack_seconds += time.monotonic() - t1
-            self._ipc_control("ack", slot, nbytes)
-        else:
-            with self._on_stream():
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            if self.kind == "cuda_ipc":
-                self._ipc_chunked_recv(buf)
-            else:
-                with self._on_stream():
-                    self._wait(self.pg.recv([buf], 0, 0), "recv")
-            with self._on_stream():
-                consume(buf.view(dtype))
-            self._sync()
+        with self._on_stream():
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._wait(self.pg.recv([buf], 0, 0), "recv")
+        t1 = time.monotonic()
+        with self._on_stream():
+            consume(buf.view(dtype))
+        self._sync()
+        self.pack_seconds += time.monotonic() - t1
         self.num_messages += 1
         self.num_bytes += nbytes
         self.seconds += time.monotonic() - t0
 
-    # CUDA IPC control: [slot, nbytes] headers and acks on the gloo pair ------------------
-    def _ipc_control(self, op: str, slot: int, nbytes: int) -> None:
-        hdr = torch.tensor([slot, nbytes], dtype=torch.int64)
-        if op == "send":
-            self._wait(self.pg.send([hdr], 1, 1), "send header")
-            self._wait(self.pg.recv([hdr], 1, 2), "wait for ack")
-        elif op == "recv_header":
-            self._wait(self.pg.recv([hdr], 0, 1), "recv header")
-            if hdr.tolist() != [slot, nbytes]:
-                self._fail("recv header", RuntimeError(f"expected {[slot, nbytes]}, got {hdr.tolist()}"))
-        else:
-            self._wait(self.pg.send([hdr], 0, 2), "send ack")
+    # CUDA IPC: block ids out, the receiver copies, an acknowledgement back ------------------
+    def send_block_ids(self, block_ids: list[int], nbytes: int) -> None:
+        """cuda_ipc sender: tell the receiver which blocks of our cache hold the next request
+        (their KV must be complete); it copies them. `nbytes` is counted."""
+        self._check()
+        t0 = time.monotonic()
+        ids = torch.tensor([len(block_ids), *block_ids], dtype=torch.int64)
+        self._wait(self.pg.send([ids[:1]], 1, 1), "send header")
+        if block_ids:
+            self._wait(self.pg.send([ids[1:]], 1, 3), "send block ids")
+        self.num_messages += 1
+        self.num_bytes += nbytes
+        self.seconds += time.monotonic() - t0
 
-    def _ipc_chunked_send(self, buf: torch.Tensor) -> None:
-        flat = buf.view(torch.uint8)
-        for off in range(0, flat.numel(), IPC_SLOT_BYTES):
-            n = min(IPC_SLOT_BYTES, flat.numel() - off)
+    def recv_block_ids(self, copy: Callable[[torch.Tensor], None] | None, nbytes: int) -> None:
+        """cuda_ipc receiver: take the sender's block ids for the next request and queue
+        `copy(ids)` from `peer_cache` on this channel's stream (None: drop them). The copy is
+        complete only after `flush`."""
+        self._check()
+        t0 = time.monotonic()
+        hdr = torch.zeros(1, dtype=torch.int64)
+        self._wait(self.pg.recv([hdr], 0, 1), "recv header")
+        ids = torch.empty(int(hdr[0]), dtype=torch.int64)
+        if len(ids):
+            self._wait(self.pg.recv([ids], 0, 3), "recv block ids")
+        if copy is not None and len(ids):
             with self._on_stream():
-                self.pool[:n].copy_(flat[off:off + n])
-            self._sync()
-            self._ipc_control("send", 0, n)
+                copy(ids.to(self.device, non_blocking=False))
+        self.num_messages += 1
+        self.num_bytes += nbytes
+        self.seconds += time.monotonic() - t0
 
-    def _ipc_chunked_recv(self, buf: torch.Tensor) -> None:
-        for off in range(0, buf.numel(), IPC_SLOT_BYTES):
-            n = min(IPC_SLOT_BYTES, buf.numel() - off)
-            self._ipc_control("recv_header", 0, n)
-            with self._on_stream():
-                buf[off:off + n].copy_(self.pool[:n])
-            self._sync()
-            self._ipc_control("ack", 0, n)
+    def flush(self) -> None:
+        """Wait until every copy queued on this channel's stream is done."""
+        t0 = time.monotonic()
+        self._sync()
+        self.pack_seconds += time.monotonic() - t0
+        self.seconds += time.monotonic() - t0
 
     def close(self) -> None:
         """Drop the process group. Peers blocked on it fail by their own timeout."""
@@ -227,5 +228,5 @@ class Channel:
             except Exception:  # noqa: BLE001 - best effort on teardown
                 pass
         self.pg = None
-        self.pool = None
+        self.peer_cache = None
         self._store = None
