@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -34,9 +35,7 @@ class _Job:
     run: Callable[[Channel], None] = field(compare=False)
     num_groups: int = field(compare=False, default=1)     # groups of this request on this channel
     future: Future = field(compare=False, default_factory=Future)
-    deferred: bool = field(compare=False, default=False)  # done only once the channel is flushed
-
-MAX_UNFLUSHED = 64          # deferred jobs a channel thread completes together at most
+    deferred: bool = field(compare=False, default=False)  # done once its GPU work is (Channel.record)
 
 
 class _ChannelThread:
@@ -48,6 +47,7 @@ class _ChannelThread:
         self._cv = threading.Condition()
         self._next = (epoch, 0, 0)
         self._closed = False
+        self._completer = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -64,19 +64,10 @@ class _ChannelThread:
         e, s, g = job.key
         self._next = (e, s, g + 1) if g + 1 < job.num_groups else (e, s + 1, 0)
 
-    def _ready(self) -> bool:
-        return bool(self._heap) and self._heap[0].key <= self._next
-
     def _loop(self):
-        unflushed: list[_Job] = []       # deferred jobs run, their GPU work not waited for yet
         while True:
             with self._cv:
-                ready = self._ready()
-            if unflushed and (not ready or len(unflushed) >= MAX_UNFLUSHED):
-                self._flush(unflushed)      # nothing more to queue now: one wait for all
-                unflushed = []
-            with self._cv:
-                while not self._closed and not self._ready():
+                while not self._closed and not (self._heap and self._heap[0].key <= self._next):
                     self._cv.wait()
                 if self._closed:
                     return
@@ -88,31 +79,44 @@ class _ChannelThread:
             try:
                 job.run(self.channel)
                 if job.deferred:
-                    unflushed.append(job)
+                    self._complete_later(job, self.channel.record())
                 else:
                     job.future.set_result(None)
             except Exception as e:  # noqa: BLE001 - reported through the future
-                err = e if isinstance(e, TransferError) else TransferError(str(e))
-                self._flush(unflushed)
-                unflushed = []
-                job.future.set_exception(err)
+                job.future.set_exception(e if isinstance(e, TransferError) else TransferError(str(e)))
 
-    def _flush(self, jobs: list[_Job]) -> None:
-        try:
-            self.channel.flush()
-        except Exception as e:  # noqa: BLE001 - every job waiting on the GPU work fails
-            for job in jobs:
+    def _complete_later(self, job: _Job, event) -> None:
+        """Deferred jobs (CUDA IPC copies) complete in a second thread once their GPU work is
+        done, so this thread goes on to the next job at once: on a GPU shared by two
+        processes each wait costs a time slice, and the copies of requests ready together
+        then finish together instead of one slice each."""
+        if self._completer is None:
+            self._done = queue.Queue()
+            self._completer = threading.Thread(target=self._complete_loop, name=self._thread.name + "-done",
+                                               daemon=True)
+            self._completer.start()
+        self._done.put((job, event))
+
+    def _complete_loop(self):
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            job, event = item
+            try:
+                if event is not None:
+                    event.synchronize()
+                job.future.set_result(None)
+            except Exception as e:  # noqa: BLE001 - reported through the future
                 job.future.set_exception(TransferError(f"completing the copy failed: {e}"))
-            return
-        for job in jobs:
-            job.future.set_result(None)
 
     def close(self):
         with self._cv:
             self._closed = True
             for job in self._heap:
                 job.future.set_exception(TransferError("channel closed"))
-            # Deferred jobs already run finish in the thread's next flush or fail by timeout.
+            if self._completer is not None:
+                self._done.put(None)        # after the copies already queued
             self._heap.clear()
             self._cv.notify_all()
         self.channel.close()

@@ -9,10 +9,11 @@ Kinds (the transports of DESIGN.md):
             KV cache through a CUDA IPC handle and copies a request's blocks straight into its
             own cache (`send_block_ids` / `recv_block_ids`); a gloo pair carries the block ids.
             The sender's GPU does no work for a transfer, and its blocks stay allocated until
-            the controller has the receiver's confirmation. The receiver queues the copies of
-            every request ready in order and waits for the GPU once for all of them: two
-            processes sharing a GPU time-slice it, and each wait costs a slice (~30-50 ms on
-            the H100 while a long prefill runs), so one wait per request made transfers queue.
+            the controller has the receiver's confirmation. The receiver never waits for its
+            copies in the channel's thread (`record` gives an event that another thread
+            waits on): two processes sharing a GPU time-slice it, each wait costs a slice
+            (~30-50 ms on the H100 while a long prefill runs), and one wait per request in
+            the channel's order made transfers queue.
 Every operation has a timeout. After any failure a channel is broken for good (a gloo pair
 closes on timeout); the owner rebuilds it with a new store.
 """
@@ -196,7 +197,7 @@ class Channel:
     def recv_block_ids(self, copy: Callable[[torch.Tensor], None] | None, nbytes: int) -> None:
         """cuda_ipc receiver: take the sender's block ids for the next request and queue
         `copy(ids)` from `peer_cache` on this channel's stream (None: drop them). The copy is
-        complete only after `flush`."""
+        complete only once the stream reaches it (`record`)."""
         self._check()
         t0 = time.monotonic()
         hdr = torch.zeros(1, dtype=torch.int64)
@@ -211,12 +212,13 @@ class Channel:
         self.num_bytes += nbytes
         self.seconds += time.monotonic() - t0
 
-    def flush(self) -> None:
-        """Wait until every copy queued on this channel's stream is done."""
-        t0 = time.monotonic()
-        self._sync()
-        self.pack_seconds += time.monotonic() - t0
-        self.seconds += time.monotonic() - t0
+    def record(self):
+        """An event after the work queued on this channel's stream so far (None on CPU)."""
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
 
     def close(self) -> None:
         """Drop the process group. Peers blocked on it fail by their own timeout."""
