@@ -25,6 +25,21 @@ from kv_transfer.channel import Channel, ChannelMaster
 from kv_transfer.shard_plan import Layout, Rect, split_layers, transfer_plan
 
 IPC_COPY_BYTES = 256 << 20      # the largest staging buffer a CUDA IPC copy uses
+def _host_ids(block_ids, device: torch.device) -> torch.Tensor:
+    """Block ids in host memory, pinned when they are going to a GPU."""
+    t = torch.tensor(block_ids, dtype=torch.int64)
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def _on_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`ids` on `device`, asynchronously on the current stream. A copy from pageable memory
+    would make the channel's thread wait for the GPU: on a GPU shared by two processes, a time
+    slice per copy, per request, in the channel's order."""
+    if device.type != "cuda":
+        return ids
+    return (ids if ids.is_pinned() else ids.pin_memory()).to(device, non_blocking=True)
+
+
 SLOW_JOB_S = 0.2                # transfer jobs slower than this are logged with where the time went
 log = logging.getLogger("disagg.kv")
 
@@ -217,7 +232,7 @@ class KVSender(_Agent):
                     run = self._ipc_send_job(rect, list(block_ids), wait_layers)
                 else:
                     if ids is None:
-                        ids = torch.tensor(block_ids, dtype=torch.int64)     # moved on the channel's stream
+                        ids = _host_ids(block_ids, self.device)     # moved on the channel's stream
                     run = self._send_job(rect, ids, wait_layers)
                 job = _Job((epoch, seq, g), run, len(groups))
                 if thread is None:
@@ -238,7 +253,7 @@ class KVSender(_Agent):
             delay = self.faults.pop("send_delay_s", 0.0)
             if delay:
                 time.sleep(delay)
-            ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, ids.to(self.device), local.layers, local.heads,
+            ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, _on_device(ids, self.device), local.layers, local.heads,
                                                 out=buf.view(shape)), self.kv_cache.dtype)
         return run
 
@@ -287,7 +302,7 @@ class KVReceiver(_Agent):
         # device here, in the caller's thread, the copy would queue on the default stream behind
         # the decode steps in flight (tens of ms each while a prefill shares the GPU), and every
         # later transfer on the channel would wait for it.
-        ids = torch.zeros(block_ids, dtype=torch.int64) if drain else torch.tensor(block_ids, dtype=torch.int64)
+        ids = torch.zeros(block_ids, dtype=torch.int64) if drain else _host_ids(block_ids, self.device)
         futures = []
         if peer not in self.peer_layouts:
             raise TransferError(f"no channels from {peer}")
@@ -322,7 +337,7 @@ class KVReceiver(_Agent):
 
         def unpack(buf):
             if not drain:       # on the channel's stream (Channel.recv)
-                unpack_kv(buf.view(shape), self.kv_cache, ids.to(self.device), local.layers, local.heads)
+                unpack_kv(buf.view(shape), self.kv_cache, _on_device(ids, self.device), local.layers, local.heads)
 
         def run(ch: Channel):
             ch.recv(nbytes, unpack, self.kv_cache.dtype)
@@ -341,7 +356,7 @@ class KVReceiver(_Agent):
             if len(src_ids) != len(ids):
                 raise TransferError(f"the sender has {len(src_ids)} blocks for a request this rank "
                                     f"reserved {len(ids)} for")
-            dst_ids = ids.to(self.device)
+            dst_ids = _on_device(ids, self.device)
             for l0 in range(0, shape[0], step):
                 n = min(step, shape[0] - l0)
                 buf = pack_kv(ch.peer_cache, src_ids, (src.layers[0] + l0, src.layers[0] + l0 + n), src.heads)

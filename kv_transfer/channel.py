@@ -206,8 +206,8 @@ class Channel:
         if len(ids):
             self._wait(self.pg.recv([ids], 0, 3), "recv block ids")
         if copy is not None and len(ids):
-            with self._on_stream():
-                copy(ids.to(self.device, non_blocking=False))
+            with self._on_stream():     # pinned, so the copy is queued and this thread goes on
+                copy(ids.pin_memory().to(self.device, non_blocking=True))
         self.num_messages += 1
         self.num_bytes += nbytes
         self.seconds += time.monotonic() - t0
