@@ -51,18 +51,30 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
-class DecodeInputs:
-    """The packed int32 inputs of decode graphs: a host buffer (pinned on CUDA) and its device
-    twin, laid out per graph size as the module docstring draws. Usable on CPU (tests)."""
+class _StagedInputs:
+    """An int32 host buffer (pinned on CUDA) and its device twin, sized by the subclass's
+    `numel(largest graph size)`; each graph size uses a prefix of both. Usable on CPU (tests)."""
+
+    def _allocate(self, largest: int, device) -> None:
+        self.device = torch.device(device)
+        numel = self.numel(largest)
+        self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(numel, dtype=torch.int32, device=self.device)
+
+    def upload(self, size: int) -> None:
+        """One copy of the prefix graph size `size` uses, asynchronous from pinned memory."""
+        n = self.numel(size)
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+
+
+class DecodeInputs(_StagedInputs):
+    """The packed int32 inputs of decode graphs, laid out per graph size as the module
+    docstring draws."""
 
     def __init__(self, max_batch_size: int, width: int, block_size: int, device):
         self.width, self.block_size = width, block_size
-        self.device = torch.device(device)
-        numel = self.numel(max_batch_size)
-        pinned = self.device.type == "cuda"
-        self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=pinned)
-        self.host_np = self.host.numpy()
-        self.dev = torch.zeros(numel, dtype=torch.int32, device=self.device)
+        self._allocate(max_batch_size, device)
         self._rows_size = 0                 # graph size whose layout the rows cache describes
         self._rows: list[list[int]] = []    # block table each row of the host buffer holds
 
@@ -110,11 +122,6 @@ class DecodeInputs:
         bt[n:, 0] = 0
         for i in range(n, b):
             rows[i] = [0]
-
-    def upload(self, b: int) -> None:
-        """One copy of the used prefix, asynchronous from pinned memory on CUDA."""
-        n = self.numel(b)
-        self.dev[:n].copy_(self.host[:n], non_blocking=True)
 
 
 def _capture_one(model, kv_cache, pool, run_inputs):
@@ -203,19 +210,13 @@ def _aligned(n: int) -> int:
     return n + (-n % 4)             # int32 fields start on 16-byte boundaries
 
 
-class PrefillInputs:
-    """The packed int32 inputs of prefill graphs (layout in the module docstring): a host buffer
-    (pinned on CUDA) and its device twin; each graph size uses a prefix of both. Usable on CPU."""
+class PrefillInputs(_StagedInputs):
+    """The packed int32 inputs of prefill graphs (layout in the module docstring)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, block_size: int, device):
         self.max_seqs, self.block_size = max_seqs, block_size
         self.num_seqs = max_seqs + 1            # the real ones, then the padding sequence
-        self.device = torch.device(device)
-        numel = self.numel(max_tokens)
-        pinned = self.device.type == "cuda"
-        self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=pinned)
-        self.host_np = self.host.numpy()
-        self.dev = torch.zeros(numel, dtype=torch.int32, device=self.device)
+        self._allocate(max_tokens, device)
         self._placeholder = torch.zeros((1, 1), dtype=torch.int32, device=self.device)
 
     def _offsets(self, t: int) -> dict[str, int]:
@@ -275,10 +276,6 @@ class PrefillInputs:
         rows = [int(cu[i + 1]) - 1 for i, c in enumerate(chunks) if c[3]]
         h[at["want"]:at["want"] + len(rows)] = rows
         return len(rows)
-
-    def upload(self, t: int) -> None:
-        n = self.numel(t)
-        self.dev[:n].copy_(self.host[:n], non_blocking=True)
 
 
 class PrefillGraphs:
