@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runtime on one GPU, in one device call: GPU tests (kernels, model, the cluster with a
 # prefill and a decode actor sharing the GPU over CUDA IPC), the engine benchmark, and the KV
-# transfer benchmark at llama-3-8b shape. STAGE=fidelity runs the H100 fidelity check instead.
+# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|fidelity pick other parts.
 # Needs Ray: build .whl/ with ../shared/tools/gpu-wheels and carry it.
 set -o pipefail
 OUT=${OUT:-/tmp/cluster_gpu}
@@ -12,39 +12,31 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_
        RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0
 export PATH=/tmp/site/bin:$PATH
 { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv; } 2>&1 | tee "$OUT/env.txt"
-if [ "${STAGE:-main}" = main ]; then
-  timeout 300 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
-    -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/pytest_gpu.log"
-  timeout 200 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
-    2>&1 | grep -v "^(raylet)" | tail -20 | tee "$OUT/kv_transfer.log"
-  timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log"
-elif [ "$STAGE" = engine ]; then
-  # GPU tests, the engine benchmark (short prefills with and without graphs; no HF), the profile
-  timeout 240 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
-    -p no:cacheprovider 2>&1 | tail -12 | tee "$OUT/pytest_gpu.log"
-  timeout 200 python3 -m benchmarks.engine --no-hf --out "$OUT/engine.json" 2>&1 | tail -70 | tee "$OUT/engine.log"
-  timeout 130 python3 -m cluster.cli profile --device cuda --model llama-3-8b --out "$OUT/H100_llama-3-8b.json" \
-    2>&1 | tail -20 | tee "$OUT/profile.log"
-elif [ "$STAGE" = fidelity-only ]; then
-  timeout 500 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
-    --rates ${RATES:-12,24,36} --num-requests ${NUM:-200} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
-    --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
-    2>&1 | grep -v "^(raylet)" | tail -30 | tee "$OUT/fidelity.log"
-elif [ "$STAGE" = final ]; then
-  timeout 220 python3 -m pytest -m gpu tests/kernels tests/model tests/cluster/test_runtime_gpu.py -q -rs \
-    -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/pytest_gpu.log"
-  timeout 120 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
+gpu_tests() {   # $1: timeout (s), $2: lines of output kept
+  timeout "$1" python3 -m pytest -m gpu tests/kernels tests/model tests/kv_transfer tests/cluster/test_runtime_gpu.py \
+    -q -rs -p no:cacheprovider 2>&1 | tail -"$2" | tee "$OUT/pytest_gpu.log"
+}
+kv_bench() {    # $1: timeout (s)
+  timeout "$1" python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
-  timeout 300 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
-    --rates ${RATES:-2,4,8} --num-requests ${NUM:-120} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
-    --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
-    2>&1 | grep -v "^(raylet)" | tail -30 | tee "$OUT/fidelity.log"
-else
-  timeout 150 python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
-    2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
-  timeout 420 python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
-    --rates ${RATES:-2,4,8} --num-requests ${NUM:-120} --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
+}
+fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate
+  timeout "$1" python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
+    --rates "${RATES:-$2}" --num-requests "${NUM:-$3}" --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
     --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
     2>&1 | grep -v "^(raylet)" | tail -40 | tee "$OUT/fidelity.log"
-fi
+}
+case "${STAGE:-main}" in
+  main)           # GPU tests, KV transfer and engine benchmarks
+    gpu_tests 300 25; kv_bench 200
+    timeout 200 python3 -m benchmarks.engine --out "$OUT/engine.json" 2>&1 | tail -60 | tee "$OUT/engine.log" ;;
+  engine)         # GPU tests, the engine benchmark (no HF), the profile
+    gpu_tests 240 12
+    timeout 200 python3 -m benchmarks.engine --no-hf --out "$OUT/engine.json" 2>&1 | tail -70 | tee "$OUT/engine.log"
+    timeout 130 python3 -m cluster.cli profile --device cuda --model llama-3-8b --out "$OUT/H100_llama-3-8b.json" \
+      2>&1 | tail -20 | tee "$OUT/profile.log" ;;
+  fidelity-only)  fidelity 500 4,8,16,32,64,96,128 240 ;;
+  final)          gpu_tests 220 8; kv_bench 120; fidelity 300 4,8,16,32 240 ;;
+  *)              kv_bench 150; fidelity 420 4,8,16,32,64,96,128 240 ;;
+esac
 date -u

@@ -159,6 +159,11 @@ class _Agent:
             return [rect]
         return split_layers(rect, self.num_groups)
 
+    def _packed(self, local: Rect, num_blocks: int) -> tuple[tuple[int, ...], int]:
+        """Shape and bytes of `local` (this rank's coordinates) packed for `num_blocks` blocks."""
+        shape = packed_shape(self.kv_cache, num_blocks, local.layers, local.heads)
+        return shape, torch.Size(shape).numel() * self.kv_cache.element_size()
+
     def close_peer(self, peer: str) -> None:
         with self._lock:
             for key in [k for k in self.threads if k[0] == peer]:
@@ -242,38 +247,34 @@ class KVSender(_Agent):
                     futures.append(thread.submit(job))
         return futures
 
+    def _await_layers(self, rect: Rect, wait) -> None:
+        """Block until the rectangle's layers are in the cache (and any injected send delay)."""
+        if wait is not None:
+            wait(rect.layers[1])
+        delay = self.faults.pop("send_delay_s", 0.0)
+        if delay:
+            time.sleep(delay)
+
     def _send_job(self, rect: Rect, ids: torch.Tensor, wait):
         local = rect.local(self.owner)
-        shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
-        nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
+        shape, nbytes = self._packed(local, len(ids))
 
         def run(ch: Channel):
-            if wait is not None:
-                wait(rect.layers[1])
-            delay = self.faults.pop("send_delay_s", 0.0)
-            if delay:
-                time.sleep(delay)
+            self._await_layers(rect, wait)
             ch.send(nbytes, lambda buf: pack_kv(self.kv_cache, _on_device(ids, self.device), local.layers, local.heads,
                                                 out=buf.view(shape)), self.kv_cache.dtype)
         return run
 
     def _ipc_send_job(self, rect: Rect, block_ids: list[int], wait):
         """Over CUDA IPC the receiver copies from this rank's cache itself: once the layers are
-        computed, send the block ids and wait for its acknowledgement."""
-        local = rect.local(self.owner)
-        shape = packed_shape(self.kv_cache, len(block_ids), local.layers, local.heads)
-        nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
-
+        computed, send the block ids."""
+        _, nbytes = self._packed(rect.local(self.owner), len(block_ids))
         queued = time.monotonic()
 
         def run(ch: Channel):
             started = time.monotonic()
-            if wait is not None:
-                wait(rect.layers[1])
+            self._await_layers(rect, wait)
             ready = time.monotonic()
-            delay = self.faults.pop("send_delay_s", 0.0)
-            if delay:
-                time.sleep(delay)
             ch.send_block_ids(block_ids, nbytes)
             if time.monotonic() - queued > SLOW_JOB_S:
                 log.warning("slow KV send job: %.3f s in the channel's queue, %.3f s waiting for the layers, "
@@ -332,8 +333,7 @@ class KVReceiver(_Agent):
 
     def _recv_job(self, rect: Rect, ids: torch.Tensor, drain: bool = False):
         local = rect.local(self.owner)
-        shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
-        nbytes = torch.Size(shape).numel() * self.kv_cache.element_size()
+        shape, nbytes = self._packed(local, len(ids))
 
         def unpack(buf):
             if not drain:       # on the channel's stream (Channel.recv)
@@ -347,9 +347,8 @@ class KVReceiver(_Agent):
         """Copy the rectangle straight from the sender's cache (mapped over CUDA IPC) into ours,
         a few layers at a time so the staging buffer stays under IPC_COPY_BYTES."""
         local, src = rect.local(self.owner), rect.local(src_owner)
-        shape = packed_shape(self.kv_cache, len(ids), local.layers, local.heads)
-        per_layer = torch.Size(shape[1:]).numel() * self.kv_cache.element_size()
-        nbytes = per_layer * shape[0]
+        shape, nbytes = self._packed(local, len(ids))
+        per_layer = nbytes // shape[0]
         step = max(1, IPC_COPY_BYTES // max(per_layer, 1))
 
         def copy(src_ids: torch.Tensor, ch: Channel):      # on the channel's stream

@@ -57,6 +57,8 @@ class _StagedInputs:
 
     def _allocate(self, largest: int, device) -> None:
         self.device = torch.device(device)
+        # The pinned buffer is rewritten only once the copy that read it last has run.
+        self.copied = torch.cuda.Event() if self.device.type == "cuda" else None
         numel = self.numel(largest)
         self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self.host_np = self.host.numpy()
@@ -66,6 +68,16 @@ class _StagedInputs:
         """One copy of the prefix graph size `size` uses, asynchronous from pinned memory."""
         n = self.numel(size)
         self.dev[:n].copy_(self.host[:n], non_blocking=True)
+
+    def stage(self, data, size: int):
+        """`fill(data, size)` once the last upload has read the host buffer, then upload it;
+        returns what fill returns. CUDA only (the graphs' inputs)."""
+        if not self.copied.query():     # complete as a rule: the last step's outputs were read
+            self.copied.synchronize()
+        out = self.fill(data, size)
+        self.upload(size)
+        self.copied.record()
+        return out
 
 
 class DecodeInputs(_StagedInputs):
@@ -152,8 +164,6 @@ class DecodeGraphs:
         self.max_batch_size = self.sizes[-1]
         self.inputs = DecodeInputs(self.max_batch_size, -(-self.max_model_len // block_size),
                                    block_size, self.device)
-        # The pinned buffer is rewritten only once the copy that read it last has run.
-        self.copied = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.num_replays = 0
@@ -181,11 +191,7 @@ class DecodeGraphs:
         """Replay the graph for `seqs` [(token id, position, block table)]; the hidden states of
         the real rows, [len(seqs), hidden], valid until the next replay."""
         b = self.size_for(len(seqs))
-        if not self.copied.query():     # complete as a rule: the last step's tokens were read
-            self.copied.synchronize()
-        self.inputs.fill(seqs, b)
-        self.inputs.upload(b)
-        self.copied.record()
+        self.inputs.stage(seqs, b)
         self.graphs[b].replay()
         self.num_replays += 1
         return self.outputs[b][:len(seqs)]
@@ -295,7 +301,6 @@ class PrefillGraphs:
         self.max_tokens, self.max_seqs = self.sizes[-1], max_seqs
         self.max_positions = model.cos_sin.shape[0]
         self.inputs = PrefillInputs(self.max_tokens, max_seqs, block_size, self.device)
-        self.copied = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.num_replays = 0
@@ -326,11 +331,7 @@ class PrefillGraphs:
         """Replay; returns (hidden states of the padded batch, device rows of the logit rows),
         valid until the next replay of this size."""
         t = self.size_for(sum(len(c[0]) for c in chunks))
-        if not self.copied.query():
-            self.copied.synchronize()
-        num_want = self.inputs.fill(chunks, t)
-        self.inputs.upload(t)
-        self.copied.record()
+        num_want = self.inputs.stage(chunks, t)
         self.graphs[t].replay()
         self.num_replays += 1
         return self.outputs[t], self.inputs.want(t, num_want)
