@@ -15,6 +15,8 @@ from engine.errors import ConfigError
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "gloo", "nccl", "cuda_ipc")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODES = ("disaggregated", "colocated", "mixed")
+SCHEDULES = ("prefill_first", "chunked")
 
 
 @dataclass
@@ -35,6 +37,8 @@ class PhaseConfig:
     num_kv_blocks: int = 0          # 0 = size the cache from memory
     gpu_memory_utilization: float = 0.85
     max_queue: int = 1024           # requests waiting in this phase before new ones are refused
+    schedule: str = "prefill_first"  # colocated instances: "prefill_first" or "chunked"
+    chunk_tokens: int = 512         # chunked schedule: prompt tokens per step beside the decodes
 
     def __post_init__(self):
         _positive(self, "num_instances", "tp", "pp", "max_batch_tokens", "max_batch_size", "max_queue")
@@ -44,6 +48,10 @@ class PhaseConfig:
             raise ConfigError(f"num_kv_blocks must be >= 0, got {self.num_kv_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.chunk_tokens < 1:
+            raise ConfigError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
         if self.num_gpus_per_rank < 0 or self.num_cpus_per_rank < 0 or self.torch_threads < 0:
             raise ConfigError("num_gpus_per_rank, num_cpus_per_rank and torch_threads must be >= 0")
 
@@ -62,7 +70,9 @@ class PhaseConfig:
 @dataclass
 class Plan:
     """A whole deployment. mode="disaggregated" uses `prefill` and `decode`; mode="colocated"
-    runs `colocated` instances that do both phases (the baseline)."""
+    runs `colocated` instances that do both phases; mode="mixed" runs a colocated pool beside a
+    prefill/decode pool, behind one controller. `verdict` is what `disagg place` decided and why
+    (the best candidate of each kind, the margin, the runner-up)."""
 
     model: str = "embedded"
     mode: str = "disaggregated"
@@ -81,14 +91,15 @@ class Plan:
     slo_attainment: float = 0.9
     workload: str = ""
     predicted: dict = field(default_factory=dict)   # the optimizer's numbers, for the report
+    verdict: dict = field(default_factory=dict)     # the planner's choice of kind, with runner-up
 
     def __post_init__(self):
         for name in ("prefill", "decode", "colocated"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(PhaseConfig, value, f"plan.{name}"))
-        if self.mode not in ("disaggregated", "colocated"):
-            raise ConfigError(f"mode must be 'disaggregated' or 'colocated', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.kv_transport not in TRANSPORTS:
             raise ConfigError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
         if self.dtype not in DTYPES:
@@ -106,6 +117,8 @@ class Plan:
     def phases(self) -> dict[str, PhaseConfig]:
         if self.mode == "colocated":
             return {"colocated": self.colocated}
+        if self.mode == "mixed":
+            return {"colocated": self.colocated, "prefill": self.prefill, "decode": self.decode}
         return {"prefill": self.prefill, "decode": self.decode}
 
     @property
