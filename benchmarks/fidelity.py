@@ -18,7 +18,7 @@
    simulator, the plan's batching and KV blocks, and the engine-only or calibrated profile;
    where the plan's prefill and decode share a GPU, also as if they did not (the simulator
    time-slices shared GPUs, placement/simulator.py).
-   `disagg simulate` (placement/cli.py) takes a named workload redrawn at each rate, not a
+   `disagg simulate` (placement/commands.py) takes a named workload redrawn at each rate, not a
    run's exact sample (clipped lengths, actual send times), so this is a small adapter over
    placement's Python API (deployment_from_plan, simulate).
 5. Prints attainment, p90 TTFT and p90 TPOT measured beside predicted and writes JSON, with a
@@ -145,7 +145,7 @@ def bench_args(server: str, workload: str, **kw) -> argparse.Namespace:
 def _lstsq_nonneg(x, y, scale=None):
     """Coefficients >= 0 minimising error relative to `scale` (default y), as placement's
     profile fit does."""
-    from placement.profile import _nonneg_lstsq
+    from placement.latency_profile import _nonneg_lstsq
     x, y = np.asarray(x, float), np.asarray(y, float)
     w = 1 / np.maximum(np.abs(np.asarray(scale if scale is not None else y, float)), 1e-6)
     return _nonneg_lstsq(x * w[:, None], y * w)
@@ -305,7 +305,7 @@ def simulate_run(plan, profile: dict, run: dict, ttft_offset_s: float, slo, shar
     `shared=False` ignores that the plan's prefill and decode instances share GPUs;
     `shared_speeds` (prefill, decode) replaces the deployment's default even split."""
     from placement.deployment import deployment_from_plan
-    from placement.profile import ProfiledModel
+    from placement.latency_profile import ProfiledModel
     from placement.simulator import simulate
     wl = _workload(run)
     dep = deployment_from_plan(plan, latency="roofline")    # KV blocks and batching from the plan
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     from engine.model_config import load_model_config
     from engine.plan import Plan
     from model.embedded import resolve_model_source
-    from placement.profile import ProfiledModel, load_profile, save_profile
+    from placement.latency_profile import ProfiledModel, load_profile, save_profile
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan.load(args.plan) if args.plan else Plan.from_dict(CPU_PLAN)

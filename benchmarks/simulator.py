@@ -47,7 +47,7 @@ def _timed(fn, repeats):
 def run_place(out: Path) -> tuple[float, float]:
     """`disagg place` as a user runs it (a fresh process, imports included): (wall s, CPU s)."""
     a = PLACE_ARGS
-    cmd = [sys.executable, "-m", "placement.cli", "place", "--model", a["model"], "--gpu",
+    cmd = [sys.executable, "-m", "placement.commands", "place", "--model", a["model"], "--gpu",
            f"{a['gpu']}:{a['per_node']}", "--nodes", "1", "--ttft", str(a["ttft"]), "--tpot", str(a["tpot"]),
            "--attainment", str(a["attainment"]), "--workload", a["workload"], "--out", str(out), "--quiet"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     # Placement optimizer and simulator reports (issue 5): torch- and Ray-free.
-    from placement.cli import register as register_placement
+    from placement.commands import register as register_placement
     register_placement(sub)
     return parser
 

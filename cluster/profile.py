@@ -3,7 +3,7 @@
 It builds the model runner directly (no Ray, no workers): prefill batches over a grid of prompt
 lengths x batch sizes, decode steps over batch sizes x context lengths, each timed as the
 workers time a step (the forward pass plus sampling), after warm-up, as the median of repeats.
-`placement.profile.fit_profile` fits prefill a + b sum(l) + c sum(l^2) and decode
+`placement.latency_profile.fit_profile` fits prefill a + b sum(l) + c sum(l^2) and decode
 a + b sum(ctx) + c batch to them, and the profile goes to
 placement/profiles/<device>_<model>.json (or --out), keeping other TP degrees already there.
 
@@ -92,7 +92,7 @@ class StepTimer:
 
 
 def measure(timer: StepTimer, grid, warmup: int, repeats: int, log=None, clock: str = "wall") -> list[dict]:
-    """Samples in placement.profile's format, prefill then decode."""
+    """Samples in placement.latency_profile's format, prefill then decode."""
     lens, batches, max_tokens, dec_batches, contexts = grid
     samples = []
     timer.time(timer.prefill_step(1, lens[0]), 2, 1)          # first calls pay lazy initialisation
@@ -131,7 +131,7 @@ def model_name(model: str) -> str:
 
 def prediction_errors(profile: dict, tp: int = 1) -> list[float]:
     """Relative error of the fitted model at every sample it was fitted to."""
-    from placement.profile import ProfiledModel
+    from placement.latency_profile import ProfiledModel
     m = ProfiledModel(profile, tp)
     errs = []
     for s in profile["tp"][str(tp)]["samples"]:
@@ -149,7 +149,7 @@ def run_profile(model: str = "embedded", device: str = "cpu", dtype: str = "auto
         raise ConfigError(f"--tp {tp}: `disagg profile` measures tp=1 only (one rank, no collectives)")
     import torch
 
-    from placement.profile import fit_profile, load_profile, profile_path, save_profile
+    from placement.latency_profile import fit_profile, load_profile, profile_path, save_profile
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible here")
     if warmup < 0 or repeats < 1:

@@ -10,7 +10,7 @@ from engine.plan import PhaseConfig, Plan
 from placement.gpus import DeviceSpec, get_device
 from placement.latency import LatencyModel, Link, RooflineModel
 from placement.memory import num_kv_blocks
-from placement.profile import ProfiledModel, load_profile
+from placement.latency_profile import ProfiledModel, load_profile
 
 POLICY_MODES = ("prefill_first", "chunked")
 
@@ -69,10 +69,12 @@ class Deployment:
     shared_speeds: tuple[float, float] = (0.5, 0.5)
 
     def __post_init__(self):
-        if self.colocated is None and (self.prefill is None or self.decode is None):
+        if (self.prefill is None) != (self.decode is None):
+            raise ConfigError("a deployment needs both prefill and decode groups or neither")
+        if self.colocated is None and self.prefill is None:
             raise ConfigError("a deployment needs prefill and decode groups, or a colocated group")
         if self.shared:
-            if self.colocated is not None:
+            if self.prefill is None:
                 raise ConfigError("shared devices pair prefill and decode instances; a colocated "
                                   "deployment has none")
             ps = [p for p, _ in self.shared]
@@ -93,8 +95,13 @@ class Deployment:
         return self.colocated is None
 
     @property
+    def mixed(self) -> bool:
+        """A colocated pool beside prefill and decode pools."""
+        return self.colocated is not None and self.prefill is not None and self.decode is not None
+
+    @property
     def num_devices(self) -> int:
-        groups = [self.colocated] if self.colocated else [self.prefill, self.decode]
+        groups = [g for g in (self.colocated, self.prefill, self.decode) if g is not None]
         shared = len(self.shared) * self.prefill.ranks if self.shared else 0
         return sum(g.num_devices for g in groups) - shared
 
@@ -135,22 +142,30 @@ def group_from_phase(phase: PhaseConfig, model: ModelConfig, block_size: int, la
                           f"in {device.name} memory; use more devices per instance")
     lat = make_latency(latency, model, device, phase.tp, phase.pp)
     return InstanceGroup(phase.num_instances, lat, device, blocks, phase.max_batch_tokens,
-                         phase.max_batch_size, nodes or [], mode)
+                         phase.max_batch_size, nodes or [], mode, phase.chunk_tokens)
 
 
-def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: str = "prefill_first",
+def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: str | None = None,
                          model: ModelConfig | None = None) -> Deployment:
     """The deployment a plan describes. Node placement comes from plan.predicted["layout"]
-    when the optimizer wrote one, else instances are packed onto nodes prefill first."""
+    when the optimizer wrote one, else instances are packed onto nodes prefill first (a mixed
+    plan's colocated pool first). Colocated instances schedule as `plan.colocated.schedule`
+    unless `colocated_mode` says otherwise."""
     model = model or load_model_config(plan.model)
     layout = plan.predicted.get("layout", {}) if isinstance(plan.predicted, dict) else {}
     kv = model.kv_bytes_per_token(None if plan.dtype == "auto" else plan.dtype)
+    colocated = None
+    if plan.mode in ("colocated", "mixed"):
+        colocated = group_from_phase(plan.colocated, model, plan.block_size, latency,
+                                     colocated_mode or plan.colocated.schedule, layout.get("colocated"))
     if plan.mode == "colocated":
-        g = group_from_phase(plan.colocated, model, plan.block_size, latency, colocated_mode,
-                             layout.get("colocated"))
-        return Deployment(plan.block_size, kv, colocated=g)
+        return Deployment(plan.block_size, kv, colocated=colocated)
     p = group_from_phase(plan.prefill, model, plan.block_size, latency, "prefill_first",
                          layout.get("prefill"))
+    if colocated is not None and not layout.get("prefill") and p.device.name == colocated.device.name:
+        first = colocated.num_devices
+        p.nodes = [f"{p.device.name}:{(first + i * p.ranks) // p.device.devices_per_node}"
+                   for i in range(p.num_instances)]
     d = group_from_phase(plan.decode, model, plan.block_size, latency, "prefill_first",
                          layout.get("decode"))
     shared = shared_pairs(plan)
@@ -158,10 +173,11 @@ def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: 
         d.nodes = [p.nodes[i] for i in range(d.num_instances)]      # pair i on pair i's GPUs
     elif not layout.get("decode") and d.device.name == p.device.name:
         # Decode instances continue on the nodes after the prefill instances' devices.
-        used = p.num_devices
+        used = p.num_devices + (colocated.num_devices if colocated is not None
+                                and colocated.device.name == p.device.name else 0)
         d.nodes = [f"{d.device.name}:{(used + i * d.ranks) // d.device.devices_per_node}"
                    for i in range(d.num_instances)]
-    return Deployment(plan.block_size, kv, prefill=p, decode=d, shared=shared)
+    return Deployment(plan.block_size, kv, prefill=p, decode=d, colocated=colocated, shared=shared)
 
 
 def shared_pairs(plan: Plan) -> list[tuple[int, int]]:

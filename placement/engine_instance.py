@@ -24,7 +24,7 @@ from itertools import repeat
 from engine.batching import Batch, ColocatedPolicy
 from placement.blocks import CountingBlockManager
 from placement.deployment import InstanceGroup
-from placement.instances import _run_time, _steps_ended, make_block_manager
+from placement.sim_instances import _run_time, _steps_ended, make_block_manager
 from placement.lazy import LazyBatch
 
 

@@ -10,7 +10,7 @@ tensor-parallel degree `tp` and pipeline degree `pp`):
 
 `sum_context` is the number of tokens whose KV a decode step reads, summed over the batch
 (each request's prompt plus its tokens so far, the step's input token included).
-`RooflineModel` derives the times from a device spec; `placement.profile.ProfiledModel` from
+`RooflineModel` derives the times from a device spec; `placement.latency_profile.ProfiledModel` from
 timings of our own engine. The simulator only ever talks to this interface.
 """
 from __future__ import annotations

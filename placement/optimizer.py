@@ -8,91 +8,27 @@ devices). Algorithm 2 ("pairing"): a unit of `pp` nodes holds stage k of every p
 decode instance of the unit on node k, so KV moves over NVLink only; the best unit is found
 from the phase goodputs and checked by simulating the unit whole, then replicated over nodes.
 Configurations whose capacity bound cannot beat the best goodput found so far are not
-simulated. The chosen plan is simulated whole at the end (goodput search on the whole plan).
+simulated.
+
+The planner also decides the kind: the best colocated candidate of each schedule
+(prefill-first, chunked; one instance shape replicated) is found the same way, and the best
+candidate of each kind is scored whole on the requests `disagg simulate` replays
+(verdict.py); the most goodput per GPU (or per dollar) wins.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from engine.errors import ConfigError
-from engine.model_config import ModelConfig
-from engine.plan import PhaseConfig, Plan
-from placement.deployment import Deployment
-from placement.gpus import DeviceSpec
-from placement.search import (BOUND_SLACK, Candidate, candidate_goodput, capacity_bound,
-                              deployment_goodput, enumerate_candidates)
-from placement.simulator import simulate
-from placement.workload import Workload
+from engine.plan import Plan
+from placement.choices import Choice, DevicePool, PlaceSpec, Scored, lay_out
+from placement.pairing import best_paired
+from placement.search import BOUND_SLACK, Candidate, candidate_goodput, capacity_bound, enumerate_candidates
+from placement.verdict import RateNotMet, best_colocated, decide, score_for_rate, table, to_plan
 
-
-@dataclass(frozen=True)
-class DevicePool:
-    """`num_nodes` nodes of `devices_per_node` devices of one type."""
-
-    device: DeviceSpec
-    devices_per_node: int
-    num_nodes: int = 1
-
-    @property
-    def num_devices(self) -> int:
-        return self.devices_per_node * self.num_nodes
-
-
-@dataclass
-class PlaceSpec:
-    """What to plan for. `workload` is the (sub)sample the searches simulate."""
-
-    model: ModelConfig
-    model_name: str
-    pools: list[DevicePool]
-    ttft_s: float
-    tpot_s: float
-    attainment: float
-    workload: Workload
-    workload_name: str
-    rate: float | None = None
-    latency: str = "roofline"
-    pairing: str = "auto"               # auto | on | off
-    block_size: int = 16
-    max_batch_tokens: int = 8192
-    max_batch_size: int = 256
-    baselines: bool = False             # also search colocated baselines (for the report)
-
-    def __post_init__(self):
-        if self.ttft_s <= 0 or self.tpot_s <= 0:
-            raise ConfigError("--ttft and --tpot must be > 0 seconds")
-        if not 0 < self.attainment <= 1:
-            raise ConfigError(f"--attainment must be in (0, 1], got {self.attainment}")
-        if self.rate is not None and self.rate <= 0:
-            raise ConfigError(f"--rate must be > 0, got {self.rate}")
-        if self.pairing not in ("auto", "on", "off"):
-            raise ConfigError(f"pairing must be auto, on or off, got {self.pairing!r}")
-        if not self.pools:
-            raise ConfigError("no devices to place on")
-
-
-@dataclass
-class Scored:
-    """A candidate with its goodput (req/s of one instance) for one phase."""
-
-    candidate: Candidate
-    phase: str
-    pool: int
-    bound: float
-    goodput: float | None = None        # None: pruned (its bound could not win)
-
-    def per_unit(self, cost: bool) -> float:
-        unit = self.candidate.ranks * (self.candidate.device.cost_per_hour if cost else 1.0)
-        return (self.goodput or 0.0) / unit
-
-    def row(self) -> dict:
-        c = self.candidate
-        return {"phase": self.phase, "gpu_type": c.device.name, "tp": c.tp, "pp": c.pp,
-                "num_kv_blocks": c.num_blocks, "capacity_bound_rps": self.bound,
-                "goodput_rps": self.goodput, "goodput_per_device": None if self.goodput is None
-                else self.goodput / c.ranks, "simulated": self.goodput is not None}
+__all__ = ["DevicePool", "PlaceSpec", "place", "replica_counts", "RateNotMet", "table"]
 
 
 class Optimizer:
@@ -101,7 +37,7 @@ class Optimizer:
     def __init__(self, spec: PlaceSpec, progress=None):
         self.spec = spec
         self.progress = progress or (lambda message: None)
-        self.by_cost = len({p.device.cost_per_hour for p in spec.pools}) > 1
+        self.by_cost = spec.by_cost
         self.kv_bytes = spec.model.kv_bytes_per_token()
         self.scored: dict[str, list[Scored]] = {}
 
@@ -193,133 +129,78 @@ def best_split(opt: "Optimizer") -> "Choice | None":
     return best
 
 
-@dataclass
-class Choice:
-    """A disaggregated plan under evaluation."""
-
-    prefill: Scored
-    decode: Scored
-    num_prefill: int
-    num_decode: int
-    prefill_nodes: list[str] = field(default_factory=list)
-    decode_nodes: list[str] = field(default_factory=list)
-    paired: bool = False
-
-    @property
-    def num_devices(self) -> int:
-        return self.num_prefill * self.prefill.candidate.ranks + self.num_decode * self.decode.candidate.ranks
-
-    @property
-    def cost_per_hour(self) -> float:
-        p, d = self.prefill.candidate, self.decode.candidate
-        return (self.num_prefill * p.ranks * p.device.cost_per_hour
-                + self.num_decode * d.ranks * d.device.cost_per_hour)
-
-    def deployment(self, spec: PlaceSpec) -> Deployment:
-        p = self.prefill.candidate.group(self.num_prefill, "prefill_first", spec.max_batch_tokens,
-                                         spec.max_batch_size, self.prefill_nodes or None)
-        d = self.decode.candidate.group(self.num_decode, "prefill_first", spec.max_batch_tokens,
-                                        spec.max_batch_size, self.decode_nodes or None)
-        return Deployment(spec.block_size, spec.model.kv_bytes_per_token(), prefill=p, decode=d)
-
-
-def lay_out(choice: Choice, pools: list[DevicePool]) -> None:
-    """Node names per instance: prefill instances first, then decode, filling nodes in order
-    (Alg. 1 does not pair; KV may cross nodes)."""
-    used: dict[int, int] = {}
-    for kind in ("prefill", "decode"):
-        scored, count = getattr(choice, kind), getattr(choice, f"num_{kind}")
-        pool = pools[scored.pool]
-        ranks = scored.candidate.ranks
-        nodes = []
-        for _ in range(count):
-            start = used.get(scored.pool, 0)
-            nodes.append(f"{pool.device.name}:{start // pool.devices_per_node}")
-            used[scored.pool] = start + ranks
-        setattr(choice, f"{kind}_nodes", nodes)
-
-
-def to_plan(spec: PlaceSpec, choice: Choice, predicted: dict) -> Plan:
-    """The plan file for a choice; `predicted` carries the optimizer's numbers."""
-    def phase(scored: Scored, count: int) -> PhaseConfig:
-        c = scored.candidate
-        cpu = c.device.device == "cpu"
-        return PhaseConfig(num_instances=count, tp=c.tp, pp=c.pp, device=c.device.device,
-                           gpu_type=c.device.name, num_gpus_per_rank=0.0 if cpu else 1.0,
-                           max_batch_tokens=spec.max_batch_tokens, max_batch_size=spec.max_batch_size)
-    return Plan(model=spec.model_name, mode="disaggregated", block_size=spec.block_size,
-                prefill=phase(choice.prefill, choice.num_prefill), decode=phase(choice.decode, choice.num_decode),
-                colocated=phase(choice.decode, choice.num_prefill + choice.num_decode),
-                slo_ttft_s=spec.ttft_s, slo_tpot_s=spec.tpot_s, slo_attainment=spec.attainment,
-                workload=spec.workload_name, predicted=predicted)
-
-
-def evaluate(spec: PlaceSpec, choice: Choice) -> dict:
-    """Whole-plan numbers: goodput by search on rate, attainment at the target rate."""
-    dep = choice.deployment(spec)
-    p, d = choice.prefill, choice.decode
-    est = min(choice.num_prefill * p.goodput, choice.num_decode * d.goodput)
-    cap = min(BOUND_SLACK["prefill"] * choice.num_prefill * p.bound,
-              BOUND_SLACK["decode"] * choice.num_decode * d.bound) if p.bound and d.bound else float("inf")
-    g = deployment_goodput(dep, spec.workload, spec.ttft_s, spec.tpot_s, spec.attainment,
-                           start_rate=max(min(est, cap), 1e-3), max_rate=cap, step=1.25)
-    out = {"goodput_rps": g.rate, "goodput_per_device": g.rate / choice.num_devices,
-           "goodput_per_dollar_hour": g.rate / choice.cost_per_hour if choice.cost_per_hour else None,
-           "num_devices": choice.num_devices, "cost_per_hour": choice.cost_per_hour,
-           "estimated_rps": est}
-    rate = spec.rate or g.rate
-    if rate > 0:
-        r = simulate(dep, spec.workload.at_rate(rate))
-        out["attainment_at_rate"] = {"rate": rate, "attainment": r.attainment(spec.ttft_s, spec.tpot_s)}
-    return out
-
-
-def place(spec: PlaceSpec, progress=None) -> Plan:
-    """Search and return the plan (see the module docstring)."""
-    from placement.pairing import best_paired        # Alg. 2 lives beside Alg. 1
-    t0 = time.perf_counter()
-    opt = Optimizer(spec, progress)
+def disaggregated_choices(opt: Optimizer, progress) -> list[tuple[str, Choice]]:
+    """Alg. 1's best split, and Alg. 2's best paired units where pairing applies."""
+    spec = opt.spec
     opt.score_phase("prefill")
     opt.score_phase("decode")
     opt.best("prefill"), opt.best("decode")          # a clear error when a phase cannot meet its SLO
+    out = []
     choice = best_split(opt)
-    candidates = [("alg1", choice)] if choice is not None else []
+    if choice is not None:
+        out.append(("alg1", choice))
     multi_node = any(pool.num_nodes > 1 for pool in spec.pools)
     if spec.pairing == "on" or (spec.pairing == "auto" and (multi_node or choice is None)):
         paired = best_paired(opt, spec)
         if paired is not None:
-            candidates.append(("alg2", paired))
-    if not candidates:
-        raise ConfigError(f"the devices cannot carry rate {spec.rate} req/s within the SLO; lower --rate "
-                          "or add devices (--gpu, --nodes)")
-    opt.progress("simulating the whole plan")
-    scored = [(name, c, evaluate(spec, c)) for name, c in candidates]
-    key = "goodput_per_dollar_hour" if opt.by_cost else "goodput_per_device"
-    name, choice, numbers = max(scored, key=lambda t: t[2][key] or 0.0)
-    predicted = {
-        "algorithm": name, "latency_model": spec.latency, "workload": spec.workload_name,
-        "search_requests": spec.workload.num_requests, "target_rate": spec.rate,
-        **numbers,
-        "prefill": {**choice.prefill.row(), "num_instances": choice.num_prefill},
-        "decode": {**choice.decode.row(), "num_instances": choice.num_decode},
-        "layout": {"prefill": choice.prefill_nodes, "decode": choice.decode_nodes},
-        "configs": [r.row() for ph in ("prefill", "decode") for r in opt.scored[ph]],
-        "alternatives": {n: nums for n, _, nums in scored},
-    }
-    if spec.baselines:
-        predicted["baselines"] = baselines(opt, numbers["num_devices"])
-    predicted["search_time_s"] = time.perf_counter() - t0
-    return to_plan(spec, choice, predicted)
-
-
-def baselines(opt: Optimizer, num_devices: int) -> dict:
-    """Best colocated configuration in each policy mode, scaled to the same device count."""
-    out = {}
-    for mode in ("prefill_first", "chunked"):
-        phase = "colocated" if mode == "prefill_first" else "colocated-chunked"
-        opt.score_phase(phase)
-        b = opt.best(phase)
-        n = max(1, num_devices // b.candidate.ranks)
-        out[mode] = {**b.row(), "num_instances": n, "per_instance_goodput_rps": b.goodput,
-                     "configs": [r.row() for r in opt.scored[phase]]}
+            out.append(("alg2", paired))
     return out
+
+
+def place(spec: PlaceSpec, progress=None) -> Plan:
+    """Search every kind of plan and return the best (see the module docstring). Raises
+    RateNotMet (carrying the closest plan) when a target rate is given and no plan carries it."""
+    t0 = time.perf_counter()
+    opt = Optimizer(spec, progress)
+    say = opt.progress
+    finalists: dict[str, tuple[object, dict]] = {}
+    unavailable: dict[str, str] = {}
+    alternatives: dict[str, dict] = {}
+    if "disaggregated" in spec.kinds:
+        try:
+            options = disaggregated_choices(opt, say)
+        except ConfigError as e:
+            options, unavailable["disaggregated"] = [], str(e)
+        for name, choice in options:
+            c, numbers = score_for_rate(spec, choice, say)
+            alternatives[name] = numbers
+            key = "goodput_per_dollar_hour" if spec.by_cost else "goodput_per_device"
+            if "disaggregated" not in finalists or (numbers[key] or 0) > (finalists["disaggregated"][1][key] or 0):
+                finalists["disaggregated"] = (c, {**numbers, "algorithm": name})
+        if not options and "disaggregated" not in unavailable:
+            unavailable["disaggregated"] = f"the devices cannot carry {spec.rate} req/s disaggregated"
+    for kind, schedule in (("colocated-prefill-first", "prefill_first"), ("colocated-chunked", "chunked")):
+        if kind not in spec.kinds:
+            continue
+        try:
+            choice = best_colocated(opt, schedule)
+        except ConfigError as e:
+            unavailable[kind] = str(e)
+            continue
+        if choice is None:
+            unavailable[kind] = f"the devices cannot carry {spec.rate} req/s {kind}"
+            continue
+        finalists[kind] = score_for_rate(spec, choice, say)
+    if not finalists:
+        reasons = "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+        raise ConfigError(f"no plan of any kind: {reasons}")
+    verdict = decide(spec, finalists)
+    verdict["unavailable"] = unavailable
+    predicted = {
+        "latency_model": spec.latency, "workload": spec.workload_name,
+        "search_requests": spec.workload.num_requests, "target_rate": spec.rate,
+        "configs": [r.row() for ph in opt.scored for r in opt.scored[ph]],
+        "alternatives": alternatives,
+    }
+    if "disaggregated" in finalists:
+        choice = finalists["disaggregated"][0]
+        predicted["prefill"] = {**choice.prefill.row(), "num_instances": choice.num_prefill}
+        predicted["decode"] = {**choice.decode.row(), "num_instances": choice.num_decode}
+    predicted["search_time_s"] = time.perf_counter() - t0
+    plan = to_plan(spec, verdict, predicted)
+    if not verdict["meets_rate"]:
+        best = verdict["candidates"][verdict["kind"]]
+        raise RateNotMet(f"no plan carries {spec.rate:g} req/s within the SLO on these devices: the closest is "
+                         f"{verdict['kind']} ({best['config']}) at {best['goodput_rps']:.3g} req/s; "
+                         "add devices (--gpu, --nodes), relax the SLO or lower --rate", plan)
+    return plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from placement.choices import Choice, Scored
 from placement.search import candidate_goodput, capacity_bound, deployment_goodput
 
 TOP_UNITS = 2       # units simulated whole, best estimates first
@@ -33,7 +34,7 @@ def _phase_goodput(opt, phase, c, cache):
 
 def _units(opt, pool_index, cache):
     """(estimated rate per device, unit nodes, prefill, n_p, decode, n_d) for every unit shape."""
-    from placement.optimizer import Scored
+
     s, pool = opt.spec, opt.spec.pools[pool_index]
     per_node = pool.devices_per_node
     cands = opt.candidates(pool_index)
@@ -57,7 +58,7 @@ def _units(opt, pool_index, cache):
 
 def best_paired(opt, spec):
     """The best replicated unit as a Choice, or None when no unit fits a node."""
-    from placement.optimizer import Choice
+
     cache: dict = {}
     best, best_per_device = None, -1.0
     for pool_index, pool in enumerate(spec.pools):

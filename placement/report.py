@@ -9,6 +9,7 @@ the TTFT breakdown.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from engine.plan import PhaseConfig, Plan
-from placement.deployment import Deployment, deployment_from_plan, group_from_phase
-from placement.metrics import BREAKDOWN, SimResult
+from placement.deployment import Deployment, deployment_from_plan
+from placement.slo_metrics import BREAKDOWN, SimResult
 from placement.report_html import write_html
-from placement.search import deployment_goodput
+from placement.search import deployment_goodput, plan_goodput
 from placement.simulator import simulate
 from placement.workload import Workload
 
 SLO_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 CDF_POINTS = 101
-SYSTEMS = ("disaggregated", "colocated-prefill-first", "colocated-chunked")
+SYSTEMS = ("disaggregated", "colocated-prefill-first", "colocated-chunked", "mixed")
 
 
 @dataclass
@@ -33,37 +34,76 @@ class System:
     name: str
     deployment: Deployment
     config: str                      # "3 x prefill tp1 pp1 + 5 x decode tp1 pp1"
+    hint: float | None = None        # goodput `place` found for it (the search starts there)
 
 
 def baseline_phase(plan: Plan, mode: str) -> PhaseConfig:
-    """The colocated baseline of a plan: the optimizer's choice (predicted["baselines"]) or,
-    without one, the decode configuration on the same number of devices."""
+    """The colocated baseline of a plan without a verdict (hand-written, or from an older
+    `place`): the optimizer's choice (predicted["baselines"]) or, without one, the decode
+    configuration on the same number of devices."""
     b = (plan.predicted or {}).get("baselines", {}).get(mode)
     ref = plan.decode
     if b:
         return PhaseConfig(num_instances=b["num_instances"], tp=b["tp"], pp=b["pp"], device=ref.device,
                            gpu_type=b["gpu_type"], max_batch_tokens=ref.max_batch_tokens,
-                           max_batch_size=ref.max_batch_size)
+                           max_batch_size=ref.max_batch_size, schedule=mode)
     devices = plan.prefill.num_instances * plan.prefill.ranks_per_instance + \
         plan.decode.num_instances * ref.ranks_per_instance
     return PhaseConfig(num_instances=max(1, devices // ref.ranks_per_instance), tp=ref.tp, pp=ref.pp,
                        device=ref.device, gpu_type=ref.gpu_type, max_batch_tokens=ref.max_batch_tokens,
-                       max_batch_size=ref.max_batch_size)
+                       max_batch_size=ref.max_batch_size, schedule=mode)
+
+
+def plan_system(plan: Plan) -> str:
+    """Which of the report's systems the plan itself is."""
+    if plan.verdict.get("kind"):
+        return plan.verdict["kind"]
+    if plan.mode == "colocated":
+        return "colocated-chunked" if plan.colocated.schedule == "chunked" else "colocated-prefill-first"
+    return plan.mode
+
+
+def _describe(plan: Plan) -> str:
+    if plan.mode == "colocated":
+        c = plan.colocated
+        return f"{c.num_instances} x colocated tp{c.tp} pp{c.pp} ({c.schedule}, {c.gpu_type or c.device})"
+    p, d = plan.prefill, plan.decode
+    text = (f"{p.num_instances} x prefill tp{p.tp} pp{p.pp} + {d.num_instances} x decode tp{d.tp} pp{d.pp} "
+            f"({p.gpu_type or p.device})")
+    if plan.mode == "mixed":
+        c = plan.colocated
+        text = f"{c.num_instances} x colocated tp{c.tp} pp{c.pp} ({c.schedule}) beside " + text
+    return text
 
 
 def systems_of(plan: Plan, latency: str) -> list[System]:
+    """The plan and the best candidate of each other kind (from the planner's verdict), or,
+    for a plan without a verdict, the plan and colocated baselines on its devices."""
     from engine.model_config import load_model_config
     model = load_model_config(plan.model)
-    dis = deployment_from_plan(plan, latency, model=model)
-    p, d = plan.prefill, plan.decode
-    out = [System("disaggregated", dis, f"{p.num_instances} x prefill tp{p.tp} pp{p.pp} + "
-                                        f"{d.num_instances} x decode tp{d.tp} pp{d.pp} ({p.gpu_type or p.device})")]
-    kv = model.kv_bytes_per_token()
+    out = []
+    candidates = plan.verdict.get("candidates") or {}
+    if candidates:
+        for name in SYSTEMS:
+            c = candidates.get(name)
+            if c is None:
+                continue
+            ph = c["phases"]
+            variant = dataclasses.replace(plan, mode=ph["mode"], predicted={"layout": ph["layout"]},
+                                          **{k: PhaseConfig(**v) for k, v in ph.items()
+                                             if k in ("prefill", "decode", "colocated")})
+            out.append(System(name, deployment_from_plan(variant, latency, model=model), c["config"],
+                              c["goodput_rps"]))
+        return out
+    own = plan_system(plan)
+    out.append(System(own, deployment_from_plan(plan, latency, model=model), _describe(plan),
+                      (plan.predicted or {}).get("goodput_rps")))
     for name, mode in (("colocated-prefill-first", "prefill_first"), ("colocated-chunked", "chunked")):
+        if name == own:
+            continue
         ph = baseline_phase(plan, mode)
-        g = group_from_phase(ph, model, plan.block_size, latency, mode)
-        out.append(System(name, Deployment(plan.block_size, kv, colocated=g),
-                          f"{ph.num_instances} x colocated tp{ph.tp} pp{ph.pp} ({mode})"))
+        variant = dataclasses.replace(plan, mode="colocated", colocated=ph, predicted={})
+        out.append(System(name, deployment_from_plan(variant, latency, model=model), _describe(variant)))
     return out
 
 
@@ -97,17 +137,21 @@ def build_report(plan: Plan, wl: Workload, latency: str = "roofline", rates: lis
     out = {"plan": plan.to_dict(), "workload": {"name": wl.name, "num_requests": wl.num_requests,
                                                 "native_rate": wl.rate},
            "slo": {"ttft_s": ttft, "tpot_s": tpot, "attainment": target}, "latency_model": latency,
-           "systems": {}}
+           "plan_system": plan_system(plan), "verdict": plan.verdict, "systems": {}}
     for s in systems:
         progress(done, steps, f"{s.name}: goodput search")
-        g = deployment_goodput(s.deployment, wl, ttft, tpot, target, start_rate=hint * 0.5, step=1.5, rel_tol=0.03)
+        if s.hint:      # the search `place` ran: the two agree
+            g = plan_goodput(s.deployment, wl, ttft, tpot, target, s.hint)
+        else:
+            g = deployment_goodput(s.deployment, wl, ttft, tpot, target, start_rate=hint * 0.5, step=1.5,
+                                   rel_tol=0.03)
         done += 8
         out["systems"][s.name] = {"config": s.config, "num_devices": s.deployment.num_devices,
                                   "goodput_rps": g.rate, "goodput_per_device": g.rate / s.deployment.num_devices,
                                   "probes": g.probes}
     best = max(v["goodput_rps"] for v in out["systems"].values()) or hint
     grid = rates or [round(best * f, 3) for f in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.15, 1.3)]
-    reference = out["systems"]["disaggregated"]["goodput_rps"] or best
+    reference = out["systems"][out["plan_system"]]["goodput_rps"] or best
     out["reference_rate"] = reference
     for s in systems:
         curve = []

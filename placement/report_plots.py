@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placement.metrics import BREAKDOWN
+from placement.slo_metrics import BREAKDOWN
 
-COLORS = {"disaggregated": "#1f77b4", "colocated-prefill-first": "#d62728", "colocated-chunked": "#2ca02c"}
+COLORS = {"disaggregated": "#1f77b4", "colocated-prefill-first": "#d62728", "colocated-chunked": "#2ca02c",
+          "mixed": "#9467bd"}
 LABELS = {"disaggregated": "disaggregated", "colocated-prefill-first": "colocated, prefill first",
-          "colocated-chunked": "colocated, chunked prefill"}
+          "colocated-chunked": "colocated, chunked prefill", "mixed": "mixed (colocated beside P/D)"}
 SIZE, DPI = (5.2, 3.3), 80      # small PNGs: they are committed with the report
 
 

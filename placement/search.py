@@ -16,8 +16,8 @@ from placement.deployment import Deployment, InstanceGroup, make_latency
 from placement.gpus import DeviceSpec
 from placement.latency import LatencyModel
 from placement.memory import num_kv_blocks
-from placement.metrics import Goodput, search_goodput
-from placement.profile import load_profile
+from placement.slo_metrics import Goodput, search_goodput
+from placement.latency_profile import load_profile
 from placement.simulator import simulate
 from placement.workload import Workload
 
@@ -144,3 +144,12 @@ def candidate_goodput(c: Candidate, phase: str, wl: Workload, block_size: int, k
         sim_phase = phase
     return deployment_goodput(dep, wl, ttft_s, tpot_s, target, start_rate=max(bound * start_fraction, 1e-3),
                               phase=sim_phase, rel_tol=rel_tol, max_rate=bound * BOUND_SLACK[phase], step=1.25)
+
+
+def plan_goodput(dep: Deployment, wl: Workload, ttft_s: float, tpot_s: float, target: float,
+                 hint: float) -> Goodput:
+    """The goodput of a whole plan, as `disagg place` prints it and `disagg simulate` reports it:
+    one search for both, so the two agree. From a hint that is already the answer (simulate
+    re-checking a plan) it takes a few probes; bisection to 1.5% keeps the two within 3%."""
+    return deployment_goodput(dep, wl, ttft_s, tpot_s, target, start_rate=max(hint, 1e-3),
+                              step=1.1, rel_tol=0.015, max_probes=24)

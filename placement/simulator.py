@@ -10,7 +10,9 @@ instance by `pick_prefill` over queued prompt tokens; when no decode instance ca
 it waits here in arrival order. After its prefill the request has its first token (TTFT ends),
 its KV moves over the prefill->decode link (transfers on one link go one after another) and
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
-each arrival to the instance with the most free blocks after its queued prompts.
+each arrival to the instance with the most free blocks after its queued prompts. A mixed
+deployment (a colocated pool beside prefill and decode pools) picks the pool per arrival by
+queued prompt tokens (`_colocated_first`).
 
 Prefill and decode instances that share GPUs (`Deployment.shared`) time-slice them: after each
 event the simulator looks at whether each pair is busy, and while both are, each runs at its
@@ -36,8 +38,8 @@ from engine.routing import pick_decode, pick_prefill
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
 from placement.engine_instance import EngineInstance
-from placement.instances import PrefillInstance
-from placement.metrics import SimResult
+from placement.sim_instances import PrefillInstance
+from placement.slo_metrics import SimResult
 from placement.workload import Workload, prompt_token_ids
 
 PHASES = ("both", "prefill", "decode")
@@ -87,7 +89,7 @@ class Simulator:
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
         self.prefills, self.decodes, self.colocated = [], [], []
-        if dep.disaggregated:
+        if dep.prefill is not None:
             if self.phase != "decode":
                 self.prefills = [PrefillInstance(i, dep.prefill, bs, self._on_prefilled, exact,
                                                  self.prefix_caching)
@@ -96,7 +98,7 @@ class Simulator:
                 self.decodes = [EngineInstance(i, dep.decode, bs, self._on_first_token,
                                                self._on_finish, **self._engine_options)
                                 for i in range(dep.decode.num_instances)]
-        else:
+        if dep.colocated is not None:
             self.colocated = [EngineInstance(i, dep.colocated, bs, self._on_first_token,
                                              self._on_finish, **self._engine_options)
                               for i in range(dep.colocated.num_instances)]
@@ -162,7 +164,7 @@ class Simulator:
         if self.block_size * self._max_blocks < longest:
             self._miss()                       # larger than any instance's KV cache
             return events
-        if self.colocated:
+        if self.colocated and (not self.prefills or self._colocated_first()):
             events.extend(self._route_colocated(req, now) or ())
         else:
             self.pending.append(req)
@@ -182,6 +184,14 @@ class Simulator:
         req = Request(str(i), prompt, sampling, arrival_s=now)
         req.index = i
         return req
+
+    def _colocated_first(self) -> bool:
+        # A mixed deployment sends each arrival to the pool whose least-loaded instance has the
+        # fewest prompt tokens queued (ties: colocated), and none to P/D while requests wait
+        # there for decode blocks.
+        if self.pending:
+            return True
+        return min(c.queued_tokens for c in self.colocated) <= min(p.queued_tokens for p in self.prefills)
 
     def _route_colocated(self, req, now):
         free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cluster.profile import prediction_errors
-from placement.profile import ProfiledModel, load_profile
+from placement.latency_profile import ProfiledModel, load_profile
 
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
 

@@ -3,7 +3,7 @@ import numpy as np
 
 from placement.deployment import Deployment, InstanceGroup
 from placement.gpus import get_device
-from placement.profile import FORMAT, ProfiledModel
+from placement.latency_profile import FORMAT, ProfiledModel
 from placement.workload import Workload
 
 KV_BYTES = 1000          # bytes of KV per token

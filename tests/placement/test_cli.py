@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from placement.cli import main
+from placement.commands import main
 
 PLACE = ["place", "--model", "embedded", "--gpu", "cpu:2", "--ttft", "3", "--tpot", "0.3",
          "--workload", "sharegpt", "--search-requests", "100", "--quiet"]
@@ -12,12 +12,15 @@ PLACE = ["place", "--model", "embedded", "--gpu", "cpu:2", "--ttft", "3", "--tpo
 def test_place_then_simulate(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(PLACE + ["--out", str(plan)]) == 0
-    assert "prefill" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    verdict = json.loads(plan.read_text())["verdict"]
+    assert verdict["kind"] in printed and "disaggregated" in printed and "colocated-chunked" in printed
     out = tmp_path / "report"
     assert main(["simulate", "--plan", str(plan), "--out", str(out), "--num-requests", "150",
                  "--rates", "0.2,0.5", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["systems"]) == {"disaggregated", "colocated-prefill-first", "colocated-chunked"}
+    assert report["plan_system"] == verdict["kind"]
     for s in report["systems"].values():
         assert [p["rate"] for p in s["attainment_vs_rate"]] == [0.2, 0.5]
         assert len(s["at_reference_rate"]["ttft_cdf"]["value_s"]) == 101

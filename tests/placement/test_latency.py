@@ -5,7 +5,7 @@ from engine.model_config import PRESETS
 from placement.gpus import get_device
 from placement.latency import Link, RooflineModel
 from placement.memory import num_kv_blocks
-from placement.profile import ProfiledModel, fit_profile
+from placement.latency_profile import ProfiledModel, fit_profile
 
 LLAMA = PRESETS["llama-3-8b"]
 H100 = get_device("H100")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from placement.metrics import search_goodput
+from placement.slo_metrics import search_goodput
 from placement.simulator import simulate
 from tests.placement.helpers import disagg, group, profile, workload
 

@@ -34,7 +34,7 @@ def _spec(**kw):
 
 
 def test_place_embedded_on_cpu_writes_a_plan_that_simulates(tmp_path):
-    plan = place(_spec())
+    plan = place(_spec(kinds=("disaggregated",)))
     path = tmp_path / "plan.json"
     plan.save(path)
     back = Plan.load(path)
@@ -49,11 +49,11 @@ def test_place_embedded_on_cpu_writes_a_plan_that_simulates(tmp_path):
 
 
 def test_place_for_a_rate_and_with_pairing():
-    plan = place(_spec(rate=0.5, pools=[DevicePool(get_device("cpu"), 2, 2)], pairing="on"))
+    plan = place(_spec(rate=0.5, pools=[DevicePool(get_device("cpu"), 2, 2)], pairing="on", kinds=("disaggregated",)))
     assert set(plan.predicted["alternatives"]) == {"alg1", "alg2"}
     assert plan.predicted["target_rate"] == 0.5
 
 
 def test_impossible_slo_is_a_clear_error():
-    with pytest.raises(ConfigError, match="meets the SLO"):
+    with pytest.raises(ConfigError, match="meets the SLO"):     # every kind fails, each says why
         place(_spec(ttft_s=1e-6))

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from engine.errors import ConfigError
-from placement.profile import FORMAT, ProfiledModel, fit_profile, load_profile, profile_path, save_profile
+from placement.latency_profile import FORMAT, ProfiledModel, fit_profile, load_profile, profile_path, save_profile
 
 
 def _samples(a=0.002, b=3e-5, c=2e-9, da=0.004, db=2e-8, dc=5e-5):

@@ -4,7 +4,7 @@
         --attainment 0.9 --workload azure-conv --out plan.json
     disagg simulate --plan plan.json --workload azure-conv --out report/
 
-`register(subparsers)` adds both to a `disagg` parser; `python -m placement.cli ...` runs them
+`register(subparsers)` adds both to a `disagg` parser; `python -m placement.commands ...` runs them
 alone. Errors a user can cause end as one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 import types
 
 from engine.errors import ConfigError, DisaggError
+from placement.choices import KINDS
 
 
 def _one_line_error(self, message):
@@ -79,7 +80,15 @@ def add_place_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=None, help="default 8192 on GPUs, 4096 on cpu")
     p.add_argument("--max-batch-size", type=int, default=None, help="default 256 on GPUs, 64 on cpu")
-    p.add_argument("--baselines", action="store_true", help="also search the colocated baselines (for reports)")
+    p.add_argument("--baselines", action="store_true", help="(always on now) colocated kinds are searched too")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help=f"kinds of plan to compare, comma-separated among {', '.join(KINDS)}")
+    p.add_argument("--objective", default="auto", choices=["auto", "goodput", "cost"],
+                   help="rank plans by goodput per GPU or per dollar (auto: per dollar when GPU prices differ)")
+    p.add_argument("--score-requests", type=int, default=None,
+                   help="requests the final candidates are scored on (default: all, as `simulate` replays)")
+    p.add_argument("--write-closest", action="store_true",
+                   help="with --rate and no plan carrying it, write the closest plan (exit 1 still)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -114,29 +123,48 @@ class Progress:
 def cmd_place(args) -> int:
     from engine.model_config import load_model_config
     from placement.gpus import get_device
-    from placement.optimizer import DevicePool, PlaceSpec, place
+    from placement.optimizer import DevicePool, PlaceSpec, RateNotMet, place, table
     from placement.workload import make_workload
-    if args.nodes < 1 or args.search_requests < 1:
-        raise ConfigError("--nodes and --search-requests must be >= 1")
+    if args.nodes < 1 or args.search_requests < 1 or (args.score_requests is not None and args.score_requests < 1):
+        raise ConfigError("--nodes, --search-requests and --score-requests must be >= 1")
     model = load_model_config(args.model)
     pools = [DevicePool(get_device(name, args.gpu_cost.get(name)), count, args.nodes) for name, count in args.gpu]
     # A sample spread over the whole trace keeps its rate profile (a head sample would see
     # only the trace's first minutes).
     wl = make_workload(args.workload, num_requests=args.search_requests, arrival=args.arrival, cv=args.cv,
                        seed=args.seed, max_model_len=model.max_position_embeddings, sample="spread")
+    # The final candidates are scored on what `disagg simulate` replays by default.
+    full = make_workload(args.workload, num_requests=args.score_requests, arrival=args.arrival, cv=args.cv,
+                         seed=args.seed, max_model_len=model.max_position_embeddings)
     cpu = all(pool.device.device == "cpu" for pool in pools)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     spec = PlaceSpec(model, args.model, pools, args.ttft, args.tpot, args.attainment, wl, args.workload,
                      rate=args.rate, latency=args.latency_model, pairing=args.pairing, block_size=args.block_size,
                      max_batch_tokens=args.max_batch_tokens or (4096 if cpu else 8192),
-                     max_batch_size=args.max_batch_size or (64 if cpu else 256), baselines=args.baselines)
+                     max_batch_size=args.max_batch_size or (64 if cpu else 256), baselines=args.baselines,
+                     kinds=kinds, objective=args.objective, final_workload=full)
     t0 = time.perf_counter()
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[{time.perf_counter() - t0:5.1f}s] {m}", file=sys.stderr))
-    plan = place(spec, progress=say)
+    try:
+        plan = place(spec, progress=say)
+    except RateNotMet as e:
+        print(f"disagg place: {e}", file=sys.stderr)
+        if not args.write_closest:
+            return 1
+        plan = e.plan
+        plan.save(args.out)
+        print(f"WARNING: {args.out} does NOT carry --rate {args.rate:g}: it is the closest plan, "
+              f"{plan.predicted['goodput_rps']:.3g} req/s", file=sys.stderr)
+        print(table(plan.verdict))
+        return 1
     plan.save(args.out)
-    p, d, pr = plan.prefill, plan.decode, plan.predicted
-    print(f"{args.out}: {p.num_instances} x prefill tp{p.tp} pp{p.pp} + {d.num_instances} x decode tp{d.tp} pp{d.pp} "
-          f"on {pr['num_devices']} {p.gpu_type or p.device}; goodput {pr['goodput_rps']:.3g} req/s "
-          f"({pr['goodput_per_device']:.3g} per device), searched in {pr['search_time_s']:.1f}s")
+    pr, v = plan.predicted, plan.verdict
+    print(table(v))
+    idle = sum(p.num_devices for p in pools) - pr["num_devices"]
+    note = f"; {idle} GPU(s) left idle (more goodput per GPU used)" if idle > 0 else ""
+    print(f"{args.out}: {v['kind']}: {pr['config']}; goodput {pr['goodput_rps']:.4g} req/s "
+          f"({pr['goodput_per_device']:.4g} per GPU) on {pr['scored_on_requests']} requests of {args.workload}"
+          f"{note}; searched in {pr['search_time_s']:.1f}s")
     return 0
 
 
