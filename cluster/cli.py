@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -93,6 +94,39 @@ def cmd_profile(args) -> int:
     return run(args)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def version_text() -> str:
+    """`disagg --version`: the installed distribution's version and where it is imported from
+    (a wheel, an editable checkout), as `pip --version` does."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        v = version("disagg-serve")
+    except PackageNotFoundError:
+        v = "0+unknown (not installed: run from a source tree)"
+    where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"disagg-serve {v} from {where} (python {sys.version_info.major}.{sys.version_info.minor})"
+
+
+def add_common_args(p: argparse.ArgumentParser, top: bool) -> None:
+    """--version and --log-level, accepted before and after the command name. A subcommand's
+    default is SUPPRESS so it never overwrites a level given before the command."""
+    p.add_argument("--version", action="version", version=version_text())
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=None if top else argparse.SUPPRESS,
+                   help="log level of this process (default: $DISAGG_LOG_LEVEL, else each command's own)")
+
+
+def setup_logging(level: str | None) -> None:
+    """Configure the root logger once, before any command's own basicConfig (which then does
+    nothing). DISAGG_LOG_LEVEL carries the level to child processes (`disagg` subprocesses)."""
+    if level is None:
+        return
+    os.environ["DISAGG_LOG_LEVEL"] = level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,12 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     # Placement optimizer and simulator reports (issue 5): torch- and Ray-free.
     from placement.commands import register as register_placement
     register_placement(sub)
+    add_common_args(parser, top=True)
+    for p in sub.choices.values():
+        add_common_args(p, top=False)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    env_level = os.environ.get("DISAGG_LOG_LEVEL", "").lower() or None
+    if args.log_level is None and env_level not in (None, *LOG_LEVELS):
+        parser.error(f"DISAGG_LOG_LEVEL={env_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    setup_logging(args.log_level or env_level)
     try:
         return args.func(args) or 0
     except DisaggError as e:

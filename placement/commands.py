@@ -172,7 +172,9 @@ def cmd_simulate(args) -> int:
     from engine.model_config import load_model_config
     from engine.plan import Plan
     from placement.report import build_report, write_report
+    from placement.report_plots import require_matplotlib
     from placement.workload import make_workload
+    require_matplotlib()            # before minutes of simulation, not after
     plan = Plan.load(args.plan)
     name = args.workload or plan.workload
     if not name:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.errors import ConfigError
 from placement.slo_metrics import BREAKDOWN
 
 COLORS = {"disaggregated": "#1f77b4", "colocated-prefill-first": "#d62728", "colocated-chunked": "#2ca02c",
@@ -12,7 +13,17 @@ LABELS = {"disaggregated": "disaggregated", "colocated-prefill-first": "colocate
 SIZE, DPI = (5.2, 3.3), 80      # small PNGs: they are committed with the report
 
 
+def require_matplotlib() -> None:
+    """matplotlib is the `report` extra, not a core dependency: say how to get it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("report plots need matplotlib, which is not installed: "
+                          "pip install 'disagg-serve[report]'") from None
+
+
 def _figure():
+    require_matplotlib()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,4 +1,4 @@
-"""Workloads: request lengths from the traces in data/traces/, arrivals at a chosen rate.
+"""Workloads: request lengths from the traces in placement/traces/, arrivals at a chosen rate.
 
     wl = make_workload("azure-conv", rate=8.0)                      # trace replay, scaled
     wl = make_workload("sharegpt", rate=4.0, num_requests=2000, arrival="gamma", cv=2.0, seed=1)
@@ -23,7 +23,8 @@ import numpy as np
 
 from engine.errors import ConfigError
 
-TRACES_DIR = Path(__file__).resolve().parent.parent / "data" / "traces"
+# Package data (pyproject: package-data), so a wheel install plans from the same files as the repo.
+TRACES_DIR = Path(__file__).resolve().parent / "traces"
 NAMED = {
     "azure-conv": "azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
     "azure-code": "azure_llm_2023/AzureLLMInferenceTrace_code.csv",
@@ -91,7 +92,11 @@ class Workload:
 
 def resolve(name_or_path: str) -> Path:
     if name_or_path in NAMED:
-        return TRACES_DIR / NAMED[name_or_path]
+        path = TRACES_DIR / NAMED[name_or_path]
+        if not path.is_file():
+            raise ConfigError(f"workload {name_or_path!r}: its trace {path} is missing from this install; "
+                              "reinstall disagg-serve from a wheel or a full checkout (the traces are package data)")
+        return path
     p = Path(name_or_path)
     if not p.is_file():
         raise ConfigError(f"workload {name_or_path!r} is neither a known name ({', '.join(NAMED)}) "

@@ -6,7 +6,7 @@ from engine.errors import ConfigError
 from placement.workload import NAMED, load_trace, make_workload, prompt_token_ids
 
 ROWS = {"azure-conv": 19366, "azure-code": 8819, "mooncake-conv": 12031, "mooncake-synthetic": 3993,
-        "sharegpt": 30731, "arxiv": 28257}      # data/traces/README.md
+        "sharegpt": 30731, "arxiv": 28257}      # placement/traces/README.md
 
 
 @pytest.mark.parametrize("name", sorted(NAMED))
