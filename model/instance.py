@@ -88,10 +88,10 @@ class StepLoop:
         t0 = time.monotonic()
         logits = self.execute(sched.msg)
         sampled = sched.batch.sampled
-        tokens = self.rt.sample(logits, sampled) if sampled else []
+        tokens, logprobs = self.rt.sample(logits, sampled) if sampled else ([], [])
         t1 = time.monotonic()
         with self._lock:
-            events = self.postprocess(sched.batch, tokens, t0, t1)
+            events = self.postprocess(sched.batch, tokens, logprobs, t0, t1)
             self.num_steps += 1
         self.emit(events)
         return True
@@ -103,7 +103,8 @@ class StepLoop:
     def schedule(self, now: float) -> Scheduled | None:
         raise NotImplementedError
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float) -> list[dict]:
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[dict]:
+        """Tokens into their requests (under the lock); returns the events to send."""
         raise NotImplementedError
 
     def follow(self, stop: threading.Event) -> None:
@@ -192,12 +193,14 @@ class ColocatedWorker(StepLoop):
             return None
         return Scheduled(batch, StepMsg(StepInput.from_batch(batch)))
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float) -> list[dict]:
-        new, finished, done = {}, {}, []
-        for req, tok in zip(batch.sampled, tokens):
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[dict]:
+        new, finished, done, lps = {}, {}, [], {}
+        for req, tok, lp in zip(batch.sampled, tokens, logprobs):
             if req.request_id not in self.requests:       # cancelled during the step
                 continue
             new[req.request_id] = [tok]
+            if lp is not None:
+                lps[req.request_id] = [lp]
             req.mark("first_token", t1)
             if req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len):
                 done.append(req)
@@ -207,8 +210,11 @@ class ColocatedWorker(StepLoop):
             finish(req, req.finish_reason, t1)
             del self.requests[req.request_id]
         self.num_decoded_tokens += len(new)
-        return [{"type": "tokens", "tokens": new, "finished": finished, "batch_size": len(batch.sampled),
-                 "time": t1, **self.load()}]
+        ev = {"type": "tokens", "tokens": new, "finished": finished, "batch_size": len(batch.sampled),
+              "time": t1, **self.load()}
+        if lps:
+            ev["logprobs"] = lps
+        return [ev]
 
     def load(self) -> dict:
         """What the router needs, sent with every event (call under the lock)."""

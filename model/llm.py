@@ -42,7 +42,7 @@ class LLM:
         self.block_manager = self.core.bm
         self.max_model_len = rt.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.cfg.vocab_size, self.max_model_len,
-                                     max_kv_tokens=rt.num_blocks * block_size)
+                                     max_kv_tokens=rt.num_blocks * block_size, eos_token_ids=self.cfg.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._results: dict[str, RequestOutput] = {}
@@ -95,6 +95,7 @@ class LLM:
             delta = self.outputs.process(rid, toks, reason)
             res = self._results[rid]
             res.token_ids += toks
+            res.logprobs += ev.get("logprobs", {}).get(rid, [])
             res.text += delta.text
             if delta.finish_reason and not reason:          # a stop string
                 req.finish_reason, reason = FinishReason.STOP, FinishReason.STOP.value

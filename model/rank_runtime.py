@@ -130,9 +130,9 @@ class RankRuntime:
         folder = Path(source) if Path(source).is_dir() else None
         self.tokenizer = load_tokenizer(folder, mc.bos_token_id, mc.eos_token_id)
 
-    def sample(self, logits, requests) -> list[int]:
-        """One token per request, in order (the sampler's per-request seeds and indices)."""
-        return self.sampler(logits, [r.sampling for r in requests], [r.num_output_tokens for r in requests])
+    def sample(self, logits, requests) -> tuple[list[int], list]:
+        """One token per request, in order, and its logprobs entry (None unless asked for)."""
+        return self.sampler.sample_requests(logits, requests)
 
     @property
     def is_driver(self) -> bool:

@@ -124,10 +124,10 @@ class PrefillWorker(StepLoop):
         batch = Batch(prefill=chunks)
         return Scheduled(batch, StepMsg(StepInput.from_batch(batch), sends), scheduled)
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float) -> list[dict]:
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[dict]:
         events = []
         self.policy.complete(batch.prefill)           # their KV is computed: prefix hits from now on
-        for req, tok in zip(batch.sampled, tokens):
+        for req, tok, lp in zip(batch.sampled, tokens, logprobs):
             done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
             req.transition(RequestState.TRANSFERRING)
             req.mark("prefill_end", t1)
@@ -141,7 +141,7 @@ class PrefillWorker(StepLoop):
                            "attempt": self.specs[req.request_id].attempt,
                            "finish_reason": req.finish_reason.value if done else None,
                            "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                           "prefill_compute_s": t1 - t0, "time": t1,
+                           "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp,
                            "queued_tokens": self.policy.num_waiting_tokens})
         self.num_prefilled_tokens += batch.num_prefill_tokens
         return events
