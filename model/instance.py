@@ -84,17 +84,23 @@ class StepLoop:
         if sched is None:
             return False
         self.emit(sched.events)
-        self.rt.broadcast(sched.msg)
         t0 = time.monotonic()
-        logits = self.execute(sched.msg)
-        sampled = sched.batch.sampled
-        tokens, logprobs = self.rt.sample(logits, sampled) if sampled else ([], [])
+        tokens, logprobs = self.run(sched)
         t1 = time.monotonic()
         with self._lock:
             events = self.postprocess(sched.batch, tokens, logprobs, t0, t1)
             self.num_steps += 1
         self.emit(events)
         return True
+
+    def run(self, sched: Scheduled) -> tuple[list[int], list]:
+        """The batch's model step on rank 0: hand it to the TP peers, run the forward, sample
+        one token per sampled request (with its logprobs entry, or None). The one place a
+        scheduled batch runs; the profiler times exactly this."""
+        self.rt.broadcast(sched.msg)
+        logits = self.execute(sched.msg)
+        sampled = sched.batch.sampled
+        return self.rt.sample(logits, sampled) if sampled else ([], [])
 
     def execute(self, msg: StepMsg):
         """Run one step's model forward on this rank; rank 0 gets the logits."""
