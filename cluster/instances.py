@@ -10,7 +10,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import RankActor
+from cluster.actors import remote_class
 from engine.errors import ConfigError
 from engine.plan import PhaseConfig, Plan
 from kv_transfer.shard_plan import Layout
@@ -50,7 +50,8 @@ def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -
 
 
 async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,
-                          num_kv_heads: int) -> Instance:
+                          num_kv_heads: int, actor_cls: type | None = None) -> Instance:
+    """Start one instance of `role` (its ranks as `actor_cls` actors, RankActor by default)."""
     if phase.pp != 1:
         raise ConfigError(f"{role}: pipeline parallelism (pp={phase.pp}) is planned and simulated but not "
                           "run by the runtime yet; use pp=1")
@@ -70,7 +71,7 @@ async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig,
                           f"(available: {ray.available_resources()})") from None
     for r in range(world):
         strategy = PlacementGroupSchedulingStrategy(inst.pg, placement_group_bundle_index=r)
-        inst.ranks.append(RankActor.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
+        inst.ranks.append(remote_class(actor_cls).options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
             role, worker_config(plan, phase, inst.instance_id, r)))
     try:
         tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None
