@@ -21,6 +21,13 @@ def plan_from_args(args) -> Plan:
     d = plan.to_dict()
     if args.model:
         d["model"] = args.model
+    if d.get("model"):
+        # A Hugging Face repo id in the local cache becomes its snapshot folder here, so every
+        # worker loads the same files without looking at the cache itself.
+        from model.hub import looks_like_repo_id, resolve_cached_repo
+        from engine.model_config import PRESETS
+        if d["model"] not in PRESETS and looks_like_repo_id(d["model"]):
+            d["model"] = resolve_cached_repo(d["model"])
     if getattr(args, "device", None):
         for phase in ("prefill", "decode", "colocated"):
             d[phase]["device"] = args.device
@@ -43,22 +50,32 @@ async def serve(args) -> int:
     metrics = Metrics()
     cluster = Cluster(plan, metrics, args.max_prompt_tokens, args.max_tokens_limit, args.max_pending)
     await cluster.astart()
-    server = http = None
+    server = http = api = None
     try:
         server, port = await start_server(cluster, args.host, args.port, args.auth_token, args.tls_cert, args.tls_key)
+        if args.http_port is not None and args.http_port >= 0:
+            from cluster.openai_api.server import start_http
+            from model.chat_template import read_template_file
+            template = read_template_file(args.chat_template) if args.chat_template else None
+            api = await start_http(cluster, args.host, args.http_port, served_model_name(args, plan),
+                                   args.auth_token, chat_template=template)
         if args.metrics_port is not None and args.metrics_port >= 0:
             try:
                 http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on port {args.metrics_port}: {e}") from None
     except BaseException:
+        if api is not None:
+            await api.stop()
         if server is not None:
             await server.stop(0)
         await cluster.ashutdown()       # nothing left running behind a failed start
         raise
     mport = http.server_port if http else None
-    ready = {"host": args.host, "port": port, "metrics_port": mport, "pid": os.getpid()}
+    hport = api.port if api else None
+    ready = {"host": args.host, "port": port, "metrics_port": mport, "http_port": hport, "pid": os.getpid()}
     print(f"disagg serve: ready on {args.host}:{port}"
+          + (f", OpenAI API on http://{args.host}:{hport}/v1" if hport else "")
           + (f", metrics on http://{args.metrics_host or args.host}:{mport}/metrics" if mport else ""), flush=True)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
@@ -81,11 +98,17 @@ async def serve(args) -> int:
     await stop.wait()
     print("disagg serve: shutting down", file=sys.stderr, flush=True)
     poller.cancel()
+    if api is not None:
+        await api.stop()
     await server.stop(grace=5)
     await cluster.ashutdown()
     if http:
         http.shutdown()
     return 0
+
+
+def served_model_name(args, plan: Plan) -> str:
+    return args.served_model_name or args.model or plan.model or "embedded"
 
 
 def add_serve_args(p) -> None:
@@ -94,6 +117,12 @@ def add_serve_args(p) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="override every phase's device")
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (0 = any free port, -1 = off); binds --host")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name the HTTP API reports and accepts (default: --model or the plan's)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja2 chat template file (default: the model's own, from its tokenizer files)")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port (-1 = off, 0 = any free port)")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: --host)")
     p.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN"),

@@ -8,7 +8,7 @@ from engine.sampling_params import SamplingParams
 from model.chat_template import render_chat
 from model.llm import LLM
 from model.tokenizer import IncrementalDetokenizer, load_tokenizer
-from tests.model.tokenizer_layouts import LLAMA3_TEMPLATE, QWEN2_TEMPLATE, make_llama3, make_qwen2
+from tests.model.tokenizer_layouts import STOP, make_llama3, make_qwen2, stop_soon
 
 tf = pytest.importorskip("transformers")
 TEXTS = ["hello, world! what's up?", "Größe 😀 naïve café", " the lazy dog .", "I'm fine.\n\nYou are"]
@@ -17,32 +17,13 @@ CHATS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "what's up?"},
      {"role": "assistant", "content": "I'm fine."}, {"role": "user", "content": "the lazy dog"}],
 ]
-STOP = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
-
-
-def _stop_soon(name, folder):
-    """Give the stop token the output row of the token the model picks 3rd after the chat
-    prompt, scaled up, so greedy decoding produces it within a few steps (it is not
-    config.json's EOS)."""
-    def tweak(model, ids):
-        from tokenizers import Tokenizer
-        template = LLAMA3_TEMPLATE if name == "llama3" else QWEN2_TEMPLATE
-        text = render_chat(template, CHATS[0], {"bos_token": "<|begin_of_text|>"} if name == "llama3" else {})
-        prompt = torch.tensor([Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
-            text, add_special_tokens=False).ids])
-        with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
-            t = int(out[0, -1])
-            head = model.get_output_embeddings().weight
-            head[ids[STOP[name]]] = head[t] * 1.5
-    return tweak
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])
 def layout(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     make = make_llama3 if request.param == "llama3" else make_qwen2
-    _, ids = make(folder, tweak=_stop_soon(request.param, folder))
+    _, ids = make(folder, tweak=stop_soon(request.param, folder, CHATS[0]))
     return request.param, folder, ids
 
 

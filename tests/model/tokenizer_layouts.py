@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from tests.model.hf_checkpoints import make_checkpoint
 
 CORPUS = ("the quick brown fox jumps over the lazy dog. hello, world! what's up? I'm fine. "
@@ -23,6 +25,7 @@ QWEN2_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+STOP = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
 QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -90,3 +93,23 @@ def make_qwen2(folder, tweak=None, **overrides):
         "bos_token_id": ids["<|endoftext|>"], "do_sample": True, "temperature": 0.7, "top_p": 0.8,
         "top_k": 20, "repetition_penalty": 1.05, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
     return model, ids
+
+
+def stop_soon(name, folder, chat):
+    """Give the stop token the output row of the token the model picks 3rd after the chat
+    prompt, scaled up, so greedy decoding produces it within a few steps (it is not
+    config.json's EOS)."""
+    def tweak(model, ids):
+        from tokenizers import Tokenizer
+
+        from model.chat_template import render_chat
+        template = LLAMA3_TEMPLATE if name == "llama3" else QWEN2_TEMPLATE
+        text = render_chat(template, chat, {"bos_token": "<|begin_of_text|>"} if name == "llama3" else {})
+        prompt = torch.tensor([Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
+            text, add_special_tokens=False).ids])
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+            t = int(out[0, -1])
+            head = model.get_output_embeddings().weight
+            head[ids[STOP[name]]] = head[t] * 1.5
+    return tweak
