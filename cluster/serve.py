@@ -1,5 +1,5 @@
-"""`disagg serve`: start (or join) Ray, deploy a plan, and serve it over gRPC with Prometheus
-metrics, until SIGINT/SIGTERM."""
+"""`disagg serve`: start (or join) Ray, deploy a plan of any kind (colocated, disaggregated or
+mixed), and serve it over gRPC with Prometheus metrics, until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
@@ -33,11 +33,7 @@ def plan_from_args(args) -> Plan:
             d[phase]["device"] = args.device
     if getattr(args, "kv_transfer_timeout", None):
         d["kv_transfer_timeout_s"] = args.kv_transfer_timeout
-    plan = Plan.from_dict(d)
-    if plan.mode != "disaggregated":
-        raise ConfigError("disagg serve runs disaggregated plans; a colocated plan is a baseline for "
-                          "`disagg simulate` and `disagg bench --in-process`")
-    return plan
+    return Plan.from_dict(d)
 
 
 async def serve(args) -> int:
