@@ -70,11 +70,19 @@ class Attention(nn.Module):
         apply_rope(q, k, positions, cos_sin)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        prefix = meta.prefix_lens if meta.max_prefix_len else None
         if meta.kind == "prefill":
             o = prefill_attention(q, k, v, meta.cu_seqlens, self.scale, k_cache, v_cache,
-                                  meta.block_tables, meta.prefix_lens if meta.max_prefix_len else None)
-        else:
+                                  meta.block_tables, prefix)
+        elif meta.kind == "decode":
             o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        else:   # mixed: prefill chunks in rows [0, n), decode tokens after them, one output
+            n = meta.num_prefill_tokens
+            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            prefill_attention(q[:n], k[:n], v[:n], meta.cu_seqlens, self.scale, k_cache, v_cache,
+                              meta.block_tables, prefix, out=o[:n])
+            paged_decode_attention(q[n:], k_cache, v_cache, meta.decode_block_tables, meta.context_lens,
+                                   self.scale, out=o[n:])
         return self.tp.all_reduce(self.o_proj(o.reshape(T, self.q_size)))
 
 
