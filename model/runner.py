@@ -79,6 +79,7 @@ class ModelRunner:
                  enforce_eager: bool | None = None, mixed_batches: bool = True):
         self.model = model
         self.mixed_batches = mixed_batches
+        self.num_mixed_steps = 0
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
@@ -195,6 +196,7 @@ class ModelRunner:
     def mixed(self, chunks, seqs) -> torch.Tensor | None:
         """One forward pass over prefill `chunks` and decode `seqs` (StepInput's tuples); logits
         of the chunks that want them, then of every decode row."""
+        self.num_mixed_steps += 1
         packed, layout = pack_mixed(chunks, seqs, self.block_size)
         buf = torch.from_numpy(packed)
         buf = buf.to(self.device, non_blocking=True) if self.device.type == "cuda" else buf.long()
