@@ -74,10 +74,13 @@ def run_mode(mode: str, prompts, outputs, args, salt: int, log) -> dict:
             for i, (p, o) in enumerate(zip(prompts, outputs))]
     t0 = time.perf_counter()
     ids = [llm.add_request(p, sp) for p, sp in reqs]
-    steps = 0
+    steps, last_log = 0, t0
     while llm.has_unfinished:
         llm.step()
         steps += 1
+        if time.perf_counter() - last_log > 20:
+            last_log = time.perf_counter()
+            log(f"  {mode}: {last_log - t0:5.0f} s, {steps} steps, {len(llm.requests)} requests unfinished")
     elapsed = time.perf_counter() - t0
     outs = [llm.take_result(i) for i in ids]
     got = sum(len(o.token_ids) for o in outs)
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--max-len", type=int, default=4096, help="prompt + output limit of the rows drawn")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", default="prefill_first,chunked")
+    ap.add_argument("--modes", default="chunked,prefill_first")
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="chunked: tokens per step (decodes included)")
     ap.add_argument("--max-batch-tokens", type=int, default=4096, help="prefill-first: prompt tokens per prefill step")
     ap.add_argument("--max-batch-size", type=int, default=256)
