@@ -14,6 +14,10 @@ runs between layers, so layer-wise KV transfer overlaps them) from one packed co
 metadata. `enforce_eager=True`, or DISAGG_ENFORCE_EAGER=1 in the environment, turns graphs off
 for debugging.
 
+On CUDA, before capture, kernels.gemv.tune_skinny times cuBLAS against a GEMV-shaped Triton
+kernel for each decode matmul shape at 1-8 rows on this model's weights and keeps the faster
+(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning).
+
 A step with both prefill chunks and decode tokens (chunked prefill) runs as one forward pass
 over all their rows (`mixed`): the weights are read once, and only the attention is launched
 twice. It is used whenever the prefill part would run eagerly anyway (a later chunk, a cached
@@ -58,6 +62,11 @@ def _pad_tables(tables: list[list[int]]) -> list[list[int]]:
     return [t + [0] * (width - len(t)) for t in tables]
 
 
+def _skinny_gemv_from_env() -> bool:
+    """DISAGG_SKINNY_GEMV=0 keeps cuBLAS for every decode matmul (no tuning at startup)."""
+    return os.environ.get("DISAGG_SKINNY_GEMV", "1").lower() not in ("0", "false", "no")
+
+
 def _eager_from_env() -> bool:
     return os.environ.get("DISAGG_ENFORCE_EAGER", "").lower() in ("1", "true", "yes")
 
@@ -87,6 +96,10 @@ class ModelRunner:
         self.enforce_eager = _eager_from_env() if enforce_eager is None else enforce_eager
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.gemv_report: list[dict] = []
+        if self.device.type == "cuda" and _skinny_gemv_from_env():
+            from kernels.gemv import tune_skinny
+            self.gemv_report = tune_skinny(model.skinny_layers())
         if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
