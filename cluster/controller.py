@@ -56,7 +56,8 @@ class Controller:
         self.transports: dict[tuple[str, str], str] = {}
         self.pair_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.health = HealthMonitor(self)
+        self.state = "starting"        # -> "running" -> "draining" (see `health`)
+        self.monitor = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
                          "instance_failures": 0, "instance_restarts": 0, "rejected": 0}
@@ -79,8 +80,9 @@ class Controller:
         await asyncio.gather(*[self.connect(pi, di) for pi in self.prefills for di in self.decodes])
         for inst in self.prefills + self.decodes:
             self.spawn(self._consume(inst))
-        self.spawn(self.health.run())
+        self.spawn(self.monitor.run())
         self.spawn(self._kick_pending())
+        self.state = "running"
 
     def adopt(self, inst: Instance) -> None:
         if inst.role == "prefill":
@@ -102,7 +104,19 @@ class Controller:
     def max_request_blocks(self) -> int:
         return min(i.num_blocks for i in self.prefills + self.decodes)
 
+    async def health(self) -> dict:
+        """{"state": "starting" | "serving" | "not_serving" | "draining", "roles": live
+        instances per role}. "serving": every role the plan needs has a live instance."""
+        roles = {"prefill": sum(i.alive for i in self.prefills), "decode": sum(i.alive for i in self.decodes),
+                 "colocated": sum(i.alive for i in getattr(self, "colocated", ()))}
+        if self.state != "running":
+            return {"state": self.state, "roles": roles}
+        # A mixed plan serves through its colocated pool or through a prefill/decode pair.
+        ok = roles["colocated"] > 0 or (roles["prefill"] > 0 and roles["decode"] > 0)
+        return {"state": "serving" if ok else "not_serving", "roles": roles}
+
     async def shutdown(self) -> None:
+        self.state = "draining"
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*[shutdown_instance(i) for i in self.prefills + self.decodes], return_exceptions=True)
@@ -122,7 +136,7 @@ class Controller:
             if self.metrics:
                 self.metrics.requests.labels("rejected").inc()
             raise OverloadedError(f"{len(self.pending)} requests are waiting for capacity; try again later")
-        if not self.health.can_serve():
+        if not self.monitor.can_serve():
             raise RequestFailedError("no prefill or decode instance is alive or restarting")
         t = Tracked(req)
         t.times["arrival"] = time.monotonic()
@@ -207,7 +221,7 @@ class Controller:
         live_p = [i for i in self.prefills if i.alive]
         live_d = [i for i in self.decodes if i.alive]
         if not live_p or not live_d:
-            if self.health.can_serve():
+            if self.monitor.can_serve():
                 self._park(t, front)
             else:
                 self.fail(t, "no prefill or decode instance can serve the request any more")
@@ -315,7 +329,7 @@ class Controller:
         except Exception as e:  # noqa: BLE001 - the instance is gone
             if inst.alive:
                 log.warning("event stream of %s ended: %s", inst.instance_id, e)
-                self.spawn(self.health.on_failure(inst, f"event stream ended: {e}"))
+                self.spawn(self.monitor.on_failure(inst, f"event stream ended: {e}"))
 
     def _current(self, wid: str) -> Tracked | None:
         rid, attempt = split_wid(wid)
@@ -351,7 +365,7 @@ class Controller:
                     self.drop(t)
         elif kind == "error":
             log.error("%s: %s", inst.instance_id, ev["message"])
-            self.spawn(self.health.on_failure(inst, ev["message"]))
+            self.spawn(self.monitor.on_failure(inst, ev["message"]))
 
     def _on_prefill_token(self, ev: dict) -> None:
         t = self._current(ev["request_id"])
