@@ -76,3 +76,16 @@ async def watch_ray() -> str:
                 return f"the GCS has not answered for {no_answer * GCS_TIMEOUT_S:.0f} s"
         await asyncio.sleep(POLL_INTERVAL_S)
         since_gcs += POLL_INTERVAL_S
+
+
+def kill_local_ray() -> None:
+    """Stop the Ray daemons this process started (GCS, monitor, dashboard...), which would
+    outlive a lost raylet as orphans. Nothing to do after joining a cluster."""
+    import ray
+    node = ray._private.worker._global_node
+    if node is None or not getattr(node, "all_processes", None):
+        return
+    try:
+        node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+    except Exception as e:  # noqa: BLE001 - best effort on the way out
+        log.debug("stopping the local Ray daemons: %s", e)

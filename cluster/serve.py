@@ -127,6 +127,11 @@ async def _on_ray_lost(cluster, front, why: str) -> int:
     cluster.fail_all(f"the Ray cluster was lost ({why})")
     await front.health.drain()
     await front.server.stop(grace=2)
+    from cluster.ray_watch import kill_local_ray
+    try:
+        await asyncio.wait_for(asyncio.to_thread(kill_local_ray), 10)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
     print(f"disagg serve: error: the Ray cluster was lost ({why}); exiting", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
