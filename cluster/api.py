@@ -87,13 +87,14 @@ class Cluster:
         await self.controller.start()
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.controller.max_model_len,
                                      self.limits[0], self.limits[1],
-                                     self.controller.max_request_blocks * self.plan.block_size)
+                                     self.controller.max_request_blocks * self.plan.block_size,
+                                     self.model_config.eos_token_ids)
         return self
 
     async def submit(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None):
         """Validate and accept a request; returns its tracking handle (raises InvalidRequestError
         or OverloadedError, with nothing half done)."""
-        if len(prompt) > OFFLOAD_PROMPT_ITEMS:      # tokenizing/validating it would stall the loop
+        if isinstance(prompt, (str, list)) and len(prompt) > OFFLOAD_PROMPT_ITEMS:    # would stall the loop
             req = await asyncio.get_running_loop().run_in_executor(None, self.inputs.build, prompt, sampling, request_id)
         else:
             req = self.inputs.build(prompt, sampling, request_id)

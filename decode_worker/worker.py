@@ -120,15 +120,17 @@ class DecodeWorker:
         self.rt.broadcast(step)
         logits = self.rt.runner.execute(step)
         sampled = batch.sampled
-        tokens = self.rt.sampler(logits, [r.sampling for r in sampled], [r.num_output_tokens for r in sampled])
+        tokens, logprobs = self.rt.sampler.sample_requests(logits, sampled)
         now = time.monotonic()
-        new, finished = {}, {}
+        new, finished, lps = {}, {}, {}
         with self._lock:
             done = []
-            for req, tok in zip(sampled, tokens):
+            for req, tok, lp in zip(sampled, tokens, logprobs):
                 if req.request_id not in self.requests:       # cancelled during the step
                     continue
                 new[req.request_id] = [tok]
+                if lp is not None:
+                    lps[req.request_id] = [lp]
                 if req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len):
                     done.append(req)
                     finished[req.request_id] = req.finish_reason.value
@@ -139,8 +141,11 @@ class DecodeWorker:
             self.num_steps += 1
             self.num_decoded_tokens += len(new)
             free = self.bm.num_free_blocks
-        self.emit([{"type": "tokens", "tokens": new, "finished": finished, "free_blocks": free,
-                    "batch_size": len(sampled), "time": now}])
+        ev = {"type": "tokens", "tokens": new, "finished": finished, "free_blocks": free,
+              "batch_size": len(sampled), "time": now}
+        if lps:
+            ev["logprobs"] = lps
+        self.emit([ev])
         return True
 
     def follow(self, stop: threading.Event) -> None:

@@ -55,7 +55,7 @@ class LLM:
         self.runner = ModelRunner(self.model, kv, block_size)
         self.sampler = Sampler(device, seed)
         self.inputs = InputProcessor(self.tokenizer, self.cfg.vocab_size, self.max_model_len,
-                                     max_kv_tokens=num_kv_blocks * block_size)
+                                     max_kv_tokens=num_kv_blocks * block_size, eos_token_ids=self.cfg.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._results: dict[str, RequestOutput] = {}
@@ -95,13 +95,13 @@ class LLM:
             return []
         logits = self.runner.execute(StepInput.from_batch(batch))
         sampled = batch.sampled
-        tokens = self.sampler(logits, [r.sampling for r in sampled], [r.num_output_tokens for r in sampled]) if sampled else []
-        return self._postprocess(batch, sampled, tokens)
+        tokens, logprobs = self.sampler.sample_requests(logits, sampled) if sampled else ([], [])
+        return self._postprocess(batch, sampled, tokens, logprobs)
 
-    def _postprocess(self, batch, sampled, tokens) -> list[Delta]:
+    def _postprocess(self, batch, sampled, tokens, logprobs) -> list[Delta]:
         now = time.monotonic()
         finished, deltas = [], []
-        for req, tok in zip(sampled, tokens):
+        for req, tok, lp in zip(sampled, tokens, logprobs):
             done = req.append_token(tok, self.cfg.eos_token_id, self.max_model_len)
             req.mark("first_token", now)
             delta = self.outputs.process(req.request_id, [tok], req.finish_reason.value if done else None)
@@ -109,6 +109,8 @@ class LLM:
                 req.finish_reason, done = FinishReason.STOP, True
             res = self._results[req.request_id]
             res.token_ids.append(tok)
+            if lp is not None:
+                res.logprobs.append(lp)
             res.text += delta.text
             if done:
                 finished.append(req)

@@ -150,12 +150,12 @@ class PrefillWorker:
         t0 = time.monotonic()
         logits = self._execute(msg)
         reqs = [c.request for c in chunks]
-        tokens = self.rt.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
+        tokens, logprobs = self.rt.sampler.sample_requests(logits, reqs)
         t1 = time.monotonic()
         events = []
         with self._lock:
             self.policy.complete(chunks)           # their KV is computed: prefix hits from now on
-            for req, tok in zip(reqs, tokens):
+            for req, tok, lp in zip(reqs, tokens, logprobs):
                 done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
                 req.transition(RequestState.TRANSFERRING)
                 req.mark("prefill_end", t1)
@@ -169,7 +169,7 @@ class PrefillWorker:
                                "attempt": self.specs[req.request_id].attempt,
                                "finish_reason": req.finish_reason.value if done else None,
                                "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                               "prefill_compute_s": t1 - t0, "time": t1})
+                               "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp})
             self.num_prefilled_tokens += sum(c.num_tokens for c in chunks)
             self.num_steps += 1
         self.emit(events)
