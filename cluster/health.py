@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from cluster.instances import create_instance, shutdown_instance
+from cluster.instances import shutdown_instance
 from cluster.transfers import quiet
 from engine.request import RequestState
 
@@ -92,21 +92,17 @@ class HealthMonitor:
             log.error("instance %s failed %d times: not restarting it", iid, n)
             self._give_up(iid)
             return
-        mc = c.model_config
-        phase = c.plan.phases[inst.role]
         new = None
         try:
-            new = await create_instance(c.plan, inst.role, int(iid.rsplit("-", 1)[1]), phase,
-                                        mc.num_layers, mc.num_kv_heads, c.actor_cls)
+            new = await c.pools.create(inst.role, int(iid.rsplit("-", 1)[1]))
             new.alive = False
-            pool = c.pool(inst.role)
-            pool[pool.index(inst)] = new
-            c.adopt(new)
+            c.pools.replace(inst, new)
+            c.admission.adopt(new)
             # One restart joins at a time, so two instances restarting together still meet:
             # the second connects to the first, which is alive by then.
             async with self._join_lock:
-                peers = {"prefill": c.decodes, "decode": c.prefills}.get(inst.role, [])
-                await asyncio.gather(*[c.connect(new, d) if inst.role == "prefill" else c.connect(d, new)
+                peers = c.pools.peers(new)
+                await asyncio.gather(*[c.pools.connect(new, d) if inst.role == "prefill" else c.pools.connect(d, new)
                                        for d in peers if d.alive])
                 new.alive = True
         except Exception as e:  # noqa: BLE001 - could not come back
