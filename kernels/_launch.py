@@ -139,3 +139,13 @@ def device_sms(t: torch.Tensor) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def output_like(op: str, out, q: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor like q, or `out` checked to match q's shape, dtype and device (rows may be
+    strided: a mixed batch writes two kernels' outputs into row ranges of one tensor)."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    check_tensor(op, "out", out, ndim=q.dim(), dtypes=(q.dtype,), device=q.device)
+    check_shape(op, "out", out, tuple(q.shape))
+    return out
