@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 
+import ray
 from ray import serve
 
 from cluster.readiness import READY_FILE
@@ -32,13 +33,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve_command(serve_args: list[str], ready_file: str = READY_FILE) -> list[str]:
-    """The child's command line: `disagg serve` joined to this Ray cluster."""
+def serve_command(serve_args: list[str], ray_address: str, ready_file: str = READY_FILE) -> list[str]:
+    """The child's command line: `disagg serve` joined to the Ray cluster at `ray_address`."""
     for flag in ("--ready-file", "--ray-address"):
         if any(a == flag or a.startswith(flag + "=") for a in serve_args):
             raise ValueError(f"serve_args: {flag} is set by the Serve application, leave it out")
     return [sys.executable, "-m", "cluster.cli", "serve", *serve_args,
-            "--ready-file", ready_file, "--ray-address", "auto"]
+            "--ready-file", ready_file, "--ray-address", ray_address]
 
 
 @serve.deployment(
@@ -53,10 +54,12 @@ def serve_command(serve_args: list[str], ready_file: str = READY_FILE) -> list[s
 class DisaggServer:
     """Runs `disagg serve SERVE_ARGS` and reports unhealthy once it has exited."""
 
-    def __init__(self, serve_args: list[str], ready_file: str = READY_FILE):
+    def __init__(self, serve_args: list[str], ready_file: str = READY_FILE, ray_address: str | None = None):
         if os.path.exists(ready_file):
             os.remove(ready_file)     # a previous server's: not ready until this one writes it
-        self.command = serve_command(serve_args, ready_file)
+        # This replica's own cluster, by its GCS address: "auto" could find another one on the node.
+        address = ray_address or ray.get_runtime_context().gcs_address
+        self.command = serve_command(serve_args, address, ready_file)
         logger.info("starting %s", shlex.join(self.command))
         self.proc = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
 

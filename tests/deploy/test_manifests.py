@@ -131,9 +131,9 @@ def test_rayservice_serve_config_deploys_the_supervisor():
     module, _, attr = app.import_path.partition(":")
     assert (module, attr) == ("cluster.serve_app", "app")
     serve_app.app(app.args)                      # the builder accepts the args
-    argv = serve_app.serve_command(app.args["serve_args"].split())
+    argv = serve_app.serve_command(app.args["serve_args"].split(), "10.0.0.1:6379")
     args = build_parser().parse_args(argv[argv.index("serve"):])
-    assert args.host == "0.0.0.0" and args.ray_address == "auto" and args.model.startswith("/models/")
+    assert args.host == "0.0.0.0" and args.ray_address == "10.0.0.1:6379" and args.model.startswith("/models/")
 
 
 def test_model_download_job_writes_where_the_servers_read():

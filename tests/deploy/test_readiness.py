@@ -56,10 +56,11 @@ def test_ray_down_is_not_ready(tmp_path):
 
 
 def test_supervisor_command_and_bad_args():
-    cmd = serve_command(["--plan", "p.json", "--host", "0.0.0.0"], "/tmp/r.json")
-    assert cmd[1:4] == ["-m", "cluster.cli", "serve"] and cmd[-4:] == ["--ready-file", "/tmp/r.json", "--ray-address", "auto"]
+    cmd = serve_command(["--plan", "p.json", "--host", "0.0.0.0"], "10.0.0.1:6379", "/tmp/r.json")
+    assert cmd[1:4] == ["-m", "cluster.cli", "serve"]
+    assert cmd[-4:] == ["--ready-file", "/tmp/r.json", "--ray-address", "10.0.0.1:6379"]
     with pytest.raises(ValueError, match="--ready-file"):
-        serve_command(["--ready-file=/x"])
+        serve_command(["--ready-file=/x"], "10.0.0.1:6379")
     from cluster.serve_app import app
     with pytest.raises(ValueError, match="serve_arg"):
         app({"serve_arg": "--plan p.json"})
@@ -69,7 +70,7 @@ def test_supervisor_reports_unhealthy_once_the_server_exits(tmp_path):
     """The child is the real `disagg serve`; a plan file that does not exist makes it exit."""
     ready = tmp_path / "ready.json"
     ready.write_text("{}")                      # a previous server's: removed on start
-    supervisor = DisaggServer.func_or_class(["--plan", str(tmp_path / "missing.json")], str(ready))
+    supervisor = DisaggServer.func_or_class(["--plan", str(tmp_path / "missing.json")], str(ready), "127.0.0.1:9")
     assert not ready.exists()
     deadline = time.monotonic() + 120
     while supervisor.proc.poll() is None:
