@@ -54,7 +54,7 @@ def jit(fn=None, *, do_not_specialize=()):
         return triton.jit(fn, do_not_specialize=list(do_not_specialize) or None)
 
     def missing(*args, **kwargs):
-        raise RuntimeError(f"{fn.__name__}: Triton is not installed; install triton==3.6.0 "
+        raise RuntimeError(f"{fn.__name__}: Triton is not installed; install the triton your torch requires "
                            "or call with impl='torch'")
     return _Missing(missing)
 
@@ -85,7 +85,8 @@ def use_triton(op: str, impl: str | None, kernel, *tensors: torch.Tensor) -> boo
     if impl is None:
         return on_cuda and triton is not None
     if triton is None:
-        raise ValueError(f"{op}: impl='triton' needs the triton package (pip install triton==3.6.0)")
+        raise ValueError(f"{op}: impl='triton' needs the triton package (the version your torch "
+                         "requires: 3.6-3.7 for torch 2.11-2.13)")
     if not on_cuda and not is_interpreted(kernel):
         raise ValueError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                          "kernels/ is imported; move the tensors to CUDA or use impl='torch'")
