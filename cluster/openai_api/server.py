@@ -192,7 +192,10 @@ class OpenAIFront:
         c = self.cluster
         return {"object": "list", "data": [{
             "id": self.model, "object": "model", "created": int(time.time()), "owned_by": "disagg-serve",
-            "root": c.plan.model, "max_model_len": c.controller.max_model_len}]}
+            "root": c.plan.model, "max_model_len": c.controller.max_model_len,
+            # Beyond OpenAI's fields, for load generators (`disagg bench --backend openai`).
+            "vocab_size": c.model_config.vocab_size, "max_prompt_tokens": c.limits[0],
+            "max_tokens_limit": c.limits[1]}]}
 
     async def health(self, request: Request):
         from starlette.responses import JSONResponse
