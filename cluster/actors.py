@@ -65,15 +65,9 @@ class RankActor:
     # Setup ----------------------------------------------------------------------------
     def open_tp(self) -> dict:
         """Rank 0: open the instance's rendezvous store; returns its address for the peers."""
-        import datetime
-
-        import torch.distributed as dist
-
-        from kv_transfer.channel import local_ip
+        from kv_transfer.channel import local_ip, open_store
         host = local_ip()
-        world = self.cfg.tp * self.cfg.pp
-        self._tp_store = dist.TCPStore(host, 0, world, True, timeout=datetime.timedelta(seconds=120),
-                                       wait_for_workers=False)
+        self._tp_store = open_store(host, self.cfg.tp * self.cfg.pp, 120)
         return {"host": host, "port": self._tp_store.port}
 
     def init(self, tp_address: dict | None) -> dict:
