@@ -150,6 +150,19 @@ def test_disconnect_mid_stream_frees_blocks_on_both_pools(server):
     assert m.get('disagg_requests_total{status="cancelled"}', 0) == before + 1
 
 
+def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_blocks(server):
+    import socket
+    before = _metrics(server).get('disagg_requests_total{status="cancelled"}', 0)
+    body = json.dumps({"model": NAME, "prompt": [5] * 20, "max_tokens": 100, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server["http"])) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.2)
+    m = _wait_idle(server)
+    assert m.get('disagg_requests_total{status="cancelled"}', 0) == before + 1
+
+
 def _raw(server, body: bytes, key=TOKEN, path="/v1/completions"):
     req = urllib.request.Request(f"http://127.0.0.1:{server['http']}{path}", data=body, method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
