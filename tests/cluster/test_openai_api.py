@@ -200,3 +200,18 @@ def test_401_404_413_429_shaped_right(server):
                                            extra_body={"ignore_eos": True})
     assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
     _wait_idle(server)                      # the admitted choices were cancelled: nothing half done
+
+
+def test_http_port_in_use_exits_2_before_ray_starts():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny-llama", "--port", "0",
+                            "--metrics-port", "-1", "--http-port", str(port)], env=ENV, capture_output=True, text=True,
+                           timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], p.stderr
+    assert time.monotonic() - t0 < 30
