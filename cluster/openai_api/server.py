@@ -164,13 +164,21 @@ class OpenAIFront:
             if not ids:
                 raise InvalidRequestError("messages", "the chat template rendered an empty prompt")
             return self.cluster.inputs.tokenize(ids)
+
+        async def admit(rid, prompts, p):
+            try:
+                return await self._admit(rid, prompts, p)
+            except InvalidRequestError as e:
+                if e.field in ("prompt", "prompt_token_ids"):      # the user wrote messages, not a prompt
+                    raise InvalidRequestError("messages", str(e).split(": ", 1)[1]) from None
+                raise
         prompts = [await asyncio.to_thread(render)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await self._run(request, rid, prompts, p, "chat.completion")
+        return await self._run(request, rid, prompts, p, "chat.completion", admit)
 
-    async def _run(self, request, rid, prompts, p, kind):
+    async def _run(self, request, rid, prompts, p, kind, admit=None):
         from starlette.responses import JSONResponse
-        tracked = await self._admit(rid, prompts, p)
+        tracked = await (admit or self._admit)(rid, prompts, p)
         n = p.sampling.n
         col = Collector(self.cluster.tokenizer, len(tracked), n, kind)
         if p.stream:
