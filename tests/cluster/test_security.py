@@ -54,7 +54,7 @@ def test_second_serve_on_the_same_port_exits_2(served, tmp_path):
     _, ready, d = served
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"),
-                        "--port", str(ready["port"]), "--metrics-port", "-1"],
+                        "--port", str(ready["port"]), "--metrics-port", "-1", "--http-port", "-1"],
                        env=ENV, capture_output=True, text=True, timeout=60)
     took = time.monotonic() - t0
     assert p.returncode == 2, p.stdout + p.stderr
