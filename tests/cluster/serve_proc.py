@@ -20,7 +20,7 @@ def start_serve(d, *args, env=None, timeout_s=180):
     ready = d / "ready.json"
     log = open(d / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"),
-                             "--port", "0", "--metrics-port", "-1", "--ready-file", str(ready), *args],
+                             "--port", "0", "--metrics-port", "-1", "--http-port", "0", "--ready-file", str(ready), *args],
                             env=env or ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while not ready.is_file():

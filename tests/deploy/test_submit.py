@@ -69,7 +69,7 @@ def test_submit_serve_as_ray_job(head_node):
     token = "submit-test-token"
     # The token reaches the job through its runtime_env, never its entrypoint (`ray job list`).
     sub = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--address", address, "--job-id", "disagg-test",
-                          "--model", "tiny-llama", "--port", str(port), "--metrics-port", "-1"],
+                          "--model", "tiny-llama", "--port", str(port), "--metrics-port", "-1", "--http-port", "-1"],
                          env=dict(env, DISAGG_AUTH_TOKEN=token), capture_output=True, text=True, timeout=300)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     assert "ready on 127.0.0.1" in sub.stdout
