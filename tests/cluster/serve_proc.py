@@ -10,7 +10,7 @@ import time
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
 ENV.pop("RAY_ADDRESS", None)
 ENV.pop("DISAGG_AUTH_TOKEN", None)
-PLAN = {"model": "tiny-llama", "prefill": {"num_kv_blocks": 64}, "decode": {"num_kv_blocks": 64}}
+PLAN = {"model": "tiny-llama", "prefill": {"num_kv_blocks": 128}, "decode": {"num_kv_blocks": 128}}
 
 
 def start_serve(d, *args, env=None, timeout_s=180):
