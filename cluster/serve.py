@@ -58,6 +58,9 @@ def auth_token_from_args(args) -> str | None:
 
 
 async def serve(args) -> int:
+    # The gRPC server is up before Ray starts its daemons (fork + exec): gRPC's fork handlers
+    # are of no use there and log a line per fork.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     # Ray and gRPC load here, not at import: `disagg --help` and the parser stay light.
     from cluster.api import Cluster, init_ray
     from cluster.front_guard import max_request_bytes
