@@ -75,22 +75,23 @@ async def serve(args) -> int:
     # The port first: a port in use fails at once, before a Ray cluster is started for nothing.
     front = await open_front(cluster, args.host, args.port, token, args.tls_cert, args.tls_key, limit)
     try:
-        check_port_free(args.host, max(args.http_port or 0, 0))
         check_port_free(args.metrics_host or args.host, max(args.metrics_port or 0, 0))
     except ConfigError:
         await front.server.stop(0)
         raise
-    http = api = None
+    http = api = sock = None
     try:
+        if args.http_port is not None and args.http_port >= 0:
+            from cluster.openai_api.server import bind_http
+            sock = bind_http(args.host, args.http_port)
         init_ray(args.ray_address)
         await cluster.astart()
         front.health.watch(cluster)
-        if args.http_port is not None and args.http_port >= 0:
+        if sock is not None:
             from cluster.openai_api.server import start_http
             from model.chat_template import read_template_file
             template = read_template_file(args.chat_template) if args.chat_template else None
-            api = await start_http(cluster, args.host, args.http_port, served_model_name(args, plan),
-                                   token, chat_template=template)
+            api = await start_http(cluster, sock, served_model_name(args, plan), token, limit, template)
         if args.metrics_port is not None and args.metrics_port >= 0:
             try:
                 http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
@@ -99,6 +100,8 @@ async def serve(args) -> int:
     except BaseException:
         if api is not None:
             await api.stop()
+        elif sock is not None:
+            sock.close()
         await front.server.stop(0)
         await cluster.ashutdown()       # nothing left running behind a failed start
         raise
