@@ -163,15 +163,53 @@ async def _one(stub, rec: Record, msg, t0: float, metadata, timeout_s):
         rec.status, rec.error = "CLIENT_ERROR", f"{type(e).__name__}: {e}"[:200]
 
 
+def plan_requests(wl, info, args):
+    """(records, prompt token ids, output lengths, notes): the same for every backend, so runs
+    with one seed against two servers send the very same requests."""
+    from placement.workload import prompt_token_ids
+    prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
+    # Prompts depend on the seed: a run with another seed shares no prefix with this one.
+    ids = [prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None, salt=args.seed)
+           for i, p in enumerate(prompts)]
+    recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
+    return recs, ids, [int(o) for o in outputs], notes
+
+
+async def drive(recs, msgs, send, max_concurrency: int, notes: dict) -> None:
+    """Send msgs[i] at recs[i].arrival_s (at most max_concurrency in flight); send(rec, msg, t0)."""
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def gated(rec, msg, t0):
+        try:
+            await send(rec, msg, t0)
+        finally:
+            if sem:
+                sem.release()
+    tasks, t0 = [], time.perf_counter()
+    notes["start_unix_s"] = time.time()        # record times count from here
+    for rec, msg in zip(recs, msgs):
+        delay = rec.arrival_s - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if sem:
+            await sem.acquire()
+        tasks.append(asyncio.create_task(gated(rec, msg, t0)))
+    await asyncio.gather(*tasks)
+
+
 async def replay(args):
     """Connect, fetch the server's limits and replay the workload. Returns (records, workload,
     ModelInfo, clipping notes); `run_async` summarises them."""
+    if getattr(args, "backend", "grpc") == "openai":
+        from cluster.bench_openai import replay_openai
+        return await replay_openai(args)
     from cluster.grpc_client import auth_metadata, channel, make_request
     from engine.sampling_params import SamplingParams
-    from placement.workload import prompt_token_ids
     from protos import inference_pb2 as pb
     from protos import inference_pb2_grpc as pb_grpc
     import grpc
+    if not args.server:
+        raise ConfigError("--server HOST:PORT is required with --backend grpc")
     wl = build_workload(args)
     md = auth_metadata(args.token)
     async with channel(args.server, args.tls_ca, aio=True) as ch:
@@ -180,35 +218,15 @@ async def replay(args):
             info = await stub.ModelInfo(pb.ModelInfoRequest(), metadata=md, timeout=args.connect_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise DisaggError(f"server {args.server}: {e.code().name}: {e.details()} (is `disagg serve` running there?)") from None
-        prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
+        recs, ids, outputs, notes = plan_requests(wl, info, args)
         run_id = uuid.uuid4().hex[:8]               # request ids must not collide with another run's
         for _ in range(args.num_warmups):          # first steps on a fresh server are slow
             warm = make_request(list(range(8)), SamplingParams(max_tokens=4, ignore_eos=True))
             await _one(stub, Record(-1, 8, 4, 0.0), warm, time.perf_counter(), md, args.request_timeout_s)
-        # Prompts depend on the seed: a run with another seed shares no prefix with this one.
-        msgs = [make_request(prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None,
-                                              salt=args.seed),
-                             SamplingParams(max_tokens=int(o), ignore_eos=True, seed=args.seed), f"bench-{run_id}-{i}")
-                for i, (p, o) in enumerate(zip(prompts, outputs))]
-        recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
-        sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-
-        async def gated(rec, msg, t0):
-            try:
-                await _one(stub, rec, msg, t0, md, args.request_timeout_s)
-            finally:
-                if sem:
-                    sem.release()
-        tasks, t0 = [], time.perf_counter()
-        notes["start_unix_s"] = time.time()        # record times count from here
-        for rec, msg in zip(recs, msgs):
-            delay = rec.arrival_s - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if sem:
-                await sem.acquire()
-            tasks.append(asyncio.create_task(gated(rec, msg, t0)))
-        await asyncio.gather(*tasks)
+        msgs = [make_request(p, SamplingParams(max_tokens=o, ignore_eos=True, seed=args.seed), f"bench-{run_id}-{i}")
+                for i, (p, o) in enumerate(zip(ids, outputs))]
+        await drive(recs, msgs, lambda rec, msg, t0: _one(stub, rec, msg, t0, md, args.request_timeout_s),
+                    args.max_concurrency, notes)
     return recs, wl, info, notes
 
 
@@ -245,7 +263,7 @@ def summarize(recs: list[Record], wl, info, notes: dict, args) -> dict:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {k: v for k, v in vars(args).items() if k not in ("token", "func")},
-        "server": {"model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size,
+        "server": {"backend": getattr(args, "backend", "grpc"), "model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size,
                    "max_prompt_tokens": info.max_prompt_tokens, "max_tokens_limit": info.max_tokens_limit},
         "workload": {"name": wl.name, "num_requests": len(recs), "offered_rate_rps": wl.rate, **notes},
         "duration_s": duration, "num_sent": sum(math.isfinite(r.sent_s) for r in recs),
@@ -300,7 +318,14 @@ def format_table(res: dict) -> str:
 
 def add_bench_args(p) -> None:
     import os
-    p.add_argument("--server", required=True, help="HOST:PORT of a `disagg serve` gRPC endpoint")
+    p.add_argument("--backend", default="grpc", choices=["grpc", "openai"],
+                   help="grpc: a `disagg serve` gRPC endpoint (--server); openai: any OpenAI-compatible server "
+                        "(--base-url), e.g. our HTTP front, vLLM or SGLang, through /v1/completions")
+    p.add_argument("--server", default=None, help="HOST:PORT of a `disagg serve` gRPC endpoint")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None, help="--backend openai: the model name (default: the server's first)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="--backend openai: vocabulary size for the prompt token ids (default: from /v1/models)")
     p.add_argument("--token", default=os.environ.get("DISAGG_TOKEN"), help="bearer token (env DISAGG_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="CA certificate for a TLS server")
     p.add_argument("--workload", default="sharegpt",

@@ -10,7 +10,6 @@ back-pressure of DESIGN.md.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,64 +17,44 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, PrefillPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
-from engine.request import FinishReason, Request, RequestState
-from engine.sampling_params import SamplingParams
+from engine.request import FinishReason, RequestState
 from kv_transfer.agent import KVSender
-from model.rank_runtime import LayerProgress, RankRuntime, WorkerConfig
+from model.instance import RequestSpec, Scheduled, StepLoop, StepMsg
+from model.rank_runtime import LayerProgress, WorkerConfig
 from model.runner import StepInput
 
 
 @dataclass
-class PrefillSpec:
-    """One request for a prefill instance. `output_token_ids` is non-empty when the request is
-    recomputed after a failure: the prefill then covers prompt + those tokens."""
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    peer: str                              # decode instance that receives the KV
-    dst_block_ids: list[int]               # blocks reserved there
-    output_token_ids: list[int] = field(default_factory=list)
-    arrival_s: float = 0.0
-    attempt: int = 0                       # echoed in events, so stale ones are recognised
+class PrefillSpec(RequestSpec):
+    """A request for a prefill instance: where its KV goes."""
+    peer: str = ""                                          # decode instance that receives the KV
+    dst_block_ids: list[int] = field(default_factory=list)  # blocks reserved there
 
 
-@dataclass
-class _StepMsg:
-    step: StepInput
-    sends: list[tuple[str, int, int, list[int]]]    # (peer, epoch, seq, source block ids)
+class PrefillWorker(StepLoop):
+    role = "prefill"
 
-
-class PrefillWorker:
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None, max_queue: int = 1024):
-        self.cfg = cfg
-        self.rt = RankRuntime(cfg, tp_group, ctrl_group)
+                 emit: Callable[[list[dict]], None] | None = None):
+        super().__init__(cfg, tp_group, ctrl_group, emit)
         self.kv = KVSender(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
-        self.emit = emit or (lambda events: None)
-        self.max_queue = max_queue
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.policy = PrefillPolicy(self.bm, cfg.max_batch_tokens, cfg.max_batch_size)
         self.specs: dict[str, PrefillSpec] = {}
-        self.requests: dict[str, Request] = {}
-        self.held: dict[str, Request] = {}             # prefilled, KV held until release
+        self.held: dict = {}                           # prefilled, KV held until release
         self._release_after_step: set[str] = set()     # released while their prefill ran
         self._seq: dict[tuple[str, int], int] = {}
-        self._lock = threading.Lock()
-        self.wake = threading.Event()
         self.num_prefilled_tokens = 0
-        self.num_steps = 0
 
     # Driver API (rank 0) -----------------------------------------------------------------
     def add(self, spec: PrefillSpec) -> None:
         if spec.request_id in self.requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already on this instance")
-        req = Request(spec.request_id, list(spec.prompt_token_ids), spec.sampling, arrival_s=spec.arrival_s)
-        req.output_token_ids = list(spec.output_token_ids)
-        if self.bm.blocks_for(req.num_tokens) > self.bm.num_blocks:
-            raise InvalidRequestError("prompt", f"{req.num_tokens} tokens do not fit this instance's KV cache")
+        req = spec.to_request()
+        self.check_fits(req, self.bm)
         with self._lock:
-            if len(self.policy.waiting) >= self.max_queue:
-                raise OverloadedError(f"prefill instance {self.cfg.instance_id} has {self.max_queue} queued requests")
+            if len(self.policy.waiting) >= self.cfg.max_queue:
+                raise OverloadedError(f"prefill instance {self.cfg.instance_id} has {self.cfg.max_queue} queued requests")
             self.specs[req.request_id] = spec
             self.requests[req.request_id] = req
             self.policy.add(req, time.monotonic())
@@ -125,57 +104,51 @@ class PrefillWorker:
             return self.policy.num_waiting_tokens
 
     # The step (rank 0) ----------------------------------------------------------------
-    def step(self) -> bool:
-        """One prefill batch. Returns False when there was nothing to run."""
-        now = time.monotonic()
-        with self._lock:
-            chunks = self.policy.schedule(now)
-            if not chunks:
-                return False
-            sends, scheduled = [], []
-            for c in chunks:
-                req, spec = c.request, self.specs[c.request.request_id]
-                epoch = self.kv.epochs.get(spec.peer, -1)
-                seq = self._seq.get((spec.peer, epoch), 0)
-                self._seq[(spec.peer, epoch)] = seq + 1
-                n = self.bm.blocks_for(req.num_tokens)
-                sends.append((spec.peer, epoch, seq, req.block_ids[:n]))
-                scheduled.append({"type": "scheduled", "request_id": req.request_id, "peer": spec.peer,
-                                  "epoch": epoch, "seq": seq, "num_blocks": n, "num_tokens": req.num_tokens,
-                                  "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
-                                  "time": now})
-        self.emit(scheduled)          # the controller tells the decode ranks to receive now
-        msg = _StepMsg(StepInput.from_batch(Batch(prefill=chunks)), sends)
-        self.rt.broadcast(msg)
-        t0 = time.monotonic()
-        logits = self._execute(msg)
-        reqs = [c.request for c in chunks]
-        tokens = self.rt.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
-        t1 = time.monotonic()
-        events = []
-        with self._lock:
-            self.policy.complete(chunks)           # their KV is computed: prefix hits from now on
-            for req, tok in zip(reqs, tokens):
-                done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
-                req.transition(RequestState.TRANSFERRING)
-                req.mark("prefill_end", t1)
-                if req.request_id in self._release_after_step:
-                    self._release_after_step.discard(req.request_id)
-                    self.bm.free(req.block_ids)
-                    self._forget(req.request_id)
-                    continue
-                self.held[req.request_id] = req
-                events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
-                               "attempt": self.specs[req.request_id].attempt,
-                               "finish_reason": req.finish_reason.value if done else None,
-                               "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                               "prefill_compute_s": t1 - t0, "time": t1})
-            self.num_prefilled_tokens += sum(c.num_tokens for c in chunks)
-            self.num_steps += 1
-        self.emit(events)
-        return True
+    def schedule(self, now: float) -> Scheduled | None:
+        chunks = self.policy.schedule(now)
+        if not chunks:
+            return None
+        sends, scheduled = [], []
+        for c in chunks:
+            req, spec = c.request, self.specs[c.request.request_id]
+            epoch = self.kv.epochs.get(spec.peer, -1)
+            seq = self._seq.get((spec.peer, epoch), 0)
+            self._seq[(spec.peer, epoch)] = seq + 1
+            n = self.bm.blocks_for(req.num_tokens)
+            sends.append((spec.peer, epoch, seq, req.block_ids[:n]))
+            # The controller tells the decode ranks to receive as soon as this arrives.
+            scheduled.append({"type": "scheduled", "request_id": req.request_id, "peer": spec.peer,
+                              "epoch": epoch, "seq": seq, "num_blocks": n, "num_tokens": req.num_tokens,
+                              "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
+                              "time": now})
+        batch = Batch(prefill=chunks)
+        return Scheduled(batch, StepMsg(StepInput.from_batch(batch), sends), scheduled)
 
-    def _execute(self, msg: _StepMsg):
+    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float,
+                    logprobs: list[dict | None]) -> list[dict]:
+        events = []
+        self.policy.complete(batch.prefill)           # their KV is computed: prefix hits from now on
+        for req, tok, lp in zip(batch.sampled, tokens, logprobs):
+            done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
+            req.transition(RequestState.TRANSFERRING)
+            req.mark("prefill_end", t1)
+            if req.request_id in self._release_after_step:
+                self._release_after_step.discard(req.request_id)
+                self.bm.free(req.block_ids)
+                self._forget(req.request_id)
+                continue
+            self.held[req.request_id] = req
+            events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
+                           "attempt": self.specs[req.request_id].attempt,
+                           "finish_reason": req.finish_reason.value if done else None,
+                           "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
+                           "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp,
+                           "queued_tokens": self.policy.num_waiting_tokens})
+        self.num_prefilled_tokens += batch.num_prefill_tokens
+        return events
+
+    def execute(self, msg: StepMsg):
+        """The prefill, with this rank's KV leaving layer by layer as the layers finish."""
         progress = LayerProgress(self.kv.owner.layers[0], self.rt.device)
         for peer, epoch, seq, blocks in msg.sends:
             self.kv.send(peer, epoch, seq, blocks, progress.wait)
@@ -185,17 +158,8 @@ class PrefillWorker:
             progress.fail(repr(e))
             raise
 
-    # Peer ranks ---------------------------------------------------------------------------
-    def follow(self, stop: threading.Event) -> None:
-        """Loop of a rank > 0: run every step rank 0 broadcasts, until it broadcasts None."""
-        while not stop.is_set():
-            msg = self.rt.broadcast(None)
-            if msg is None:
-                return
-            self._execute(msg)
-
-    def stop_followers(self) -> None:
-        self.rt.broadcast(None)
+    def close(self) -> None:
+        self.kv.close()
 
     def stats(self) -> dict:
         with self._lock:
