@@ -59,9 +59,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 def closed_to_network() -> None:
     """Make the local Ray instance about to start use 127.0.0.1 as its node address, so GCS,
     raylet, object manager, agents, metrics export and worker ports all listen on loopback
-    only. Ray does this itself on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): the
+    only (and the workers' process groups too). Ray does this itself on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): the
     variable reaches Ray's child processes; this process may have read it at import already."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Tensor-parallel groups (gloo on CPU, NCCL's bootstrap on GPU) pick an interface of their
+    # own; on one host the loopback one serves, and reaches no one else.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False
 
