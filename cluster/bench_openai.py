@@ -3,9 +3,10 @@ OpenAI-compatible server (our HTTP front, vLLM, SGLang), through the official `o
 
 Requests go to /v1/completions with the workload's prompt as token ids (exact prompt lengths
 on any server), temperature 0, `ignore_eos` and the run's seed, streamed with
-stream_options.include_usage. Times are taken on receipt of each chunk: TTFT at the first chunk
-with text, inter-token gaps between text-bearing chunks; the output token count is the server's
-usage.completion_tokens (a chunk's text can hold several tokens, or none)."""
+stream_options.include_usage. Times are taken on receipt of each chunk that delivers tokens (one
+with text, or any before the finish: servers that send a chunk per token while its text is held
+back, as ours does, are timed per token as over gRPC): TTFT at the first, inter-token gaps
+between them; the output token count is the server's usage.completion_tokens."""
 from __future__ import annotations
 
 import time
@@ -62,7 +63,7 @@ async def _one(openai, client, rec: Record, body: dict, t0: float):
             if not ch.choices:
                 continue
             c = ch.choices[0]
-            if c.text:
+            if c.text or not c.finish_reason:
                 if chunks:
                     rec.itl_s.append(now - rec.last_token_s)
                 else:
