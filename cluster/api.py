@@ -68,14 +68,16 @@ def closed_to_network() -> None:
 
 class Cluster:
     def __init__(self, plan: Plan, metrics=None, max_prompt_tokens: int = 0, max_tokens_limit: int = 0,
-                 max_pending: int = 1024):
+                 max_pending: int = 1024, actor_cls: type | None = None):
+        """actor_cls: the class of the rank actors (a subclass of cluster.actors.RankActor;
+        tests use one that injects faults)."""
         from model.embedded import resolve_model_source
         self.plan = plan
         source = resolve_model_source(plan.model)
         self.model_config = load_model_config(source)
         folder = Path(source) if Path(source).is_dir() else None
         self.tokenizer = load_tokenizer(folder, self.model_config.bos_token_id, self.model_config.eos_token_id)
-        self.controller = Controller(plan, self.model_config, self.tokenizer, metrics, max_pending)
+        self.controller = Controller(plan, self.model_config, self.tokenizer, metrics, max_pending, actor_cls)
         self.limits = (max_prompt_tokens, max_tokens_limit)
         self.inputs: InputProcessor | None = None
         self.lost: str | None = None          # why the Ray cluster under us is gone, once it is

@@ -16,6 +16,9 @@ import time
 
 from cluster.instances import create_instance, shutdown_instance
 from cluster.transfers import quiet
+from engine.request import RequestState
+
+PREFILLING, TRANSFERRING, DECODING = RequestState.PREFILLING, RequestState.TRANSFERRING, RequestState.DECODING
 
 log = logging.getLogger("disagg.health")
 PING_INTERVAL_S = 1.0
@@ -59,23 +62,21 @@ class HealthMonitor:
         log.error("instance %s failed (%s): recomputing its requests elsewhere and restarting it", inst.instance_id, why)
         self.restarting.add(inst.instance_id)
         for t in list(c.tracked.values()):
-            uses = (t.decode is inst) or (t.prefill is inst and t.phase in ("prefill", "transfer"))
-            if uses and t.phase in ("prefill", "transfer", "decode"):
+            uses = (t.decode is inst) or (t.prefill is inst and t.state in (PREFILLING, TRANSFERRING))
+            if uses and t.state in (PREFILLING, TRANSFERRING, DECODING):
                 await self._abandon(t)
         c.spawn(self._restart(inst, t0))
 
     async def _abandon(self, t) -> None:
         """Free the survivors' part of the current attempt and start a new one. A scheduled
         transfer's task frees both sides itself once its receives have ended."""
-        c, wid, attempt, phase = self.c, t.wid, t.attempt, t.phase
-        if phase == "prefill" and t.prefill.alive:
-            if await quiet(t.prefill.driver.cancel.remote(wid)):
-                c.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
-                await c.release_decode(t.decode, wid, len(t.blocks or ()))
-            # else: it was scheduled meanwhile; its `scheduled` event drains it
-        elif phase == "prefill":
-            await c.release_decode(t.decode, wid, len(t.blocks or ()))
-        elif phase == "decode" and t.decode.alive:
+        c, wid, attempt, state = self.c, t.wid, t.attempt, t.state
+        if state is PREFILLING and not t.colocated and t.prefill.alive:
+            await c.admission.cancel_prefill(t)
+            # when that fails, it was scheduled meanwhile; its KVScheduled event drains it
+        elif state is PREFILLING and not t.colocated:
+            await c.admission.release_decode(t.decode, wid, len(t.blocks or ()))
+        elif state in (PREFILLING, DECODING) and t.decode.alive:
             await quiet(t.decode.driver.cancel.remote(wid))
         await c.retry(t, "an instance it used failed", attempt)
 
@@ -96,7 +97,7 @@ class HealthMonitor:
         new = None
         try:
             new = await create_instance(c.plan, inst.role, int(iid.rsplit("-", 1)[1]), phase,
-                                        mc.num_layers, mc.num_kv_heads)
+                                        mc.num_layers, mc.num_kv_heads, c.actor_cls)
             new.alive = False
             pool = c.pool(inst.role)
             pool[pool.index(inst)] = new
@@ -119,11 +120,11 @@ class HealthMonitor:
         self.recovery_s.append(time.monotonic() - t0)
         log.warning("instance %s is back after %.1f s", iid, self.recovery_s[-1])
         c.spawn(c._consume(new))
-        await c.dispatch_pending()
+        await c.admission.dispatch_pending()
 
     def _give_up(self, iid: str) -> None:
         self.restarting.discard(iid)
         self.given_up.add(iid)
         if not self.can_serve():
-            for t in list(self.c.pending):
+            for t in list(self.c.admission.pending):
                 self.c.fail(t, f"instance {iid} is down for good and no other can serve the request")

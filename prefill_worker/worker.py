@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, PrefillPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
+from engine.events import FirstToken, KVScheduled, Load, WorkerEvent
 from engine.request import FinishReason, RequestState
 from kv_transfer.agent import KVSender
 from model.instance import RequestSpec, Scheduled, StepLoop, StepMsg
@@ -35,7 +36,7 @@ class PrefillWorker(StepLoop):
     role = "prefill"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None):
+                 emit: Callable[[list[WorkerEvent]], None] | None = None):
         super().__init__(cfg, tp_group, ctrl_group, emit)
         self.kv = KVSender(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -117,15 +118,13 @@ class PrefillWorker(StepLoop):
             n = self.bm.blocks_for(req.num_tokens)
             sends.append((spec.peer, epoch, seq, req.block_ids[:n]))
             # The controller tells the decode ranks to receive as soon as this arrives.
-            scheduled.append({"type": "scheduled", "request_id": req.request_id, "peer": spec.peer,
-                              "epoch": epoch, "seq": seq, "num_blocks": n, "num_tokens": req.num_tokens,
-                              "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
-                              "time": now})
+            scheduled.append(KVScheduled(request_id=req.request_id, peer=spec.peer, epoch=epoch, seq=seq,
+                                         num_blocks=n, num_tokens=req.num_tokens,
+                                         num_cached_tokens=req.num_cached_tokens, attempt=spec.attempt, time=now))
         batch = Batch(prefill=chunks)
         return Scheduled(batch, StepMsg(StepInput.from_batch(batch), sends), scheduled)
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float,
-                    logprobs: list[dict | None]) -> list[dict]:
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[WorkerEvent]:
         events = []
         self.policy.complete(batch.prefill)           # their KV is computed: prefix hits from now on
         for req, tok, lp in zip(batch.sampled, tokens, logprobs):
@@ -138,12 +137,10 @@ class PrefillWorker(StepLoop):
                 self._forget(req.request_id)
                 continue
             self.held[req.request_id] = req
-            events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
-                           "attempt": self.specs[req.request_id].attempt,
-                           "finish_reason": req.finish_reason.value if done else None,
-                           "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                           "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp,
-                           "queued_tokens": self.policy.num_waiting_tokens})
+            events.append(FirstToken(request_id=req.request_id, token_id=tok, attempt=self.specs[req.request_id].attempt,
+                                     finish_reason=req.finish_reason.value if done else None,
+                                     prefill_queue_s=req.times["prefill_start"] - req.times["queued"],
+                                     prefill_compute_s=t1 - t0, logprobs=lp, time=t1, load=self.load()))
         self.num_prefilled_tokens += batch.num_prefill_tokens
         return events
 
@@ -157,6 +154,9 @@ class PrefillWorker(StepLoop):
         except Exception as e:
             progress.fail(repr(e))
             raise
+
+    def load(self) -> Load:
+        return Load(self.bm.num_free_blocks, 0, len(self.policy.waiting), self.policy.num_waiting_tokens)
 
     def close(self) -> None:
         self.kv.close()

@@ -87,7 +87,9 @@ def test_prefill_death_with_queued_requests(ray_session):
         victim = c.controller.prefills[0]
 
         def queued(_):
-            return sum(t.phase == "prefill" and t.prefill is victim for t in c.controller.tracked.values()) >= 3
+            from engine.request import RequestState
+            return sum(t.state is RequestState.PREFILLING and t.prefill is victim
+                       for t in c.controller.tracked.values()) >= 3
         got, killed = _run_with_kill(c, prompts, sp, lambda: ray.kill(victim.driver, no_restart=True), queued)
         if not killed:             # every request streamed before the queue built up: kill now, rerun
             ray.kill(victim.driver, no_restart=True)
