@@ -30,10 +30,7 @@ STUCK_S = 300.0          # a step loop silent this long while it has work is dec
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("DISAGG_GIL_SWITCH_INTERVAL_S", "0.0005"))
 
 
-# KV receives block a thread each for as long as a transfer takes; they get a pool of their
-# own so that pings, starts and cancels never queue behind them.
-@ray.remote(max_concurrency=64, concurrency_groups={"kv": 256})
-class RankActor:
+class RankActorBase:
     def __init__(self, role: str, cfg: WorkerConfig, max_queue: int = 1024):
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be prefill or decode, got {role!r}")
@@ -205,6 +202,16 @@ class RankActor:
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+
+
+def remote_rank_actor(cls: type) -> "ray.actor.ActorClass":
+    """`cls` (RankActorBase or a subclass, e.g. a test's fault-injecting one) as a Ray actor.
+    KV receives block a thread each for as long as a transfer takes; they get a pool of their
+    own so that pings, starts and cancels never queue behind them."""
+    return ray.remote(max_concurrency=64, concurrency_groups={"kv": 256})(cls)
+
+
+RankActor = remote_rank_actor(RankActorBase)
 
 
 def _gpu_uuid(device) -> str | None:

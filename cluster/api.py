@@ -45,14 +45,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 
 class Cluster:
     def __init__(self, plan: Plan, metrics=None, max_prompt_tokens: int = 0, max_tokens_limit: int = 0,
-                 max_pending: int = 1024):
+                 max_pending: int = 1024, actor_cls=None):
         from model.embedded import resolve_model_source
         self.plan = plan
         source = resolve_model_source(plan.model)
         self.model_config = load_model_config(source)
         folder = Path(source) if Path(source).is_dir() else None
         self.tokenizer = load_tokenizer(folder, self.model_config.bos_token_id, self.model_config.eos_token_id)
-        self.controller = Controller(plan, self.model_config, self.tokenizer, metrics, max_pending)
+        self.controller = Controller(plan, self.model_config, self.tokenizer, metrics, max_pending, actor_cls)
         self.limits = (max_prompt_tokens, max_tokens_limit)
         self.inputs: InputProcessor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -40,8 +40,10 @@ MAX_ATTEMPTS = 6
 
 
 class Controller:
-    def __init__(self, plan: Plan, model_config, tokenizer, metrics=None, max_pending: int = 1024):
+    def __init__(self, plan: Plan, model_config, tokenizer, metrics=None, max_pending: int = 1024,
+                 actor_cls=None):
         self.plan, self.model_config = plan, model_config
+        self.actor_cls = actor_cls          # None: RankActor (tests pass fault-injecting subclasses)
         self.outputs = OutputProcessor(tokenizer)
         self.metrics = metrics
         self.max_pending = max_pending
@@ -59,15 +61,18 @@ class Controller:
         self.health = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
-                         "instance_failures": 0, "instance_restarts": 0, "rejected": 0}
+                         "instance_failures": 0, "instance_restarts": 0, "rejected": 0,
+                         "requests_failed_alone": 0}
 
     # Lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         mc = self.model_config
         p, d = self.plan.prefill, self.plan.decode
         made = await asyncio.gather(
-            *[create_instance(self.plan, "prefill", i, p, mc.num_layers, mc.num_kv_heads) for i in range(p.num_instances)],
-            *[create_instance(self.plan, "decode", i, d, mc.num_layers, mc.num_kv_heads) for i in range(d.num_instances)],
+            *[create_instance(self.plan, "prefill", i, p, mc.num_layers, mc.num_kv_heads, self.actor_cls)
+              for i in range(p.num_instances)],
+            *[create_instance(self.plan, "decode", i, d, mc.num_layers, mc.num_kv_heads, self.actor_cls)
+              for i in range(d.num_instances)],
             return_exceptions=True)
         failed = [m for m in made if isinstance(m, BaseException)]
         if failed:
@@ -349,6 +354,17 @@ class Controller:
                 t = self._current(wid)
                 if t is not None and t.phase == "decode" and t.decode is inst:
                     self.drop(t)
+            for wid, why in ev.get("failed", {}).items():
+                t = self._current(wid)
+                if t is not None and t.phase == "decode" and t.decode is inst:
+                    self._fail_alone(t, why)
+        elif kind == "request_failed":
+            # The prefill step failed on this request alone; its transfer task (which drains
+            # the junk KV) sees the request closed and frees both sides.
+            t = self._current(ev["request_id"])
+            if t is not None:
+                self._fail_alone(t, ev["message"])
+                t.token_seen[t.attempt].set()
         elif kind == "error":
             log.error("%s: %s", inst.instance_id, ev["message"])
             self.spawn(self.health.on_failure(inst, ev["message"]))
@@ -385,6 +401,12 @@ class Controller:
         t.out.put_nowait(StreamDelta(t.request_id, tokens, delta.text))
         if delta.finish_reason is not None:
             self.close(t, delta.finish_reason)
+
+    def _fail_alone(self, t: Tracked, why: str) -> None:
+        """A worker isolated this request as the cause of a failed step: it fails (the client
+        gets INTERNAL with `why`); the instance and every other request go on."""
+        self.counters["requests_failed_alone"] += 1
+        self.fail(t, why)
 
     def close(self, t: Tracked, reason: str, error: str | None = None) -> None:
         """End the caller's stream (the workers may free their part a little later)."""

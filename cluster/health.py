@@ -96,7 +96,7 @@ class HealthMonitor:
         new = None
         try:
             new = await create_instance(c.plan, inst.role, int(iid.rsplit("-", 1)[1]), phase,
-                                        mc.num_layers, mc.num_kv_heads)
+                                        mc.num_layers, mc.num_kv_heads, c.actor_cls)
             new.alive = False
             pool = c.prefills if inst.role == "prefill" else c.decodes
             pool[pool.index(inst)] = new

@@ -48,7 +48,8 @@ def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -
 
 
 async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,
-                          num_kv_heads: int) -> Instance:
+                          num_kv_heads: int, actor_cls=None) -> Instance:
+    """Start one instance (its ranks as `actor_cls`, default RankActor) and its step loops."""
     if phase.pp != 1:
         raise ConfigError(f"{role}: pipeline parallelism (pp={phase.pp}) is planned and simulated but not "
                           "run by the runtime yet; use pp=1")
@@ -68,7 +69,7 @@ async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig,
                           f"(available: {ray.available_resources()})") from None
     for r in range(world):
         strategy = PlacementGroupSchedulingStrategy(inst.pg, placement_group_bundle_index=r)
-        inst.ranks.append(RankActor.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
+        inst.ranks.append((actor_cls or RankActor).options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
             role, worker_config(plan, phase, inst.instance_id, r), phase.max_queue))
     try:
         tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None

@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.agent import KVReceiver
 from model.rank_runtime import RankRuntime, WorkerConfig
 from model.runner import StepInput
+from model.step_isolation import StepIsolation
 
 
 class DecodeWorker:
@@ -38,6 +39,10 @@ class DecodeWorker:
         self.num_steps = 0
         self.num_decoded_tokens = 0
         self.num_preemptions = 0
+        # A request that makes the step fail fails alone; re-running a sub-batch needs every
+        # rank to follow it, so with tensor parallelism only sampling failures are isolated.
+        world = cfg.tp * cfg.pp
+        self.isolation = StepIsolation(self._execute, self._sample, self._execute if world == 1 else None)
 
     # Driver API (rank 0) -----------------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
@@ -116,14 +121,18 @@ class DecodeWorker:
             self.num_preemptions += len(batch.preempted)
             if batch.empty:
                 return False
-            step = StepInput.from_batch(batch)
-        self.rt.broadcast(step)
-        logits = self.rt.runner.execute(step)
+        out = self.isolation.run(batch)
+        batch, tokens = out.batch, out.tokens
         sampled = batch.sampled
-        tokens = self.rt.sampler(logits, [r.sampling for r in sampled], [r.num_output_tokens for r in sampled])
         now = time.monotonic()
-        new, finished = {}, {}
+        new, finished, failed = {}, {}, {}
         with self._lock:
+            for req, why in out.failed:
+                failed[req.request_id] = why
+                self.requests.pop(req.request_id, None)
+                self.policy.release(req)
+                if not req.state.terminal:
+                    finish(req, FinishReason.ERROR, now)
             done = []
             for req, tok in zip(sampled, tokens):
                 if req.request_id not in self.requests:       # cancelled during the step
@@ -139,9 +148,17 @@ class DecodeWorker:
             self.num_steps += 1
             self.num_decoded_tokens += len(new)
             free = self.bm.num_free_blocks
-        self.emit([{"type": "tokens", "tokens": new, "finished": finished, "free_blocks": free,
+        self.emit([{"type": "tokens", "tokens": new, "finished": finished, "failed": failed, "free_blocks": free,
                     "batch_size": len(sampled), "time": now}])
         return True
+
+    def _execute(self, batch):
+        step = StepInput.from_batch(batch)
+        self.rt.broadcast(step)
+        return self.rt.runner.execute(step)
+
+    def _sample(self, logits, requests):
+        return self.rt.sampler(logits, [r.sampling for r in requests], [r.num_output_tokens for r in requests])
 
     def follow(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -20,6 +20,7 @@ from model.loader import build_model, model_context_len
 from model.output_processor import Delta, OutputProcessor, RequestOutput
 from model.runner import ModelRunner, StepInput
 from model.sampler import Sampler
+from model.step_isolation import StepIsolation
 from model.tokenizer import load_tokenizer
 
 
@@ -54,6 +55,8 @@ class LLM:
         self.policy = ColocatedPolicy(self.block_manager, max_batch_tokens, max_batch_size, mode, chunk_tokens)
         self.runner = ModelRunner(self.model, kv, block_size)
         self.sampler = Sampler(device, seed)
+        execute = lambda batch: self.runner.execute(StepInput.from_batch(batch))  # noqa: E731
+        self.isolation = StepIsolation(execute, self._sample, execute)
         self.inputs = InputProcessor(self.tokenizer, self.cfg.vocab_size, self.max_model_len,
                                      max_kv_tokens=num_kv_blocks * block_size)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -93,10 +96,21 @@ class LLM:
             if self.requests and not batch.preempted:
                 raise RuntimeError("scheduler made no progress: a request needs more KV blocks than exist")
             return []
-        logits = self.runner.execute(StepInput.from_batch(batch))
-        sampled = batch.sampled
-        tokens = self.sampler(logits, [r.sampling for r in sampled], [r.num_output_tokens for r in sampled]) if sampled else []
-        return self._postprocess(batch, sampled, tokens)
+        out = self.isolation.run(batch)       # a request that makes the step fail fails alone
+        for req, why in out.failed:
+            self._fail(req, why)
+        return self._postprocess(out.batch, out.batch.sampled, out.tokens)
+
+    def _sample(self, logits, reqs):
+        return self.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
+
+    def _fail(self, req: Request, why: str) -> None:
+        self.requests.pop(req.request_id, None)
+        self.policy.release(req)
+        finish(req, FinishReason.ERROR, time.monotonic())
+        self.outputs.discard(req.request_id)
+        res = self._results[req.request_id]
+        res.finish_reason, res.error = FinishReason.ERROR.value, why
 
     def _postprocess(self, batch, sampled, tokens) -> list[Delta]:
         now = time.monotonic()

@@ -23,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.agent import KVSender
 from model.rank_runtime import LayerProgress, RankRuntime, WorkerConfig
 from model.runner import StepInput
+from model.step_isolation import StepIsolation
 
 
 @dataclass
@@ -64,6 +65,12 @@ class PrefillWorker:
         self.wake = threading.Event()
         self.num_prefilled_tokens = 0
         self.num_steps = 0
+        # A request that makes the step fail fails alone (see model/step_isolation.py). A re-run
+        # sends nothing and marks no layer: the first try's sends wait until it is over.
+        world = cfg.tp * cfg.pp
+        self._first: tuple[_StepMsg, LayerProgress] | None = None
+        self.isolation = StepIsolation(lambda batch: self._execute(*self._first), self._sample,
+                                       self._rerun if world == 1 else None)
 
     # Driver API (rank 0) -----------------------------------------------------------------
     def add(self, spec: PrefillSpec) -> None:
@@ -145,14 +152,24 @@ class PrefillWorker:
                                   "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
                                   "time": now})
         self.emit(scheduled)          # the controller tells the decode ranks to receive now
-        msg = _StepMsg(StepInput.from_batch(Batch(prefill=chunks)), sends)
+        batch = Batch(prefill=chunks)
+        msg = _StepMsg(StepInput.from_batch(batch), sends)
         self.rt.broadcast(msg)
         t0 = time.monotonic()
-        logits = self._execute(msg)
+        progress = self._first_progress(msg)
+        self._first = (msg, progress)
+        try:
+            out = self.isolation.run(batch)
+        except Exception as e:
+            progress.fail(repr(e))
+            raise
+        finally:
+            self._first = None
+        self._all_layers_done(progress)
+        chunks, tokens = out.batch.prefill, out.tokens
         reqs = [c.request for c in chunks]
-        tokens = self.rt.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
         t1 = time.monotonic()
-        events = []
+        events = self._fail_requests(out.failed, t1)
         with self._lock:
             self.policy.complete(chunks)           # their KV is computed: prefix hits from now on
             for req, tok in zip(reqs, tokens):
@@ -175,15 +192,45 @@ class PrefillWorker:
         self.emit(events)
         return True
 
-    def _execute(self, msg: _StepMsg):
+    def _first_progress(self, msg: _StepMsg) -> LayerProgress:
+        """Queue the step's KV sends, which go out layer by layer as the layers are computed."""
         progress = LayerProgress(self.kv.owner.layers[0], self.rt.device)
         for peer, epoch, seq, blocks in msg.sends:
             self.kv.send(peer, epoch, seq, blocks, progress.wait)
-        try:
-            return self.rt.runner.execute(msg.step, layer_hook=progress.mark)
-        except Exception as e:
-            progress.fail(repr(e))
-            raise
+        return progress
+
+    def _all_layers_done(self, progress: LayerProgress) -> None:
+        """After a step (and any re-runs, which mark no layer): every layer is in the cache."""
+        first, end = self.kv.owner.layers
+        progress.mark(end - first - 1)
+
+    def _execute(self, msg: _StepMsg, progress: LayerProgress):
+        return self.rt.runner.execute(msg.step, layer_hook=progress.mark)
+
+    def _rerun(self, batch: Batch):
+        return self.rt.runner.execute(StepInput.from_batch(batch))
+
+    def _sample(self, logits, reqs):
+        return self.rt.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
+
+    def _fail_requests(self, failed, now: float) -> list[dict]:
+        """Requests that made the step fail: their blocks hold junk, so they are not cached, and
+        are held like any prefilled request until the controller releases them (their sends
+        still drain through the channel, in order)."""
+        events = []
+        with self._lock:
+            for req, why in failed:
+                finish(req, FinishReason.ERROR, now)
+                if req.request_id in self._release_after_step:
+                    self._release_after_step.discard(req.request_id)
+                    self.bm.free(req.block_ids)
+                    self._forget(req.request_id)
+                else:
+                    self.held[req.request_id] = req
+                events.append({"type": "request_failed", "request_id": req.request_id, "message": why,
+                               "attempt": self.specs[req.request_id].attempt if req.request_id in self.specs else -1,
+                               "time": now})
+        return events
 
     # Peer ranks ---------------------------------------------------------------------------
     def follow(self, stop: threading.Event) -> None:
@@ -192,7 +239,13 @@ class PrefillWorker:
             msg = self.rt.broadcast(None)
             if msg is None:
                 return
-            self._execute(msg)
+            progress = self._first_progress(msg)
+            try:
+                self._execute(msg, progress)
+            except Exception as e:
+                progress.fail(repr(e))
+                raise
+            self._all_layers_done(progress)
 
     def stop_followers(self) -> None:
         self.rt.broadcast(None)
