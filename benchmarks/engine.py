@@ -2,7 +2,8 @@
 ceilings and beside HF transformers in the same run.
 
   decode   tokens/s and achieved GB/s = (weights + KV bytes read per step) / step time, batch
-           1-256 x context 512-8k (what fits), judged against device-to-device copy bandwidth
+           1-256 x context 512-8k (what fits), judged against the streaming-read bandwidth
+           measured in the same run (benchmarks/ceilings.py), the copy bandwidth beside it
   prefill  TFLOP/s and MFU = (matmul + causal attention FLOPs) / time, 1k-16k tokens, judged
            against the bf16 matmul rate
   short    prefills of 16-1024 tokens (1-8 sequences), wall clock through sampling, with the
@@ -33,6 +34,7 @@ import torch
 from triton.testing import do_bench
 
 from engine.sampling_params import SamplingParams
+from benchmarks import ceilings
 from model.kv_cache import allocate_kv_cache
 from model.loader import build_model
 from model.runner import ModelRunner, StepInput
@@ -45,23 +47,8 @@ DECODE_CONTEXT = [512, 1024, 2048, 4096, 8192]
 PREFILL_TOKENS = [1024, 2048, 4096, 8192, 16384]
 SHORT_PREFILL = [(1, 16), (1, 128), (1, 512), (1, 1024), (4, 128), (8, 64)]   # (sequences, tokens each)
 KV_TOKENS = 256 * 1024          # 32 GiB at this shape: every grid point with batch x context <= it
-CEILING_COPY_GBPS = 3020.0      # ../shared/ENVIRONMENT.md, H100 2026-11-24
-CEILING_MATMUL_TFLOPS = 800.0
 HF_DECODE_BATCH, HF_PROMPT, HF_NEW_TOKENS = [1, 32], 512, 33
 HF_PREFILL_TOKENS = [1024, 4096, 8192]
-
-
-def ceilings() -> dict:
-    """Device-to-device copy (bytes read + written) and a bf16 8192^3 matmul, measured now."""
-    n = 1 << 29
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    copy_ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    del a, b
-    m1 = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    m2 = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = do_bench(lambda: m1 @ m2, warmup=25, rep=200, return_mode="median")
-    return {"copy_GBps": 2 * n * 2 / copy_ms / 1e6, "matmul_bf16_TFLOPs": 2 * 8192 ** 3 / mm_ms / 1e9}
 
 
 class Engine:
@@ -199,7 +186,7 @@ KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk"
 
 
 @torch.inference_mode()
-def kernel_breakdown(fn, reps: int = 3) -> dict:
+def kernel_breakdown(fn, reps: int = 3, top: int = 10) -> dict:
     """GPU time per kind of kernel in one call of fn (torch.profiler, mean of reps), beside the
     call's wall time: where a step's time goes, and how much is idle GPU between kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -211,7 +198,7 @@ def kernel_breakdown(fn, reps: int = 3) -> dict:
             fn()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / reps
-    kinds, top = {}, []
+    kinds, ranked = {}, []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if us <= 0:
@@ -219,26 +206,26 @@ def kernel_breakdown(fn, reps: int = 3) -> dict:
         ms = us / 1e3 / reps
         kind = next((k for k, keys in KERNEL_KINDS if any(x in e.key.lower() for x in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
-        top.append((ms, e.key[:80], e.count // reps))
-    top.sort(reverse=True)
+        ranked.append((ms, e.key[:80], e.count // reps))
+    ranked.sort(reverse=True)
     return {"wall_ms": wall_ms, "kernel_ms": sum(kinds.values()), "by_kind_ms": kinds,
-            "top": [{"ms": ms, "kernel": k, "calls": n} for ms, k, n in top[:10]]}
+            "top": [{"ms": ms, "kernel": k, "calls": n} for ms, k, n in ranked[:top]]}
 
 
-def run_ours(quick: bool, log) -> dict:
+def run_ours(quick: bool, log, batches=None, contexts=None, prefill_tokens=None) -> dict:
     eng = Engine()
     log(f"model built in {eng.build_s:.1f} s; {len(eng.runner.graphs.sizes)} decode graphs captured "
         f"in {eng.capture_s:.1f} s")
     decode = []
-    for b in DECODE_BATCH[:4] if quick else DECODE_BATCH:
-        for c in DECODE_CONTEXT[:2] if quick else DECODE_CONTEXT:
+    for b in batches or (DECODE_BATCH[:4] if quick else DECODE_BATCH):
+        for c in contexts or (DECODE_CONTEXT[:2] if quick else DECODE_CONTEXT):
             if b * c <= KV_TOKENS:
                 row = eng.decode_point(b, c, steps=20)
                 decode.append(row)
                 log(f"decode  b={b:>3} ctx={c:>5}: {row['step_ms']:7.2f} ms/step ({row['gpu_ms']:6.2f} GPU) "
                     f"{row['tokens_per_s']:8.0f} tok/s  {row['GBps']:6.0f} GB/s")
     prefill = []
-    for s in PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS:
+    for s in prefill_tokens or (PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS):
         row = eng.prefill_point(s, reps=5)
         prefill.append(row)
         log(f"prefill {s:>5} tokens: {row['ms']:8.2f} ms  {row['TFLOPs']:5.0f} TFLOP/s")
@@ -255,15 +242,16 @@ def run_ours(quick: bool, log) -> dict:
     for rows in (1, 32, 4096, 8192):
         breakdown["linear_only_ms"][str(rows)] = linear_only_ms(eng.model, rows)
     graphs = eng.runner.graphs
-    eng.decode_point(1, 512, steps=1)       # leaves the batch-1 graph's inputs at context 512
-    out1 = graphs.outputs[1][:1]
-    breakdown["decode_b1_ctx512"] = kernel_breakdown(
-        lambda: (graphs.graphs[1].replay(), eng.model.compute_logits(out1)))
+    for b in (1, 8):
+        eng.decode_point(b, 512, steps=1)   # leaves the batch-b graph's inputs at context 512
+        out_b = graphs.outputs[b][:b]
+        breakdown[f"decode_b{b}_ctx512"] = kernel_breakdown(
+            lambda: (graphs.graphs[b].replay(), eng.model.compute_logits(out_b)), top=30)
     for n in (1024, 4096):
         ids = torch.randint(0, eng.cfg.vocab_size, (n,)).tolist()
         step = StepInput(prefill=[(ids, 0, list(range(1, n // BS + 1)), True)])
         breakdown[f"prefill_{n}"] = kernel_breakdown(lambda: eng.runner.execute(step))
-    for name in ("decode_b1_ctx512", "prefill_1024", "prefill_4096"):
+    for name in ("decode_b1_ctx512", "decode_b8_ctx512", "prefill_1024", "prefill_4096"):
         b = breakdown[name]
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(b["by_kind_ms"].items(), key=lambda kv: -kv[1]))
         log(f"{name}: wall {b['wall_ms']:.2f} ms, kernels {b['kernel_ms']:.2f} ms ({kinds})")
@@ -335,18 +323,19 @@ def run_hf(cfg, layer_params: int, log) -> dict:
 
 
 def summary(res: dict) -> list[str]:
-    """The table printed last: each figure beside its ceiling and beside HF."""
-    copy, mm = CEILING_COPY_GBPS, CEILING_MATMUL_TFLOPS
+    """The table printed last: each figure beside the ceilings measured in this run, and HF."""
     ceil = res["ceilings"]
-    lines = [f"ceilings measured now: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
-             f"{ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s (judged against {copy:.0f} / {mm:.0f})"]
+    read, copy, mm = ceil["read_GBps"], ceil["copy_GBps"], ceil["matmul_bf16_TFLOPs"]
+    lines = [f"ceilings measured in this run on {ceil['device']}: streaming read {read:.0f} GB/s, "
+             f"copy {copy:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s"]
     hf_dec = {r["batch"]: r for r in res.get("hf", {}).get("decode", [])}
     hf_pre = {r["tokens"]: r for r in res.get("hf", {}).get("prefill", [])}
-    lines.append("decode  batch ctx    tok/s    GB/s  %copy  gpu GB/s   HF tok/s")
+    lines.append("decode  batch ctx    tok/s    GB/s  %read  %copy  gpu GB/s  gpu %read   HF tok/s")
     for r in res["ours"]["decode"]:
         hf = hf_dec.get(r["batch"]) if r["context"] == HF_PROMPT else None
         lines.append(f"        {r['batch']:>5} {r['context']:>5} {r['tokens_per_s']:8.0f} {r['GBps']:7.0f} "
-                     f"{r['GBps'] / copy:6.0%} {r['gpu_GBps']:8.0f}   {hf['tokens_per_s'] if hf else float('nan'):8.1f}")
+                     f"{r['GBps'] / read:6.0%} {r['GBps'] / copy:6.0%} {r['gpu_GBps']:9.0f} {r['gpu_GBps'] / read:9.0%}"
+                     f"   {hf['tokens_per_s'] if hf else float('nan'):8.1f}")
     lines.append("prefill tokens  TFLOP/s   MFU   HF TFLOP/s  HF MFU")
     for r in res["ours"]["prefill"]:
         hf = hf_pre.get(r["tokens"])
@@ -360,6 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="engine.json")
     ap.add_argument("--quick", action="store_true", help="a few points only (smoke test)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    ap.add_argument("--batches", type=_ints, default=None, help="decode batch sizes (default: the full grid)")
+    ap.add_argument("--contexts", type=_ints, default=None, help="decode contexts (default: the full grid)")
+    ap.add_argument("--prefill-tokens", type=_ints, default=None, help="prefill lengths (default: 1k-16k)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.engine: needs a CUDA GPU", flush=True)
@@ -369,11 +361,10 @@ def main(argv=None) -> int:
         print(s, flush=True)
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "python": platform.python_version(), "model": MODEL, "block_size": BS,
-           "ceilings_reference": {"copy_GBps": CEILING_COPY_GBPS, "matmul_bf16_TFLOPs": CEILING_MATMUL_TFLOPS}}
-    res["ceilings"] = ceilings()
+           "python": platform.python_version(), "model": MODEL, "block_size": BS}
+    res["ceilings"] = ceilings.measure()
     log(f"ceilings: {res['ceilings']}")
-    res["ours"] = run_ours(args.quick, log)
+    res["ours"] = run_ours(args.quick, log, args.batches, args.contexts, args.prefill_tokens)
     _save(args.out, res)
     if not args.no_hf:
         try:
@@ -385,6 +376,10 @@ def main(argv=None) -> int:
     _save(args.out, res)
     print("\n".join(summary(res)))
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _save(path, res):

@@ -63,7 +63,8 @@ class Cluster:
         await self.controller.start()
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.controller.max_model_len,
                                      self.limits[0], self.limits[1],
-                                     self.controller.max_request_blocks * self.plan.block_size)
+                                     self.controller.max_request_blocks * self.plan.block_size,
+                                     self.model_config.eos_token_ids)
         return self
 
     async def submit(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None):

@@ -349,7 +349,7 @@ class Controller:
             for wid, toks in ev["tokens"].items():
                 t = self._current(wid)
                 if t is not None and t.phase == "decode" and t.decode is inst:
-                    self._deliver(t, toks, ev["finished"].get(wid))
+                    self._deliver(t, toks, ev["finished"].get(wid), ev.get("logprobs", {}).get(wid))
             for wid in ev["finished"]:
                 t = self._current(wid)
                 if t is not None and t.phase == "decode" and t.decode is inst:
@@ -378,10 +378,11 @@ class Controller:
             t.durations["prefill_compute_s"] = ev["prefill_compute_s"]
         t.times["prefill_end"] = time.monotonic()
         if not t.closed:
-            self._deliver(t, [ev["token_id"]], ev["finish_reason"])
+            lp = ev.get("logprobs")
+            self._deliver(t, [ev["token_id"]], ev["finish_reason"], [lp] if lp else None)
         t.token_seen[t.attempt].set()
 
-    def _deliver(self, t: Tracked, tokens: list[int], finish_reason: str | None) -> None:
+    def _deliver(self, t: Tracked, tokens: list[int], finish_reason: str | None, logprobs=None) -> None:
         if t.closed:
             return
         now = time.monotonic()
@@ -398,7 +399,7 @@ class Controller:
         delta = self.outputs.process(t.request_id, tokens, finish_reason)
         if delta.finish_reason is not None and finish_reason is None:     # a stop string matched
             self.spawn(self.release_attempt(t, drop=True))
-        t.out.put_nowait(StreamDelta(t.request_id, tokens, delta.text))
+        t.out.put_nowait(StreamDelta(t.request_id, tokens, delta.text, logprobs=logprobs))
         if delta.finish_reason is not None:
             self.close(t, delta.finish_reason)
 

@@ -15,9 +15,11 @@ from protos import inference_pb2_grpc as pb_grpc
 def sampling_to_proto(sp: SamplingParams) -> pb.SamplingOptions:
     msg = pb.SamplingOptions(max_tokens=sp.max_tokens, temperature=sp.temperature, top_k=sp.top_k,
                              top_p=sp.top_p, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids),
-                             ignore_eos=sp.ignore_eos)
-    if sp.seed is not None:
-        msg.seed = sp.seed
+                             ignore_eos=sp.ignore_eos, presence_penalty=sp.presence_penalty,
+                             frequency_penalty=sp.frequency_penalty, n=sp.n)
+    for name, unset in (("seed", None), ("min_p", 0.0), ("repetition_penalty", 1.0), ("logprobs", None)):
+        if getattr(sp, name) != unset:
+            setattr(msg, name, getattr(sp, name))
     return msg
 
 

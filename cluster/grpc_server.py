@@ -8,7 +8,7 @@ KV blocks on both pools.
 """
 from __future__ import annotations
 
-import asyncio
+from contextlib import aclosing
 import json
 import logging
 import uuid
@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.errors import ConfigError, InvalidRequestError, OverloadedError, RequestFailedError
+from cluster.fanout import stream_n, submit_n
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
 
@@ -31,7 +32,17 @@ def sampling_from_proto(s: pb.SamplingOptions) -> SamplingParams:
     return SamplingParams(
         max_tokens=s.max_tokens or 16, temperature=s.temperature, top_k=s.top_k,
         top_p=s.top_p if s.HasField("top_p") else 1.0, seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        min_p=s.min_p if s.HasField("min_p") else 0.0, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        logprobs=s.logprobs if s.HasField("logprobs") else None, n=s.n or 1)
+
+
+def _logprobs(entries) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=e["token_id"], logprob=e["logprob"],
+                            top=[pb.TopLogprob(token_id=i, logprob=x) for i, x in e["top"]])
+            for e in entries or ()]
 
 
 def _timings(d: dict | None) -> pb.Timings:
@@ -65,19 +76,20 @@ class InferenceService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: longer than {MAX_REQUEST_ID} characters")
         prompt = req.text if kind == "text" else list(req.token_ids.ids)
         rid = req.request_id or f"grpc-{uuid.uuid4().hex[:16]}"
-        t = None
+        tracked = None
         try:
-            t = await self.cluster.submit(prompt, sampling_from_proto(req.sampling), rid)
+            tracked = await submit_n(self.cluster, prompt, sampling_from_proto(req.sampling), rid)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OverloadedError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except RequestFailedError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        try:
-            async for item in self.cluster.controller.stream(t):
+        async with aclosing(stream_n(self.cluster, tracked)) as items:
+            async for i, item in items:
                 if item.finish_reason is None:
-                    yield pb.GenerateResponse(request_id=rid, token_ids=item.token_ids, text=item.text)
+                    yield pb.GenerateResponse(request_id=rid, token_ids=item.token_ids, text=item.text, index=i,
+                                              logprobs=_logprobs(item.logprobs))
                     continue
                 if item.error:
                     await context.abort(grpc.StatusCode.INTERNAL, f"request {rid} failed: {item.error}")
@@ -86,10 +98,7 @@ class InferenceService:
                     request_id=rid, token_ids=item.token_ids, text=item.text, finish_reason=item.finish_reason,
                     usage=pb.Usage(prompt_tokens=u.get("prompt_tokens", 0), completion_tokens=u.get("completion_tokens", 0),
                                    cached_tokens=u.get("cached_tokens", 0)),
-                    timings=_timings(item.timings))
-        finally:
-            if not t.closed:          # cancelled, disconnected or past its deadline
-                await asyncio.shield(self.cluster.acancel(rid))
+                    timings=_timings(item.timings), index=i)
 
     async def model_info(self, raw: bytes, context):
         await self._check_auth(context)

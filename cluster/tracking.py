@@ -24,6 +24,7 @@ class StreamDelta:
     usage: dict | None = None
     timings: dict | None = None
     error: str | None = None
+    logprobs: list | None = None    # one entry per token, when the request asked for them
 
 
 @dataclass

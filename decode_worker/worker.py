@@ -122,10 +122,10 @@ class DecodeWorker:
             if batch.empty:
                 return False
         out = self.isolation.run(batch)
-        batch, tokens = out.batch, out.tokens
+        batch, tokens, logprobs = out.batch, out.tokens, out.logprobs
         sampled = batch.sampled
         now = time.monotonic()
-        new, finished, failed = {}, {}, {}
+        new, finished, lps, failed = {}, {}, {}, {}
         with self._lock:
             for req, why in out.failed:
                 failed[req.request_id] = why
@@ -134,10 +134,12 @@ class DecodeWorker:
                 if not req.state.terminal:
                     finish(req, FinishReason.ERROR, now)
             done = []
-            for req, tok in zip(sampled, tokens):
+            for req, tok, lp in zip(sampled, tokens, logprobs):
                 if req.request_id not in self.requests:       # cancelled during the step
                     continue
                 new[req.request_id] = [tok]
+                if lp is not None:
+                    lps[req.request_id] = [lp]
                 if req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len):
                     done.append(req)
                     finished[req.request_id] = req.finish_reason.value
@@ -148,8 +150,13 @@ class DecodeWorker:
             self.num_steps += 1
             self.num_decoded_tokens += len(new)
             free = self.bm.num_free_blocks
-        self.emit([{"type": "tokens", "tokens": new, "finished": finished, "failed": failed, "free_blocks": free,
-                    "batch_size": len(sampled), "time": now}])
+        ev = {"type": "tokens", "tokens": new, "finished": finished, "free_blocks": free,
+              "batch_size": len(sampled), "time": now}
+        if lps:
+            ev["logprobs"] = lps
+        if failed:
+            ev["failed"] = failed
+        self.emit([ev])
         return True
 
     def _execute(self, batch):
@@ -158,7 +165,7 @@ class DecodeWorker:
         return self.rt.runner.execute(step)
 
     def _sample(self, logits, requests):
-        return self.rt.sampler(logits, [r.sampling for r in requests], [r.num_output_tokens for r in requests])
+        return self.rt.sampler.sample_requests(logits, requests)
 
     def follow(self, stop: threading.Event) -> None:
         while not stop.is_set():

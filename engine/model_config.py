@@ -36,6 +36,15 @@ class ModelConfig:
     name: str = ""
     gated_mlp: bool = True          # SwiGLU (3 matrices) for Llama-family; 2 for OPT/GPT-2
     extra: dict = field(default_factory=dict, compare=False)
+    # Every end-of-sequence id (config.json's list and generation_config.json's), eos_token_id first.
+    eos_token_ids: tuple[int, ...] = ()
+    # Sampling defaults from generation_config.json (temperature, top_p, top_k, min_p,
+    # repetition_penalty) when it sets do_sample; applied to fields a request leaves unset.
+    generation_defaults: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not self.eos_token_ids and self.eos_token_id is not None:
+            object.__setattr__(self, "eos_token_ids", (self.eos_token_id,))
 
     @property
     def runnable(self) -> bool:
@@ -135,9 +144,8 @@ def from_hf_config(d: dict, name: str = "") -> ModelConfig:
     kv_heads = int(_first(d, "num_key_value_heads", default=heads))
     inter = int(_first(d, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden))
     head_dim = int(_first(d, "head_dim", default=hidden // heads))
-    eos = d.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
+    eos_ids = _id_list(d.get("eos_token_id"))
+    eos = eos_ids[0] if eos_ids else None
     dtype = str(_first(d, "dtype", "torch_dtype", default="bfloat16")).replace("torch.", "")
     if dtype not in DTYPE_BYTES:
         dtype = "bfloat16"
@@ -158,7 +166,33 @@ def from_hf_config(d: dict, name: str = "") -> ModelConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", arch in ("opt", "gpt2"))),
         attention_bias=bool(d.get("attention_bias", arch == "qwen2")), dtype=dtype,
         bos_token_id=d.get("bos_token_id"), eos_token_id=eos, sliding_window=sliding,
-        name=name, gated_mlp=gated)
+        name=name, gated_mlp=gated, eos_token_ids=tuple(eos_ids))
+
+
+def _id_list(v) -> list[int]:
+    if v is None:
+        return []
+    vals = v if isinstance(v, list) else [v]
+    return [int(x) for x in vals if isinstance(x, int) and not isinstance(x, bool)]
+
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def with_generation_config(cfg: ModelConfig, g: dict) -> ModelConfig:
+    """Merge generation_config.json: its EOS ids join config.json's (transformers stops on any
+    of them), and its sampling values become the defaults (as vLLM's generation_config='auto')."""
+    if not isinstance(g, dict):
+        raise ModelLoadError("generation_config.json must hold a JSON object")
+    ids = list(cfg.eos_token_ids)
+    for t in _id_list(g.get("eos_token_id")):
+        if t not in ids:
+            ids.append(t)
+    defaults = {k: g[k] for k in SAMPLING_DEFAULT_KEYS if isinstance(g.get(k), (int, float))}
+    if not g.get("do_sample", bool(defaults)):
+        defaults = {k: v for k, v in defaults.items() if k == "repetition_penalty"}
+    return replace(cfg, eos_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else (ids[0] if ids else None),
+                   eos_token_ids=tuple(ids), generation_defaults=defaults)
 
 
 def _llama3_scaling():
@@ -203,11 +237,18 @@ def load_model_config(name_or_path: str) -> ModelConfig:
         raise ModelLoadError(
             f"{name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model "
             "folder or config.json that exists")
+    cfg = from_hf_config(_read_json(p), name=p.parent.name)
+    gen = p.parent / "generation_config.json"
+    if gen.is_file():
+        cfg = with_generation_config(cfg, _read_json(gen))
+    return cfg
+
+
+def _read_json(p: Path):
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{p}: not valid JSON ({e})") from None
-    return from_hf_config(data, name=p.parent.name)
 
 
 def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:

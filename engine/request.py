@@ -103,7 +103,8 @@ class Request:
         """Record a sampled token; returns True when it ends generation (sets finish_reason)."""
         self.output_token_ids.append(token_id)
         sp = self.sampling
-        if not sp.ignore_eos and eos_token_id is not None and token_id == eos_token_id:
+        if not sp.ignore_eos and ((eos_token_id is not None and token_id == eos_token_id)
+                                  or token_id in sp.eos_token_ids):
             self.finish_reason = FinishReason.STOP
         elif token_id in sp.stop_token_ids:
             self.finish_reason = FinishReason.STOP

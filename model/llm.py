@@ -8,8 +8,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from engine.batching import ColocatedPolicy, finish
 from engine.block_manager import BlockManager
 from engine.request import FinishReason, Request
@@ -58,7 +56,7 @@ class LLM:
         execute = lambda batch: self.runner.execute(StepInput.from_batch(batch))  # noqa: E731
         self.isolation = StepIsolation(execute, self._sample, execute)
         self.inputs = InputProcessor(self.tokenizer, self.cfg.vocab_size, self.max_model_len,
-                                     max_kv_tokens=num_kv_blocks * block_size)
+                                     max_kv_tokens=num_kv_blocks * block_size, eos_token_ids=self.cfg.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._results: dict[str, RequestOutput] = {}
@@ -99,10 +97,10 @@ class LLM:
         out = self.isolation.run(batch)       # a request that makes the step fail fails alone
         for req, why in out.failed:
             self._fail(req, why)
-        return self._postprocess(out.batch, out.batch.sampled, out.tokens)
+        return self._postprocess(out.batch, out.batch.sampled, out.tokens, out.logprobs)
 
     def _sample(self, logits, reqs):
-        return self.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
+        return self.sampler.sample_requests(logits, reqs)
 
     def _fail(self, req: Request, why: str) -> None:
         self.requests.pop(req.request_id, None)
@@ -112,10 +110,10 @@ class LLM:
         res = self._results[req.request_id]
         res.finish_reason, res.error = FinishReason.ERROR.value, why
 
-    def _postprocess(self, batch, sampled, tokens) -> list[Delta]:
+    def _postprocess(self, batch, sampled, tokens, logprobs) -> list[Delta]:
         now = time.monotonic()
         finished, deltas = [], []
-        for req, tok in zip(sampled, tokens):
+        for req, tok, lp in zip(sampled, tokens, logprobs):
             done = req.append_token(tok, self.cfg.eos_token_id, self.max_model_len)
             req.mark("first_token", now)
             delta = self.outputs.process(req.request_id, [tok], req.finish_reason.value if done else None)
@@ -123,6 +121,8 @@ class LLM:
                 req.finish_reason, done = FinishReason.STOP, True
             res = self._results[req.request_id]
             res.token_ids.append(tok)
+            if lp is not None:
+                res.logprobs.append(lp)
             res.text += delta.text
             if done:
                 finished.append(req)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelLoadError
-from engine.model_config import PRESETS, ModelConfig, from_hf_config
+from engine.model_config import PRESETS, ModelConfig, load_model_config
 from model.llama import LlamaModel, TPContext
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,10 +35,7 @@ def read_model_folder(path: str | Path) -> tuple[ModelConfig, dict[str, Path]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{folder} has no config.json")
-    try:
-        cfg = from_hf_config(json.loads(cfg_path.read_text()), name=folder.name)
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = load_model_config(str(folder))        # config.json + generation_config.json
     if not cfg.runnable:
         raise ModelLoadError(f"{folder}: architecture {cfg.arch!r} can be planned but not run "
                              "(runnable: llama, qwen2, mistral)")

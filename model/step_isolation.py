@@ -33,10 +33,11 @@ log = logging.getLogger("disagg.step_isolation")
 
 @dataclass
 class StepOutcome:
-    """`batch`: what ran, failed requests removed; `tokens`: one per `batch.sampled`;
-    `failed`: requests that made the step fail, with a one-line reason."""
+    """`batch`: what ran, failed requests removed; `tokens` and `logprobs` (an entry or None):
+    one per `batch.sampled`; `failed`: requests that made the step fail, with a one-line reason."""
     batch: Batch
     tokens: list[int]
+    logprobs: list
     failed: list[tuple[Request, str]] = field(default_factory=list)
     num_reruns: int = 0
 
@@ -72,7 +73,8 @@ def _request(member) -> Request:
 
 class StepIsolation:
     """Wraps an instance's "execute a batch" call. `execute(batch)` runs the model and returns
-    logits (one row per `batch.sampled`); `sample(logits, requests)` returns their tokens;
+    logits (one row per `batch.sampled`); `sample(logits, requests)` returns their tokens and
+    logprobs entries (Sampler.sample_requests);
     `rerun(batch)` runs a sub-batch again (None where a re-run is not possible, e.g. ranks of a
     tensor-parallel group that would have to follow it: a model failure is then raised)."""
 
@@ -98,7 +100,8 @@ class StepIsolation:
         bad = {id(r) for r, _ in failed}
         ok = Batch(prefill=[c for c in batch.prefill if id(c.request) not in bad],
                    decode=[r for r in batch.decode if id(r) not in bad], preempted=batch.preempted)
-        return StepOutcome(ok, [tokens[id(r)] for r in ok.sampled], failed, n)
+        rows = [tokens[id(r)] for r in ok.sampled]
+        return StepOutcome(ok, [t for t, _ in rows], [lp for _, lp in rows], failed, n)
 
     def _execute_clearing_oom(self, batch: Batch):
         try:
@@ -113,18 +116,20 @@ class StepIsolation:
                 raise RuntimeError(f"CUDA error: out of memory that emptying the cache does not clear: {e}") from e
 
     def _sample_rows(self, logits, requests: list[Request]) -> tuple[dict, list]:
-        """Tokens by id(request); a sampling failure is narrowed down to the rows that cause it."""
+        """(token, logprobs) by id(request); a sampling failure is narrowed down to the rows
+        that cause it."""
         if not requests:
             return {}, []
         try:
-            return dict(zip(map(id, requests), self.sample(logits, requests))), []
+            return dict(zip(map(id, requests), zip(*self.sample(logits, requests)))), []
         except Exception as e:  # noqa: BLE001
             if is_device_fault(e):
                 raise
         tokens, failed = {}, []
         for i, r in enumerate(requests):
             try:
-                tokens[id(r)] = self.sample(logits[i:i + 1], [r])[0]
+                toks, lps = self.sample(logits[i:i + 1], [r])
+                tokens[id(r)] = (toks[0], lps[0])
             except Exception as e:  # noqa: BLE001
                 if is_device_fault(e):
                     raise

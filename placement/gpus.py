@@ -1,13 +1,18 @@
 """Device specs the roofline latency model and the optimizer plan with.
 
 Figures are datasheet peaks (dense bf16 FLOP/s, HBM bandwidth, memory) and per-GPU link
-bandwidths; `compute_efficiency` and `memory_efficiency` scale the peaks down to what kernels
-reach in practice (our H100 measurements: an 8192^3 bf16 matmul at 800 of 989 TFLOP/s, a
-device copy at 3.02 of 3.35 TB/s). `cost_per_hour` is a default that `--gpu-cost` overrides.
+bandwidths. The efficiencies and overheads are fitted to measured latencies
+(placement/calibration.json, written by `python -m placement.calibration --fit` from
+placement/validation/points.csv; docs/latency-model.md): kernel efficiencies per GPU type,
+engine overheads from our own engine's profiles. A GPU type without measurements takes the
+constants of its closest measured relative (CALIBRATED_LIKE). `cost_per_hour` is a default
+that `--gpu-cost` overrides.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from engine.errors import ConfigError
 
@@ -29,9 +34,15 @@ class DeviceSpec:
     devices_per_node: int = 8
     intra_node_latency_s: float = 10e-6     # per message (one all-reduce, one KV message)
     inter_node_latency_s: float = 25e-6
-    compute_efficiency: float = 0.7
-    memory_efficiency: float = 0.85
-    step_overhead_s: float = 3e-4           # launches and scheduling per forward pass
+    compute_efficiency: float = 0.7         # large GEMMs' share of peak
+    memory_efficiency: float = 0.85         # share of HBM bandwidth a decode step reaches
+    step_overhead_s: float = 3e-4           # host time per forward pass (scheduling, sampling)
+    gemm_half_tokens: float = 0.0           # GEMMs of M tokens run at M / (M + this) of large ones
+    attention_efficiency: float = 0.5       # attention kernels' share of peak on long prompts
+    attention_half_tokens: float = 1024.0   # ... a prompt of n tokens gets n / (n + this) of it
+    allreduce_latency_s: float = 10e-6      # one small all-reduce inside a node (NCCL)
+    layer_overhead_s: float = 0.0           # per layer per pass (kernel launches)
+    request_overhead_s: float = 0.0         # per layer per decoding request (attention setup)
     cost_per_hour: float = 1.0
     device: str = "cuda"                    # the plan's device field for this kind
 
@@ -42,7 +53,8 @@ class DeviceSpec:
                 raise ConfigError(f"device {self.name}: {name} must be > 0")
         if self.devices_per_node < 1:
             raise ConfigError(f"device {self.name}: devices_per_node must be >= 1")
-        if not (0 < self.compute_efficiency <= 1 and 0 < self.memory_efficiency <= 1):
+        if not all(0 < e <= 1 for e in (self.compute_efficiency, self.memory_efficiency,
+                                         self.attention_efficiency)):
             raise ConfigError(f"device {self.name}: efficiencies must be in (0, 1]")
         if self.cost_per_hour < 0:
             raise ConfigError(f"device {self.name}: cost_per_hour must be >= 0")
@@ -75,6 +87,34 @@ DEVICES: dict[str, DeviceSpec] = {
                       compute_efficiency=0.5, memory_efficiency=0.7, step_overhead_s=2e-3,
                       cost_per_hour=0.05, device="cpu"),
 }
+# Measured data exists for these; the others borrow a relative's kernel efficiencies.
+CALIBRATION_PATH = Path(__file__).resolve().parent / "calibration.json"
+CALIBRATED_LIKE = {"H200": "H100", "L40S": "A100-80GB", "A10G": "A100-80GB"}
+_DEVICE_FIELDS = ("compute_efficiency", "memory_efficiency", "gemm_half_tokens",
+                  "attention_efficiency", "allreduce_latency_s")
+_ENGINE_FIELDS = ("step_overhead_s", "layer_overhead_s", "request_overhead_s")
+
+
+def calibrated(spec: DeviceSpec, calibration: dict, engine: str = "disagg") -> DeviceSpec:
+    """`spec` with the fitted kernel constants of its GPU type (or its relative's) and the
+    fitted overheads of `engine`."""
+    devices, engines = calibration.get("devices", {}), calibration.get("engines", {})
+    kernel = devices.get(spec.name) or devices.get(CALIBRATED_LIKE.get(spec.name, ""), {})
+    known = {f.name for f in fields(DeviceSpec)}
+    update = {k: v for k, v in kernel.items() if k in _DEVICE_FIELDS and k in known}
+    update.update({k: v for k, v in engines.get(engine, {}).items() if k in _ENGINE_FIELDS})
+    return replace(spec, **update)
+
+
+def _load_calibration() -> dict:
+    if not CALIBRATION_PATH.is_file():
+        return {}
+    return json.loads(CALIBRATION_PATH.read_text())
+
+
+DATASHEET = dict(DEVICES)
+_CALIBRATION = _load_calibration()
+DEVICES.update({k: calibrated(v, _CALIBRATION) for k, v in DEVICES.items() if v.device == "cuda"})
 ALIASES = {"A100": "A100-80GB", "A100-80G": "A100-80GB", "A10": "A10G", "CPU": "cpu"}
 
 

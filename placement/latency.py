@@ -86,13 +86,24 @@ class LatencyModel:
 
 
 class RooflineModel(LatencyModel):
-    """Times from FLOPs and bytes: each pipeline stage's rank takes the larger of compute time
-    and memory time, plus tensor-parallel all-reduces (two per layer) over the node's links.
+    """Times from FLOPs and bytes with the costs measured engines show beyond them
+    (docs/latency-model.md; constants fitted by `python -m placement.calibration --fit`).
+
+    One pipeline stage's pass of M new tokens on tp ranks takes
+
+        max(compute, memory) + 2 L (allreduce_latency + 2 (tp-1)/tp M h bytes / link bandwidth)
+        + L layer_overhead + L b request_overhead (decode: b requests)
+
+    with compute = linear FLOPs (M + gemm_half_tokens) / achieved rate (small-M GEMMs run
+    below peak) + attention FLOPs / attention rate (long prompts run attention kernels closer
+    to peak: efficiency n / (n + attention_half_tokens) for a prompt of n tokens), memory =
+    weights + KV read at the achieved bandwidth; every pass pays the engine's step overhead.
 
     Prefill batches traverse the `pp` stages one after another (latency `pp` stage times; the
     pipeline holds `pp` batches). A decode step splits the batch into `pp` micro-batches that
-    chase each other round the pipeline, so each stage reads its weights once per micro-batch:
-    pipeline parallelism buys memory and compute throughput, not memory-bound latency.
+    chase each other round the pipeline, so each stage reads its weights once per micro-batch
+    and a batch smaller than `pp` leaves stages idle (the bubble): pipeline parallelism buys
+    memory and compute throughput, not memory-bound latency.
     """
 
     def __init__(self, model: ModelConfig, device: DeviceSpec, tp: int = 1, pp: int = 1):
@@ -110,15 +121,20 @@ class RooflineModel(LatencyModel):
         self._kv_bytes_per_token = float(model.kv_bytes_per_token())
         ranks = tp * pp
         self._flops_rate = ranks * device.peak_flops * device.compute_efficiency
+        self._attn_rate = ranks * device.peak_flops * device.attention_efficiency
         self._byte_rate = ranks * device.memory_bandwidth * device.memory_efficiency
-        bw, lat = device.link(same_node=True)
+        self._gemm_fixed_s = self._linear_flops_per_token * device.gemm_half_tokens / self._flops_rate
+        bw, _ = device.link(same_node=tp <= device.devices_per_node)
         layers_per_stage = model.num_layers / pp
         # Ring all-reduce moves 2 (tp-1)/tp of the activations; two all-reduces per layer.
         self._allreduce_s_per_token = 0.0
         self._allreduce_fixed_s = 0.0
         if tp > 1:
             self._allreduce_s_per_token = 2 * layers_per_stage * 2 * (tp - 1) / tp * h * dt / bw
+            lat = device.allreduce_latency_s if tp <= device.devices_per_node else device.inter_node_latency_s
             self._allreduce_fixed_s = 2 * layers_per_stage * lat
+        self._stage_fixed_s = self._allreduce_fixed_s + layers_per_stage * device.layer_overhead_s
+        self._request_s = layers_per_stage * device.request_overhead_s
         # Activations cross pp - 1 stage boundaries, possibly between nodes.
         p2p_bw, p2p_lat = device.link(same_node=tp * pp <= device.devices_per_node)
         self._p2p_s_per_token = (pp - 1) * h * dt / p2p_bw
@@ -126,31 +142,33 @@ class RooflineModel(LatencyModel):
         # decode_line's constants: compute s per token and per context token, memory s for the
         # weights and per context token, fixed s per token and per step.
         self._line = ((self._linear_flops_per_token + self._lm_head_flops) / self._flops_rate,
-                      self._attn_flops_per_pair / self._flops_rate,
+                      self._attn_flops_per_pair / self._attn_rate,
                       self._weight_bytes / self._byte_rate, self._kv_bytes_per_token / self._byte_rate,
-                      pp * self._allreduce_s_per_token + self._p2p_s_per_token,
-                      pp * self._allreduce_fixed_s + self._p2p_fixed_s + device.step_overhead_s)
+                      pp * (self._allreduce_s_per_token + self._request_s) + self._p2p_s_per_token,
+                      pp * self._stage_fixed_s + self._p2p_fixed_s + device.step_overhead_s)
 
-    # One stage's share (1/pp of the layers on tp ranks) of a pass of `num_tokens` new tokens.
-    def _stage_time(self, num_tokens, attn_pairs, context_tokens, num_sampled) -> float:
-        flops = (self._linear_flops_per_token * num_tokens + self._lm_head_flops * num_sampled
-                 + self._attn_flops_per_pair * attn_pairs)
+    # One stage's share (1/pp of the layers on tp ranks) of a pass of `num_tokens` new tokens,
+    # `num_decoding` of them single tokens of running requests.
+    def _stage_time(self, num_tokens, attn_pairs, context_tokens, num_sampled, num_decoding=0) -> float:
+        compute = ((self._linear_flops_per_token * num_tokens + self._lm_head_flops * num_sampled)
+                   / self._flops_rate + self._gemm_fixed_s + self._attn_flops_per_pair * attn_pairs / self._attn_rate)
         nbytes = self._weight_bytes + self._kv_bytes_per_token * (context_tokens + num_tokens)
-        return (max(flops / self._flops_rate, nbytes / self._byte_rate)
-                + self._allreduce_s_per_token * num_tokens + self._allreduce_fixed_s)
+        return (max(compute, nbytes / self._byte_rate) + self._allreduce_s_per_token * num_tokens
+                + self._stage_fixed_s + self._request_s * num_decoding)
+
+    def _prefill_pairs(self, new: int, cached: int) -> float:
+        # Attention pairs of one prompt, weighted by the kernel's efficiency at that length.
+        pairs = new * cached + new * (new + 1) / 2
+        return pairs * (new + self.device.attention_half_tokens) / max(new, 1)
 
     def prefill_time(self, prompt_lens, cached_lens=None) -> float:
-        if cached_lens is None:
-            new = sum(prompt_lens)
-            pairs = sum(n * (n + 1) / 2 for n in prompt_lens)
-            context = 0
-        else:
-            new = context = pairs = 0
-            for length, cached in zip(prompt_lens, cached_lens):
-                n = length - cached
-                new += n
-                context += cached
-                pairs += n * cached + n * (n + 1) / 2
+        cached_lens = cached_lens or [0] * len(prompt_lens)
+        new = context = pairs = 0
+        for length, cached in zip(prompt_lens, cached_lens):
+            n = length - cached
+            new += n
+            context += cached
+            pairs += self._prefill_pairs(n, cached)
         t = self.pp * self._stage_time(new, pairs, context, len(prompt_lens))
         return t + self._p2p_s_per_token * new + self._p2p_fixed_s + self.device.step_overhead_s
 
@@ -159,7 +177,7 @@ class RooflineModel(LatencyModel):
             return self.device.step_overhead_s
         m = min(self.pp, batch_size)   # micro-batches; a round costs pp stage times either way
         b, s = batch_size / m, sum_context / m
-        return (self.pp * self._stage_time(b, s, s - b, b) + self._p2p_s_per_token * b
+        return (self.pp * self._stage_time(b, s, s - b, b, b) + self._p2p_s_per_token * b
                 + self._p2p_fixed_s + self.device.step_overhead_s)
 
     def decode_line(self, batch_size, sum_context):
@@ -171,7 +189,7 @@ class RooflineModel(LatencyModel):
         m = pp if pp < batch_size else batch_size
         b, s = batch_size / m, sum_context / m
         k = self._line
-        c0, c1 = k[0] * b + k[1] * s, k[1] * b
+        c0, c1 = k[0] * b + k[1] * s + self._gemm_fixed_s, k[1] * b
         m0, m1 = k[2] + k[3] * s, k[3] * b
         fixed = k[4] * b + k[5]
         if c0 >= m0:
@@ -184,7 +202,6 @@ class RooflineModel(LatencyModel):
     def mixed_time(self, chunks, batch_size, sum_context) -> float:
         new = batch_size + sum(n for n, _ in chunks)
         context = sum(c for _, c in chunks) + sum_context - batch_size
-        pairs = sum(n * c + n * (n + 1) / 2 for n, c in chunks) + sum_context
-        t = self.pp * self._stage_time(new, pairs, context, len(chunks) + batch_size)
+        pairs = sum(self._prefill_pairs(n, c) for n, c in chunks) + sum_context
+        t = self.pp * self._stage_time(new, pairs, context, len(chunks) + batch_size, batch_size)
         return t + self._p2p_s_per_token * new + self._p2p_fixed_s + self.device.step_overhead_s
-

@@ -166,13 +166,13 @@ class PrefillWorker:
         finally:
             self._first = None
         self._all_layers_done(progress)
-        chunks, tokens = out.batch.prefill, out.tokens
+        chunks, tokens, logprobs = out.batch.prefill, out.tokens, out.logprobs
         reqs = [c.request for c in chunks]
         t1 = time.monotonic()
         events = self._fail_requests(out.failed, t1)
         with self._lock:
             self.policy.complete(chunks)           # their KV is computed: prefix hits from now on
-            for req, tok in zip(reqs, tokens):
+            for req, tok, lp in zip(reqs, tokens, logprobs):
                 done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
                 req.transition(RequestState.TRANSFERRING)
                 req.mark("prefill_end", t1)
@@ -186,7 +186,7 @@ class PrefillWorker:
                                "attempt": self.specs[req.request_id].attempt,
                                "finish_reason": req.finish_reason.value if done else None,
                                "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                               "prefill_compute_s": t1 - t0, "time": t1})
+                               "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp})
             self.num_prefilled_tokens += sum(c.num_tokens for c in chunks)
             self.num_steps += 1
         self.emit(events)
@@ -211,7 +211,7 @@ class PrefillWorker:
         return self.rt.runner.execute(StepInput.from_batch(batch))
 
     def _sample(self, logits, reqs):
-        return self.rt.sampler(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs])
+        return self.rt.sampler.sample_requests(logits, reqs)
 
     def _fail_requests(self, failed, now: float) -> list[dict]:
         """Requests that made the step fail: their blocks hold junk, so they are not cached, and

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\tdisagg.v1\"\xbd\x01\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x97\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.disagg.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.disagg.v1.SamplingOptionsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x9b\x01\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_queue_s\x18\x02 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x03 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_queue_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01\"\xa4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.disagg.v1.Timings\"\x12\n\x10ModelInfoRequest\"\xa7\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x11\n\tnum_heads\x18\x07 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x0b \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x0c \x01(\x05\x12\x11\n\tplan_json\x18\r \x01(\t2\x9a\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12\x46\n\tModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x1c.disagg.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\tdisagg.v1\"\xf7\x02\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\x03\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x04\x88\x01\x01\x12\t\n\x01n\x18\x0e \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x97\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.disagg.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.disagg.v1.SamplingOptionsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x9b\x01\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_queue_s\x18\x02 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x03 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_queue_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01\"\xde\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.disagg.v1.Timings\x12\r\n\x05index\x18\x07 \x01(\x05\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.disagg.v1.TopLogprob\"\x12\n\x10ModelInfoRequest\"\xa7\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x11\n\tnum_heads\x18\x07 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x0b \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x0c \x01(\x05\x12\x11\n\tplan_json\x18\r \x01(\t2\x9a\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12\x46\n\tModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x1c.disagg.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGOPTIONS']._serialized_start=38
-  _globals['_SAMPLINGOPTIONS']._serialized_end=227
-  _globals['_TOKENIDS']._serialized_start=229
-  _globals['_TOKENIDS']._serialized_end=252
-  _globals['_GENERATEREQUEST']._serialized_start=255
-  _globals['_GENERATEREQUEST']._serialized_end=406
-  _globals['_USAGE']._serialized_start=408
-  _globals['_USAGE']._serialized_end=488
-  _globals['_TIMINGS']._serialized_start=491
-  _globals['_TIMINGS']._serialized_end=646
-  _globals['_GENERATERESPONSE']._serialized_start=649
-  _globals['_GENERATERESPONSE']._serialized_end=813
-  _globals['_MODELINFOREQUEST']._serialized_start=815
-  _globals['_MODELINFOREQUEST']._serialized_end=833
-  _globals['_MODELINFORESPONSE']._serialized_start=836
-  _globals['_MODELINFORESPONSE']._serialized_end=1131
-  _globals['_INFERENCE']._serialized_start=1134
-  _globals['_INFERENCE']._serialized_end=1288
+  _globals['_SAMPLINGOPTIONS']._serialized_end=413
+  _globals['_TOKENIDS']._serialized_start=415
+  _globals['_TOKENIDS']._serialized_end=438
+  _globals['_GENERATEREQUEST']._serialized_start=441
+  _globals['_GENERATEREQUEST']._serialized_end=592
+  _globals['_USAGE']._serialized_start=594
+  _globals['_USAGE']._serialized_end=674
+  _globals['_TIMINGS']._serialized_start=677
+  _globals['_TIMINGS']._serialized_end=832
+  _globals['_GENERATERESPONSE']._serialized_start=835
+  _globals['_GENERATERESPONSE']._serialized_end=1057
+  _globals['_TOPLOGPROB']._serialized_start=1059
+  _globals['_TOPLOGPROB']._serialized_end=1106
+  _globals['_TOKENLOGPROB']._serialized_start=1108
+  _globals['_TOKENLOGPROB']._serialized_end=1193
+  _globals['_MODELINFOREQUEST']._serialized_start=1195
+  _globals['_MODELINFOREQUEST']._serialized_end=1213
+  _globals['_MODELINFORESPONSE']._serialized_start=1216
+  _globals['_MODELINFORESPONSE']._serialized_end=1511
+  _globals['_INFERENCE']._serialized_start=1514
+  _globals['_INFERENCE']._serialized_end=1668
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,8 @@ def test_roofline_by_hand_memory_bound_decode():
     # One request, 1000 tokens of context: memory bound, reads the weights and 1000 tokens of KV.
     m = RooflineModel(LLAMA, H100)
     bytes_ = LLAMA.weight_bytes() + LLAMA.kv_bytes_per_token() * 1000
-    expect = bytes_ / (H100.memory_bandwidth * H100.memory_efficiency) + H100.step_overhead_s
+    expect = (bytes_ / (H100.memory_bandwidth * H100.memory_efficiency) + H100.step_overhead_s
+              + LLAMA.num_layers * (H100.layer_overhead_s + H100.request_overhead_s))
     assert m.decode_time(1, 1000) == pytest.approx(expect, rel=1e-12)
 
 
