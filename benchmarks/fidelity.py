@@ -54,7 +54,7 @@ def start_server(plan_path: Path, workdir: Path, timeout_s: float = 240.0, env=N
     ready.unlink(missing_ok=True)
     log = open(workdir / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(plan_path), "--port", "0",
-                             "--metrics-port", "-1", "--ready-file", str(ready)], cwd=REPO, env=env or ENV,
+                             "--metrics-port", "-1", "--http-port", "-1", "--ready-file", str(ready)], cwd=REPO, env=env or ENV,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while not ready.is_file():

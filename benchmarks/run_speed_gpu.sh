@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 18 on the GPU host, in one call: GPU tests of kernels and model (SKIP_TESTS=1 leaves them
-# out), the ceilings, the engine benchmark at decode batch 1-64 (ENGINE_ARGS), the decode-speed
+# Issue 18 on the GPU host, in one call: GPU tests of kernels and model (TESTS=paths narrows
+# them, SKIP_TESTS=1 leaves them out), the ceilings, the engine benchmark at decode batch 1-64 (ENGINE_ARGS), the decode-speed
 # breakdown (benchmarks.decode_speed, if present), the throughput run (THROUGHPUT=1) and
 # `disagg profile` (PROFILE=1, writes $OUT/<device>_llama-3-8b.json). Everything goes to $OUT.
 set -o pipefail
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFL
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 if [ -z "$SKIP_TESTS" ]; then
-  timeout ${TEST_TIMEOUT_S:-150} python3 -m pytest -m gpu tests/kernels tests/model -q -rs -x 2>&1 | tail -30 | tee "$OUT/pytest_gpu.log"
+  timeout ${TEST_TIMEOUT_S:-150} python3 -m pytest -m gpu ${TESTS:-tests/kernels tests/model} -q -rs 2>&1 | tail -30 | tee "$OUT/pytest_gpu.log"
 fi
 if [ -n "$PROFILE" ]; then
   # cluster.cli's parser imports Ray (absent there), so call the profile command's own entry point.

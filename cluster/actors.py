@@ -1,6 +1,7 @@
-"""The Ray actor that hosts one rank of a prefill or decode instance.
+"""The Ray actor that hosts one rank of an instance, in any role (colocated, prefill, decode).
 
-The workers are plain classes; this wraps one in a threaded actor: a loop thread runs the
+The roles are plain classes (model/instance.py, prefill_worker/, decode_worker/); this wraps
+one in a threaded actor: a loop thread runs the
 worker's steps (rank 0) or follows rank 0's broadcasts (other ranks), Ray calls arrive on other
 threads, and rank 0's events leave through one long-lived streaming call, a batch of events
 per item (never one Ray message per token).
@@ -20,6 +21,19 @@ from model.rank_runtime import WorkerConfig
 
 log = logging.getLogger("disagg.actor")
 _STOP = object()
+ROLES = ("colocated", "prefill", "decode")
+
+
+def role_class(role: str):
+    """The worker class of a role (imported here, in the actor's process)."""
+    if role == "prefill":
+        from prefill_worker.worker import PrefillWorker
+        return PrefillWorker
+    if role == "decode":
+        from decode_worker.worker import DecodeWorker
+        return DecodeWorker
+    from model.instance import ColocatedWorker
+    return ColocatedWorker
 
 
 STUCK_S = 300.0          # a step loop silent this long while it has work is declared stuck
@@ -31,10 +45,10 @@ GIL_SWITCH_INTERVAL_S = float(os.environ.get("DISAGG_GIL_SWITCH_INTERVAL_S", "0.
 
 
 class RankActorBase:
-    def __init__(self, role: str, cfg: WorkerConfig, max_queue: int = 1024):
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role must be prefill or decode, got {role!r}")
-        self.role, self.cfg, self.max_queue = role, cfg, max_queue
+    def __init__(self, role: str, cfg: WorkerConfig):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        self.role, self.cfg = role, cfg
         if GIL_SWITCH_INTERVAL_S > 0:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.worker = None
@@ -48,15 +62,9 @@ class RankActorBase:
     # Setup ----------------------------------------------------------------------------
     def open_tp(self) -> dict:
         """Rank 0: open the instance's rendezvous store; returns its address for the peers."""
-        import datetime
-
-        import torch.distributed as dist
-
-        from kv_transfer.channel import local_ip
+        from kv_transfer.channel import local_ip, open_store
         host = local_ip()
-        world = self.cfg.tp * self.cfg.pp
-        self._tp_store = dist.TCPStore(host, 0, world, True, timeout=datetime.timedelta(seconds=120),
-                                       wait_for_workers=False)
+        self._tp_store = open_store(host, self.cfg.tp * self.cfg.pp, 120)
         return {"host": host, "port": self._tp_store.port}
 
     def init(self, tp_address: dict | None) -> dict:
@@ -66,12 +74,7 @@ class RankActorBase:
         tp_group = ctrl = None
         if tp_address is not None:
             tp_group, ctrl = init_tp_group(self.cfg, tp_address["host"], tp_address["port"], self._tp_store)
-        if self.role == "prefill":
-            from prefill_worker.worker import PrefillWorker
-            self.worker = PrefillWorker(self.cfg, tp_group, ctrl, emit=self._emit, max_queue=self.max_queue)
-        else:
-            from decode_worker.worker import DecodeWorker
-            self.worker = DecodeWorker(self.cfg, tp_group, ctrl, emit=self._emit)
+        self.worker = role_class(self.role)(self.cfg, tp_group, ctrl, emit=self._emit)
         return {"num_blocks": self.worker.rt.num_blocks, "max_model_len": self.worker.rt.max_model_len,
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_uuid": _gpu_uuid(self.worker.rt.device)}
 
@@ -194,7 +197,7 @@ class RankActorBase:
             self.worker.wake.set()
             if self._thread is not None and self.cfg.rank == 0:
                 self._thread.join(timeout=10)
-            self.worker.kv.close()
+            self.worker.close()
         self._events.put(_STOP)
         try:
             import torch.distributed as dist

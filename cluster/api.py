@@ -23,24 +23,47 @@ from model.input_processor import InputProcessor
 from model.output_processor import RequestOutput
 from model.tokenizer import load_tokenizer
 
+OFFLOAD_PROMPT_ITEMS = 16384        # characters or token ids
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS), or start a local Ray instance."""
+    """Join `address` (or RAY_ADDRESS), or start a local Ray instance closed to the network.
+
+    Joining uses Ray's token authentication as the cluster is set up for it (RAY_AUTH_MODE=token
+    with RAY_AUTH_TOKEN or ~/.ray/auth_token on every node; README "Security"). The local
+    instance binds every Ray port to 127.0.0.1 (`closed_to_network`)."""
     import ray
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray starts workers at nice 15; our workers are the serving hot path, not background jobs.
     os.environ.setdefault("RAY_worker_niceness", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        kw = {"num_cpus": num_cpus} if num_cpus else {}
-        if num_gpus is not None:
-            kw["num_gpus"] = num_gpus
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - unreachable, or refused for want of a token
+            from engine.errors import ConfigError
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {str(e).strip().splitlines()[-1]} "
+                              "(a cluster with token authentication needs RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+        return
+    # Nothing but this process reaches the local instance, so Ray's token is not needed here.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    closed_to_network()
+    kw = {"num_cpus": num_cpus} if num_cpus else {}
+    if num_gpus is not None:
+        kw["num_gpus"] = num_gpus
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
+
+
+def closed_to_network() -> None:
+    """Make the local Ray instance about to start use 127.0.0.1 as its node address, so GCS,
+    raylet, object manager, agents, metrics export and worker ports all listen on loopback
+    only. Ray does this itself on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): the
+    variable reaches Ray's child processes; this process may have read it at import already."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 class Cluster:
@@ -55,6 +78,7 @@ class Cluster:
         self.controller = Controller(plan, self.model_config, self.tokenizer, metrics, max_pending, actor_cls)
         self.limits = (max_prompt_tokens, max_tokens_limit)
         self.inputs: InputProcessor | None = None
+        self.lost: str | None = None          # why the Ray cluster under us is gone, once it is
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -70,7 +94,10 @@ class Cluster:
     async def submit(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None):
         """Validate and accept a request; returns its tracking handle (raises InvalidRequestError
         or OverloadedError, with nothing half done)."""
-        req = self.inputs.build(prompt, sampling, request_id)
+        if isinstance(prompt, (str, list)) and len(prompt) > OFFLOAD_PROMPT_ITEMS:    # would stall the loop
+            req = await asyncio.get_running_loop().run_in_executor(None, self.inputs.build, prompt, sampling, request_id)
+        else:
+            req = self.inputs.build(prompt, sampling, request_id)
         if req.request_id in self.controller.tracked:
             from engine.errors import InvalidRequestError
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight")
@@ -87,6 +114,17 @@ class Cluster:
 
     async def acancel(self, request_id: str) -> None:
         await self.controller.cancel(request_id)
+
+    async def ahealth(self) -> dict:
+        """The controller's health (see `Controller.health`); "not_serving" once Ray is lost."""
+        if self.lost:
+            return {"state": "not_serving", "roles": {}, "lost": self.lost}
+        return await self.controller.health()
+
+    def fail_all(self, why: str) -> None:
+        """End every request in flight with `why` (the cluster under them is gone)."""
+        for t in list(self.controller.tracked.values()):
+            self.controller.fail(t, why)
 
     async def astats(self) -> dict:
         return await self.controller.stats()

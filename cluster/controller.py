@@ -1,12 +1,15 @@
-"""The controller: routes requests to prefill and decode instances, moves them through the
-request states, streams tokens back, and recovers from failures.
+"""The controller: routes requests to colocated instances or to prefill and decode instances,
+moves them through the request states, streams tokens back, and recovers from failures.
 
     submit ─► pending ─► prefill (queued, computing) ─► transfer ─► decode ─► done
                  ▲                                         │            │
                  └──── transfer failed / instance died: recompute ◄─────┘
 
-Routing: the prefill instance with the fewest queued prompt tokens, the decode instance with
-the most free blocks after reservations (engine/routing.py, shared with the simulator).
+Routing: a request goes to the least loaded route, a colocated instance or the prefill/decode
+pool, by requests in flight per rank (ties to colocated; engine/routing.py). Within the pool:
+the prefill instance with the fewest queued prompt tokens, the decode instance with the most
+free blocks after reservations (shared with the simulator). A request the pool cannot take now
+(no free decode blocks) goes to a colocated instance when the plan has one.
 Decode blocks are reserved before the prefill starts, so KV can leave layer by layer while the
 prefill still runs; the prefill frees its blocks only after every decode rank confirmed
 (cluster/transfers.py).
@@ -31,7 +34,8 @@ from cluster.transfers import TransferCoordinator, quiet
 from engine.errors import InvalidRequestError, OverloadedError, RequestFailedError
 from engine.plan import Plan
 from engine.request import Request
-from engine.routing import pick_decode, pick_prefill
+from engine.routing import PD_ROUTE, pick_decode, pick_prefill, pick_route
+from model.instance import RequestSpec
 from model.output_processor import OutputProcessor
 from prefill_worker.worker import PrefillSpec
 
@@ -47,8 +51,11 @@ class Controller:
         self.outputs = OutputProcessor(tokenizer)
         self.metrics = metrics
         self.max_pending = max_pending
+        self.colocated: list[Instance] = []
         self.prefills: list[Instance] = []
         self.decodes: list[Instance] = []
+        self.inflight: dict[str, int] = {}            # attempts per route (a colocated instance, or the pool)
+        self.state = "starting"
         self.tracked: dict[str, Tracked] = {}
         self.pending: deque[Tracked] = deque()
         self.prefill_tokens: dict[str, int] = {}      # queued prompt tokens per prefill instance
@@ -58,7 +65,7 @@ class Controller:
         self.transports: dict[tuple[str, str], str] = {}
         self.pair_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.health = HealthMonitor(self)
+        self.monitor = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
                          "instance_failures": 0, "instance_restarts": 0, "rejected": 0,
@@ -67,30 +74,36 @@ class Controller:
     # Lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         mc = self.model_config
-        p, d = self.plan.prefill, self.plan.decode
+        roles = [(role, i, phase) for role, phase in self.plan.phases.items() for i in range(phase.num_instances)]
         made = await asyncio.gather(
-            *[create_instance(self.plan, "prefill", i, p, mc.num_layers, mc.num_kv_heads, self.actor_cls)
-              for i in range(p.num_instances)],
-            *[create_instance(self.plan, "decode", i, d, mc.num_layers, mc.num_kv_heads, self.actor_cls)
-              for i in range(d.num_instances)],
+            *[create_instance(self.plan, role, i, phase, mc.num_layers, mc.num_kv_heads, self.actor_cls)
+              for role, i, phase in roles],
             return_exceptions=True)
         failed = [m for m in made if isinstance(m, BaseException)]
         if failed:
             await asyncio.gather(*[shutdown_instance(m) for m in made if isinstance(m, Instance)], return_exceptions=True)
             raise failed[0]
-        self.prefills, self.decodes = list(made[:p.num_instances]), list(made[p.num_instances:])
-        for inst in self.prefills + self.decodes:
+        for inst in made:
+            self.pool(inst.role).append(inst)
             self.adopt(inst)
         await asyncio.gather(*[self.connect(pi, di) for pi in self.prefills for di in self.decodes])
-        for inst in self.prefills + self.decodes:
+        for inst in self.instances:
             self.spawn(self._consume(inst))
-        self.spawn(self.health.run())
+        self.state = "serving"
+        self.spawn(self.monitor.run())
         self.spawn(self._kick_pending())
+
+    def pool(self, role: str) -> list[Instance]:
+        return {"colocated": self.colocated, "prefill": self.prefills, "decode": self.decodes}[role]
+
+    @property
+    def instances(self) -> list[Instance]:
+        return self.colocated + self.prefills + self.decodes
 
     def adopt(self, inst: Instance) -> None:
         if inst.role == "prefill":
             self.prefill_tokens[inst.instance_id] = 0
-        else:
+        elif inst.role == "decode":
             self.decode_free[inst.instance_id] = inst.num_blocks
 
     async def connect(self, pi: Instance, di: Instance) -> None:
@@ -101,16 +114,27 @@ class Controller:
 
     @property
     def max_model_len(self) -> int:
-        return min(i.max_model_len for i in self.prefills + self.decodes)
+        return min(i.max_model_len for i in self.instances)
 
     @property
     def max_request_blocks(self) -> int:
-        return min(i.num_blocks for i in self.prefills + self.decodes)
+        return min(i.num_blocks for i in self.instances)
+
+    async def health(self) -> dict:
+        """{"state": starting | serving | not_serving | draining, "roles": live instances per
+        role}. Serving: every role the plan needs has a live instance (a mixed plan serves when
+        its colocated pool or its prefill/decode pair is complete)."""
+        roles = {r: sum(i.alive for i in self.pool(r)) for r in ("prefill", "decode", "colocated")}
+        state = self.state
+        if state == "serving" and not (roles["colocated"] or (roles["prefill"] and roles["decode"])):
+            state = "not_serving"
+        return {"state": state, "roles": roles}
 
     async def shutdown(self) -> None:
+        self.state = "draining"
         for t in list(self._tasks):
             t.cancel()
-        await asyncio.gather(*[shutdown_instance(i) for i in self.prefills + self.decodes], return_exceptions=True)
+        await asyncio.gather(*[shutdown_instance(i) for i in self.instances], return_exceptions=True)
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -127,8 +151,8 @@ class Controller:
             if self.metrics:
                 self.metrics.requests.labels("rejected").inc()
             raise OverloadedError(f"{len(self.pending)} requests are waiting for capacity; try again later")
-        if not self.health.can_serve():
-            raise RequestFailedError("no prefill or decode instance is alive or restarting")
+        if not self.monitor.can_serve():
+            raise RequestFailedError("no prefill or decode instance (nor colocated one) is alive or restarting")
         t = Tracked(req)
         t.times["arrival"] = time.monotonic()
         self.tracked[req.request_id] = t
@@ -203,20 +227,77 @@ class Controller:
 
     # Routing -----------------------------------------------------------------------------
     async def _dispatch(self, t: Tracked, from_submit: bool = False, front: bool = False) -> None:
-        """Reserve decode blocks and hand the current attempt to a prefill instance, or park it."""
+        """Hand the current attempt to the least loaded route, or park it."""
+        live_c = [i for i in self.colocated if i.alive]
+        live_p = [i for i in self.prefills if i.alive]
+        live_d = [i for i in self.decodes if i.alive]
+        pd = bool(live_p and live_d)
+        if not live_c and not pd:
+            if self.monitor.can_serve():
+                self._park(t, front)
+            else:
+                self.fail(t, "no prefill or decode instance can serve the request any more")
+            return
+        loads = [self.inflight.get(i.instance_id, 0) / i.phase.ranks_per_instance for i in live_c]
+        pd_load = self.inflight.get(PD_ROUTE, 0) / sum(i.phase.ranks_per_instance for i in live_p + live_d) if pd else None
+        k = pick_route(loads, pd_load)
+        if k == PD_ROUTE:
+            await self._dispatch_pd(t, live_p, live_d, live_c, from_submit, front)
+        else:
+            await self._dispatch_colocated(t, live_c[k], from_submit, front)
+
+    async def _dispatch_colocated(self, t: Tracked, inst: Instance, from_submit: bool, front: bool) -> None:
+        """The whole attempt runs on one colocated instance."""
+        attempt, wid = t.attempt, t.wid
+        # Set before awaiting: the first tokens may arrive before the call returns.
+        t.prefill, t.decode, t.blocks, t.phase = None, inst, None, "decode"
+        self._assign(t, inst.instance_id)
+        spec = RequestSpec(wid, t.req.prompt_token_ids, t.req.sampling, list(t.req.output_token_ids),
+                           attempt=attempt)
+        try:
+            await inst.driver.add_request.remote(spec)
+        except Exception as e:  # noqa: BLE001 - overload, a request that cannot fit, or inst died
+            if t.attempt == attempt:
+                self._refused(t, e, from_submit, front)
+            return
+        if t.attempt == attempt and t.closed:       # cancelled while the call was on its way
+            await quiet(inst.driver.cancel.remote(wid))
+
+    def _refused(self, t: Tracked, e: Exception, from_submit: bool, front: bool) -> None:
+        """An instance refused the current attempt: re-raise to the submitter (nothing half
+        done), fail it, or park it until there is room."""
+        self._unassign(t)
+        t.phase = "pending"
+        cause = getattr(e, "cause", e)
+        if isinstance(cause, InvalidRequestError):
+            if from_submit:
+                raise cause from None
+            self.fail(t, str(cause))
+            return
+        if isinstance(cause, OverloadedError) and from_submit:
+            raise cause from None
+        if not t.closed:
+            self._park(t, front)
+
+    def _assign(self, t: Tracked, route: str) -> None:
+        self._unassign(t)
+        t.route = route
+        self.inflight[route] = self.inflight.get(route, 0) + 1
+
+    def _unassign(self, t: Tracked) -> None:
+        if t.route is not None:
+            self.inflight[t.route] -= 1
+            t.route = None
+
+    async def _dispatch_pd(self, t: Tracked, live_p: list[Instance], live_d: list[Instance],
+                           live_c: list[Instance], from_submit: bool, front: bool) -> None:
+        """Reserve decode blocks and hand the current attempt to a prefill instance; without
+        free decode blocks, a colocated instance takes it (or it waits)."""
         attempt, wid = t.attempt, t.wid
 
         def stale() -> bool:
             return t.attempt != attempt or t.closed
 
-        live_p = [i for i in self.prefills if i.alive]
-        live_d = [i for i in self.decodes if i.alive]
-        if not live_p or not live_d:
-            if self.health.can_serve():
-                self._park(t, front)
-            else:
-                self.fail(t, "no prefill or decode instance can serve the request any more")
-            return
         need_tokens = t.req.num_tokens + 1
         free = [self.decode_free[d.instance_id] for d in live_d]
         blocks = d = None
@@ -236,40 +317,34 @@ class Controller:
                 self.drop(t)
             return
         if not blocks:
-            if not stale():
+            if not stale() and live_c:
+                await self._dispatch_colocated(t, min(live_c, key=lambda i: self.inflight.get(i.instance_id, 0)),
+                                               from_submit, front)
+            elif not stale():
                 self._park(t, front)
             return
         p = live_p[pick_prefill([self.prefill_tokens[i.instance_id] for i in live_p],
                                 [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])]
         t.prefill, t.decode, t.blocks, t.phase = p, d, blocks, "prefill"
+        self._assign(t, PD_ROUTE)
         t.token_seen[attempt] = asyncio.Event()
         # Count the request against p before awaiting, so concurrent dispatches see it.
         self.prefill_tokens[p.instance_id] += t.req.num_tokens
         self.prefill_assigned[p.instance_id] = self.prefill_assigned.get(p.instance_id, 0) + 1
-        spec = PrefillSpec(wid, t.req.prompt_token_ids, t.req.sampling, d.instance_id, blocks,
-                           list(t.req.output_token_ids), attempt=attempt)
+        spec = PrefillSpec(wid, t.req.prompt_token_ids, t.req.sampling, list(t.req.output_token_ids),
+                           attempt=attempt, peer=d.instance_id, dst_block_ids=blocks)
         try:
             await p.driver.add_request.remote(spec)
         except Exception as e:  # noqa: BLE001 - overload, a request that cannot fit, or p died
             self.prefill_tokens[p.instance_id] -= t.req.num_tokens
             await self.release_decode(d, wid, len(blocks))
-            if t.attempt != attempt:
-                return
-            cause = getattr(e, "cause", e)
-            if isinstance(cause, InvalidRequestError):
-                if from_submit:
-                    raise cause from None
-                self.fail(t, str(cause))
-                return
-            t.phase = "pending"
-            if isinstance(cause, OverloadedError) and from_submit:
-                raise cause from None
-            if not t.closed:
-                self._park(t, front)
+            if t.attempt == attempt:
+                self._refused(t, e, from_submit, front)
 
     def _park(self, t: Tracked, front: bool = False) -> None:
         """Wait for capacity (decode blocks, a prefill queue slot, a restarting instance).
         Retries and requests that already waited go back to the front: FCFS holds."""
+        self._unassign(t)
         t.phase = "pending"
         if t not in self.pending:
             if front or t.attempt:
@@ -320,7 +395,7 @@ class Controller:
         except Exception as e:  # noqa: BLE001 - the instance is gone
             if inst.alive:
                 log.warning("event stream of %s ended: %s", inst.instance_id, e)
-                self.spawn(self.health.on_failure(inst, f"event stream ended: {e}"))
+                self.spawn(self.monitor.on_failure(inst, f"event stream ended: {e}"))
 
     def _current(self, wid: str) -> Tracked | None:
         rid, attempt = split_wid(wid)
@@ -328,7 +403,7 @@ class Controller:
         return t if t is not None and t.attempt == attempt else None
 
     def _on_event(self, inst: Instance, ev: dict) -> None:
-        if not any(inst is i for i in self.prefills + self.decodes):
+        if not any(inst is i for i in self.pool(inst.role)):
             return                                  # from an instance that was replaced
         kind = ev["type"]
         if kind == "scheduled":
@@ -343,7 +418,8 @@ class Controller:
         elif kind == "token":
             self._on_prefill_token(ev)
         elif kind == "tokens":
-            self.decode_free[inst.instance_id] = ev["free_blocks"]
+            if inst.role == "decode":
+                self.decode_free[inst.instance_id] = ev["free_blocks"]
             if self.metrics:
                 self.metrics.on_decode_step(inst.instance_id, ev)
             for wid, toks in ev["tokens"].items():
@@ -354,20 +430,18 @@ class Controller:
                 t = self._current(wid)
                 if t is not None and t.phase == "decode" and t.decode is inst:
                     self.drop(t)
-            for wid, why in ev.get("failed", {}).items():
-                t = self._current(wid)
-                if t is not None and t.phase == "decode" and t.decode is inst:
-                    self._fail_alone(t, why)
         elif kind == "request_failed":
-            # The prefill step failed on this request alone; its transfer task (which drains
-            # the junk KV) sees the request closed and frees both sides.
+            # A step failed on this request alone (model/step_isolation.py); the instance has
+            # dropped it. After a prefill its transfer task (which drains the junk KV) sees the
+            # request closed and frees both sides.
             t = self._current(ev["request_id"])
             if t is not None:
                 self._fail_alone(t, ev["message"])
-                t.token_seen[t.attempt].set()
+                if t.attempt in t.token_seen:
+                    t.token_seen[t.attempt].set()
         elif kind == "error":
             log.error("%s: %s", inst.instance_id, ev["message"])
-            self.spawn(self.health.on_failure(inst, ev["message"]))
+            self.spawn(self.monitor.on_failure(inst, ev["message"]))
 
     def _on_prefill_token(self, ev: dict) -> None:
         t = self._current(ev["request_id"])
@@ -430,6 +504,7 @@ class Controller:
         self.drop(t)
 
     def drop(self, t: Tracked) -> None:
+        self._unassign(t)
         t.phase = "done"
         if self.tracked.get(t.request_id) is t:
             del self.tracked[t.request_id]
@@ -443,6 +518,7 @@ class Controller:
             self.drop(t)
             return
         t.attempt += 1
+        self._unassign(t)
         self.counters["retries"] += 1
         if t.attempt >= MAX_ATTEMPTS:
             self.fail(t, f"gave up after {t.attempt} attempts: {why}")
@@ -458,7 +534,7 @@ class Controller:
 
     # Stats -----------------------------------------------------------------------------------
     async def stats(self) -> dict:
-        insts = self.prefills + self.decodes
+        insts = self.instances
         per = await asyncio.gather(*[asyncio.wait_for(i.driver.stats.remote(), 10) for i in insts],
                                    return_exceptions=True)
         workers = {i.instance_id: (s if not isinstance(s, BaseException) else {"error": str(s)})

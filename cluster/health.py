@@ -35,12 +35,12 @@ class HealthMonitor:
     def can_serve(self) -> bool:
         c = self.c
         ok = lambda insts: any(i.alive or i.instance_id in self.restarting for i in insts)  # noqa: E731
-        return ok(c.prefills) and ok(c.decodes)
+        return ok(c.colocated) or (ok(c.prefills) and ok(c.decodes))
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
-            for inst in [i for i in self.c.prefills + self.c.decodes if i.alive]:
+            for inst in [i for i in self.c.instances if i.alive]:
                 try:
                     await asyncio.wait_for(asyncio.gather(*[r.ping.remote() for r in inst.ranks]), PING_TIMEOUT_S)
                 except Exception as e:  # noqa: BLE001 - dead, hung, or its loop died
@@ -92,19 +92,19 @@ class HealthMonitor:
             self._give_up(iid)
             return
         mc = c.model_config
-        phase = c.plan.prefill if inst.role == "prefill" else c.plan.decode
+        phase = c.plan.phases[inst.role]
         new = None
         try:
             new = await create_instance(c.plan, inst.role, int(iid.rsplit("-", 1)[1]), phase,
                                         mc.num_layers, mc.num_kv_heads, c.actor_cls)
             new.alive = False
-            pool = c.prefills if inst.role == "prefill" else c.decodes
+            pool = c.pool(inst.role)
             pool[pool.index(inst)] = new
             c.adopt(new)
             # One restart joins at a time, so two instances restarting together still meet:
             # the second connects to the first, which is alive by then.
             async with self._join_lock:
-                peers = c.decodes if inst.role == "prefill" else c.prefills
+                peers = {"prefill": c.decodes, "decode": c.prefills}.get(inst.role, [])
                 await asyncio.gather(*[c.connect(new, d) if inst.role == "prefill" else c.connect(d, new)
                                        for d in peers if d.alive])
                 new.alive = True

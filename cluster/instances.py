@@ -1,5 +1,6 @@
-"""Instances of a plan as Ray actors: one actor per rank, packed by a placement group; and the
-KV channels between every prefill and decode instance."""
+"""Instances of a plan as Ray actors: one actor per rank, packed by a placement group, in any
+role (colocated, prefill, decode); and the KV channels between every prefill and decode
+instance."""
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,8 @@ def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -
         max_batch_tokens=phase.max_batch_tokens, max_batch_size=phase.max_batch_size,
         max_model_len=plan.max_model_len, enable_prefix_caching=plan.enable_prefix_caching,
         kv_timeout_s=plan.kv_transfer_timeout_s, kv_layer_groups=4 if plan.layerwise_transfer else 1,
-        torch_threads=phase.torch_threads)
+        torch_threads=phase.torch_threads, max_queue=phase.max_queue, schedule=phase.schedule,
+        chunk_tokens=phase.chunk_tokens)
 
 
 async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,
@@ -70,7 +72,7 @@ async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig,
     for r in range(world):
         strategy = PlacementGroupSchedulingStrategy(inst.pg, placement_group_bundle_index=r)
         inst.ranks.append((actor_cls or RankActor).options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
-            role, worker_config(plan, phase, inst.instance_id, r), phase.max_queue))
+            role, worker_config(plan, phase, inst.instance_id, r)))
     try:
         tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None
         infos = await asyncio.gather(*[a.init.remote(tp_addr) for a in inst.ranks])

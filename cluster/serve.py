@@ -1,5 +1,5 @@
-"""`disagg serve`: start (or join) Ray, deploy a plan, and serve it over gRPC with Prometheus
-metrics, until SIGINT/SIGTERM."""
+"""`disagg serve`: start (or join) Ray, deploy a plan of any kind (colocated, disaggregated or
+mixed), and serve it over gRPC with Prometheus metrics, until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
@@ -21,44 +21,83 @@ def plan_from_args(args) -> Plan:
     d = plan.to_dict()
     if args.model:
         d["model"] = args.model
+    if d.get("model"):
+        # A Hugging Face repo id in the local cache becomes its snapshot folder here, so every
+        # worker loads the same files without looking at the cache itself.
+        from model.hub import looks_like_repo_id, resolve_cached_repo
+        from engine.model_config import PRESETS
+        if d["model"] not in PRESETS and looks_like_repo_id(d["model"]):
+            d["model"] = resolve_cached_repo(d["model"])
     if getattr(args, "device", None):
         for phase in ("prefill", "decode", "colocated"):
             d[phase]["device"] = args.device
     if getattr(args, "kv_transfer_timeout", None):
         d["kv_transfer_timeout_s"] = args.kv_transfer_timeout
-    plan = Plan.from_dict(d)
-    if plan.mode != "disaggregated":
-        raise ConfigError("disagg serve runs disaggregated plans; a colocated plan is a baseline for "
-                          "`disagg simulate` and `disagg bench --in-process`")
-    return plan
+    return Plan.from_dict(d)
+
+
+def auth_token_from_args(args) -> str | None:
+    """The bearer token: --auth-token-file, else DISAGG_AUTH_TOKEN, else --auth-token (which
+    `ps` shows to every user of the machine, hence the warning)."""
+    if getattr(args, "auth_token_file", None):
+        try:
+            with open(args.auth_token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"--auth-token-file: cannot read {args.auth_token_file}: {e.strerror}") from None
+        if not token:
+            raise ConfigError(f"--auth-token-file: {args.auth_token_file} is empty")
+        return token
+    if os.environ.get("DISAGG_AUTH_TOKEN"):
+        return os.environ["DISAGG_AUTH_TOKEN"]
+    if getattr(args, "auth_token", None):
+        log.warning("--auth-token is visible to every user of this machine (ps, /proc); "
+                    "prefer DISAGG_AUTH_TOKEN or --auth-token-file")
+        return args.auth_token
+    return None
 
 
 async def serve(args) -> int:
     # Ray and gRPC load here, not at import: `disagg --help` and the parser stay light.
     from cluster.api import Cluster, init_ray
-    from cluster.grpc_server import start_server
+    from cluster.front_guard import max_request_bytes
+    from cluster.grpc_server import open_front
     from cluster.metrics import Metrics
+    from cluster.ray_watch import watch_ray
     plan = plan_from_args(args)
-    init_ray(args.ray_address)
+    token = auth_token_from_args(args)
     metrics = Metrics()
     cluster = Cluster(plan, metrics, args.max_prompt_tokens, args.max_tokens_limit, args.max_pending)
-    await cluster.astart()
-    server = http = None
+    limit = args.max_request_bytes or max_request_bytes(args.max_prompt_tokens, cluster.model_config.max_position_embeddings)
+    # The port first: a port in use fails at once, before a Ray cluster is started for nothing.
+    front = await open_front(cluster, args.host, args.port, token, args.tls_cert, args.tls_key, limit)
+    http = api = None
     try:
-        server, port = await start_server(cluster, args.host, args.port, args.auth_token, args.tls_cert, args.tls_key)
+        init_ray(args.ray_address)
+        await cluster.astart()
+        front.health.watch(cluster)
+        if args.http_port is not None and args.http_port >= 0:
+            from cluster.openai_api.server import start_http
+            from model.chat_template import read_template_file
+            template = read_template_file(args.chat_template) if args.chat_template else None
+            api = await start_http(cluster, args.host, args.http_port, served_model_name(args, plan),
+                                   token, chat_template=template)
         if args.metrics_port is not None and args.metrics_port >= 0:
             try:
                 http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on port {args.metrics_port}: {e}") from None
     except BaseException:
-        if server is not None:
-            await server.stop(0)
+        if api is not None:
+            await api.stop()
+        await front.server.stop(0)
         await cluster.ashutdown()       # nothing left running behind a failed start
         raise
     mport = http.server_port if http else None
-    ready = {"host": args.host, "port": port, "metrics_port": mport, "pid": os.getpid()}
-    print(f"disagg serve: ready on {args.host}:{port}"
+    hport = api.port if api else None
+    ready = {"host": args.host, "port": front.port, "metrics_port": mport, "http_port": hport, "pid": os.getpid()}
+    print(f"disagg serve: ready on {args.host}:{front.port}"
+          + (f", OpenAI API on http://{args.host}:{hport}/v1" if hport else "")
           + (f", metrics on http://{args.metrics_host or args.host}:{mport}/metrics" if mport else ""), flush=True)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
@@ -78,34 +117,73 @@ async def serve(args) -> int:
                 log.warning("stats poll failed: %s", e)
             await asyncio.sleep(1.0)
     poller = loop.create_task(poll_stats())
-    await stop.wait()
-    print("disagg serve: shutting down", file=sys.stderr, flush=True)
+    lost = loop.create_task(watch_ray())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
     poller.cancel()
-    await server.stop(grace=5)
+    if lost.done():
+        return await _on_ray_lost(cluster, front, lost.result())
+    lost.cancel()
+    print("disagg serve: shutting down", file=sys.stderr, flush=True)
+    if api is not None:
+        await api.stop()
+    await front.drain_and_stop(grace_s=5)
     await cluster.ashutdown()
     if http:
         http.shutdown()
     return 0
 
 
+async def _on_ray_lost(cluster, front, why: str) -> int:
+    """The Ray cluster under us is gone: end every stream with UNAVAILABLE, stop, exit 1.
+    Nothing Ray-side can be shut down any more, and Ray's exit hooks would wait on a dead
+    GCS, so the process ends here."""
+    cluster.lost = why
+    cluster.fail_all(f"the Ray cluster was lost ({why})")
+    await front.health.drain()
+    await front.server.stop(grace=2)
+    from cluster.ray_watch import kill_local_ray
+    try:
+        await asyncio.wait_for(asyncio.to_thread(kill_local_ray), 10)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    print(f"disagg serve: error: the Ray cluster was lost ({why}); exiting", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def served_model_name(args, plan: Plan) -> str:
+    return args.served_model_name or args.model or plan.model or "embedded"
+
+
 def add_serve_args(p) -> None:
     p.add_argument("--plan", default=None, help="plan file (JSON or YAML) from `disagg place`")
-    p.add_argument("--model", default=None, help="override the plan's model (folder, preset or 'embedded')")
+    p.add_argument("--model", default=None, help="override the plan's model (folder, preset, HF repo id in the local cache, or 'embedded')")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="override every phase's device")
-    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default loopback)")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC and HTTP bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (0 = any free port, -1 = off); binds --host")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name the HTTP API reports and accepts (default: --model or the plan's)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja2 chat template file (default: the model's own, from its tokenizer files)")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port (-1 = off, 0 = any free port)")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: --host)")
-    p.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN"),
-                   help="require 'authorization: Bearer TOKEN' (env DISAGG_AUTH_TOKEN)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="require 'authorization: Bearer TOKEN', TOKEN read from this file (or set DISAGG_AUTH_TOKEN)")
+    p.add_argument("--auth-token", default=None,
+                   help="the token itself (visible in `ps`: prefer DISAGG_AUTH_TOKEN or --auth-token-file)")
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--max-prompt-tokens", type=int, default=0, help="refuse longer prompts (0 = model context)")
     p.add_argument("--max-tokens-limit", type=int, default=0, help="refuse larger max_tokens (0 = model context)")
+    p.add_argument("--max-request-bytes", type=int, default=0,
+                   help="gRPC receive limit per request (0 = 1 MiB + 16 bytes per --max-prompt-tokens or context token)")
     p.add_argument("--max-pending", type=int, default=1024, help="requests waiting for capacity before RESOURCE_EXHAUSTED")
     p.add_argument("--kv-transfer-timeout", type=float, default=None)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
-    p.add_argument("--ready-file", default=None, help="write {host, port, metrics_port} here once serving")
+    p.add_argument("--ready-file", default=None, help="write {host, port, metrics_port, http_port} here once serving")
 
 
 def run(args) -> int:

@@ -6,8 +6,11 @@ import time
 
 from engine.errors import DisaggError
 
-# Options that belong to `submit` itself; everything else is passed to `disagg serve`.
-SUBMIT_OPTIONS = {"--address": True, "--job-id": True, "--working-dir": True, "--pip": True, "--no-wait": False}
+# Options that belong to `submit` itself; everything else is passed to `disagg serve`. The
+# token options are not passed on: the token travels in the job's environment, never in its
+# entrypoint (which `ray job list`, the dashboard and `ps` on the head node show).
+SUBMIT_OPTIONS = {"--address": True, "--job-id": True, "--working-dir": True, "--pip": True, "--no-wait": False,
+                  "--auth-token": True, "--auth-token-file": True}
 
 
 def split_argv(argv: list[str]) -> list[str]:
@@ -50,6 +53,10 @@ def submit(args, serve_argv: list[str]) -> int:
         runtime_env["working_dir"] = args.working_dir
     if args.pip:
         runtime_env["pip"] = args.pip
+    from cluster.serve import auth_token_from_args
+    token = auth_token_from_args(args)
+    if token:
+        runtime_env["env_vars"] = {"DISAGG_AUTH_TOKEN": token}
     entry = "disagg serve " + shlex.join(serve_argv)
     job_id = _submit_with_retry(client, entry, runtime_env or None, args.job_id)
     print(f"submitted job {job_id}: {entry}", flush=True)

@@ -36,6 +36,7 @@ class Tracked:
     prefill: object = None          # Instance
     decode: object = None           # Instance
     blocks: list[int] | None = None
+    route: str | None = None        # the route counted as carrying this attempt (controller.inflight)
     finish_reason: str | None = None   # set once the client's stream has ended
     cancel_requested: bool = False
     token_seen: dict = field(default_factory=dict)     # attempt -> asyncio.Event

@@ -84,7 +84,7 @@ class TransferCoordinator:
             if started > SLOW_HANDOVER_S:
                 log.warning("slow start_decode of %s on %s: %.3f s", wid, d.instance_id, started)
         except Exception as e:  # noqa: BLE001 - the decode instance died: health handles it
-            await c.health.on_failure(d, f"start_decode failed: {e}")
+            await c.monitor.on_failure(d, f"start_decode failed: {e}")
             return
         if t.attempt == attempt and t.cancel_requested:
             await c.release_attempt(t, drop=True)

@@ -21,3 +21,21 @@ def pick_decode(free_blocks: Sequence[int], blocks_needed: int) -> int | None:
     if best is None or free_blocks[best] < blocks_needed:
         return None
     return best
+
+
+PD_ROUTE = "pd"
+
+
+def pick_route(colocated_loads: Sequence[float], pd_load: float | None) -> int | str:
+    """Where a request goes in a plan with colocated instances and/or a prefill/decode pool:
+    the index of the least loaded colocated instance, or PD_ROUTE when the pool is less loaded
+    (load: requests in flight per rank). Ties go to colocated (no KV hand-over). `pd_load` is
+    None when the plan has no live pool."""
+    if not colocated_loads:
+        if pd_load is None:
+            raise ValueError("no colocated instance and no prefill/decode pool")
+        return PD_ROUTE
+    best = min(range(len(colocated_loads)), key=lambda i: (colocated_loads[i], i))
+    if pd_load is not None and pd_load < colocated_loads[best]:
+        return PD_ROUTE
+    return best

@@ -54,7 +54,7 @@ def jit(fn=None, *, do_not_specialize=()):
         return triton.jit(fn, do_not_specialize=list(do_not_specialize) or None)
 
     def missing(*args, **kwargs):
-        raise RuntimeError(f"{fn.__name__}: Triton is not installed; install triton==3.6.0 "
+        raise RuntimeError(f"{fn.__name__}: Triton is not installed; install the triton your torch requires "
                            "or call with impl='torch'")
     return _Missing(missing)
 
@@ -85,7 +85,8 @@ def use_triton(op: str, impl: str | None, kernel, *tensors: torch.Tensor) -> boo
     if impl is None:
         return on_cuda and triton is not None
     if triton is None:
-        raise ValueError(f"{op}: impl='triton' needs the triton package (pip install triton==3.6.0)")
+        raise ValueError(f"{op}: impl='triton' needs the triton package (the version your torch "
+                         "requires: 3.6-3.7 for torch 2.11-2.13)")
     if not on_cuda and not is_interpreted(kernel):
         raise ValueError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                          "kernels/ is imported; move the tensors to CUDA or use impl='torch'")
@@ -138,3 +139,13 @@ def device_sms(t: torch.Tensor) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def output_like(op: str, out, q: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor like q, or `out` checked to match q's shape, dtype and device (rows may be
+    strided: a mixed batch writes two kernels' outputs into row ranges of one tensor)."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    check_tensor(op, "out", out, ndim=q.dim(), dtypes=(q.dtype,), device=q.device)
+    check_shape(op, "out", out, tuple(q.shape))
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._launch import (FLOAT_DTYPES, check_shape, check_tensor, device_sms, is_interpreted, jit,
+from kernels._launch import (FLOAT_DTYPES, output_like, check_shape, check_tensor, device_sms, is_interpreted, jit,
                              next_pow2, tl, use_triton)
 
 LOG2E = 1.4426950408889634
@@ -146,7 +146,7 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
     return max(1, min(4 * num_sms // programs, max_context // 256, 64))
 
 
-def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None):
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None, out=None):
     op = "paged_decode_attention"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     B, Hq, D = q.shape
@@ -168,7 +168,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         raise ValueError(f"{op}: num_splits must be None or >= 1, got {num_splits}")
     interpreted = is_interpreted(_decode_split_kernel)
     cfg = dict(_config(D, interpreted), **(config or {}))
-    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    out = output_like(op, out, q)
     if B == 0:
         return out
     if num_splits is None:
@@ -194,13 +194,15 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits: int | None = None, impl: str | None = None):
+                           num_splits: int | None = None, impl: str | None = None, out=None):
     """Attention of one query token per sequence over its paged KV (shapes as in the reference).
     num_splits: how many parts each context is split into (flash-decoding); None picks from the
     batch size, KV heads and the block table width. impl: None (Triton on CUDA, reference on
-    CPU), "triton" or "torch"."""
+    CPU), "triton" or "torch". out: an optional [B, Hq, D] tensor (rows may be strided) written
+    in place and returned."""
     if not use_triton("paged_decode_attention", impl, _decode_split_kernel, q, k_cache, v_cache,
                       block_tables, context_lens):
-        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                          num_splits)
-    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                         num_splits)
+        return ref if out is None else output_like("paged_decode_attention", out, q).copy_(ref)
+    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out=out)

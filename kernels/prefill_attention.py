@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._launch import (FLOAT_DTYPES, check_shape, check_tensor, is_interpreted, jit, next_pow2, tl,
+from kernels._launch import (FLOAT_DTYPES, output_like, check_shape, check_tensor, is_interpreted, jit, next_pow2, tl,
                              use_triton)
 
 LOG2E = 1.4426950408889634
@@ -276,13 +276,13 @@ def _check(op, q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens)
     check_shape(op, "block_tables", block_tables, (B, None))
 
 
-def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens, config=None):
+def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens, config=None, out=None):
     _check("prefill_attention", q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens)
     T, Hq, D = q.shape
     B = cu_seqlens.shape[0] - 1
     interpreted = is_interpreted(_prefill_kernel)
     cfg = dict(_config(D, interpreted), **(config or {}))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = output_like("prefill_attention", out, q)
     if T == 0 or B == 0:
         return out
     has_prefix = prefix_lens is not None
@@ -305,12 +305,15 @@ def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_l
 
 
 def prefill_attention(q, k, v, cu_seqlens, scale, k_cache=None, v_cache=None,
-                      block_tables=None, prefix_lens=None, impl: str | None = None):
+                      block_tables=None, prefix_lens=None, impl: str | None = None, out=None):
     """Causal varlen attention with GQA and an optional paged prefix (shapes as in the
     reference). cu_seqlens[-1] must equal q.shape[0]. impl: None (Triton on CUDA, reference on
-    CPU), "triton" or "torch"."""
+    CPU), "triton" or "torch". out: an optional [T, Hq, D] tensor (rows may be strided) written
+    in place and returned (a mixed batch writes both attentions into one output)."""
     if not use_triton("prefill_attention", impl, _prefill_kernel, q, k, v, cu_seqlens, k_cache,
                       v_cache, block_tables, prefix_lens):
-        return prefill_attention_ref(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables,
-                                     prefix_lens)
-    return _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens)
+        ref = prefill_attention_ref(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables,
+                                    prefix_lens)
+        return ref if out is None else output_like("prefill_attention", out, q).copy_(ref)
+    return _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens, out=out)
+

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -36,13 +37,44 @@ log = logging.getLogger("disagg.kv")
 
 
 def local_ip() -> str:
-    """An address peers on other nodes can reach (loopback when alone)."""
+    """The address peers reach this process on. Inside Ray it is Ray's node IP: 127.0.0.1 on
+    the local cluster `disagg serve` starts (closed to the network), the node's IP when the
+    cluster spans nodes. Outside Ray, the interface of the default route (loopback when alone)."""
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("10.255.255.255", 1))
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
+
+
+def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A master TCPStore listening on `host` only. TCPStore itself binds every interface
+    whatever host it is given, so the listening socket is made here and handed over."""
+    sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128)
+    port = sock.getsockname()[1]
+    fd = sock.detach()              # the store owns it from here
+    try:
+        return dist.TCPStore(host, port, world_size, True, timeout=_td(timeout_s), wait_for_workers=False,
+                             master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def gloo_group(store, rank: int, world_size: int, host: str, timeout_s: float):
+    """A gloo group whose pair sockets listen on `host` only (gloo's default device binds the
+    address the hostname resolves to, which may face the network)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = _td(timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, world_size, opts)
 
 
 def _td(seconds: float) -> datetime.timedelta:
@@ -58,7 +90,8 @@ class ChannelMaster:
         if kind not in KINDS:
             raise ValueError(f"unknown channel kind {kind!r}; known: {KINDS}")
         self.kind, self.device, self.timeout_s = kind, device, timeout_s
-        self.store = dist.TCPStore(host, 0, 2, True, timeout=_td(timeout_s), wait_for_workers=False)
+        self.host = host
+        self.store = open_store(host, 2, timeout_s)
         self.address = {"kind": kind, "host": host, "port": self.store.port}
         if kind == "cuda_ipc":
             from torch.multiprocessing.reductions import reduce_tensor
@@ -87,7 +120,7 @@ class Channel:
     # Construction ----------------------------------------------------------------------
     @classmethod
     def connect_sender(cls, master: ChannelMaster) -> "Channel":
-        pg = cls._make_pg(master.kind, master.store, 0, master.device, master.timeout_s)
+        pg = cls._make_pg(master.kind, master.store, 0, master.device, master.timeout_s, master.host)
         return cls(0, master.kind, pg, master.device, master.timeout_s, None, master.store)
 
     @classmethod
@@ -97,17 +130,17 @@ class Channel:
         if address["kind"] == "cuda_ipc":
             rebuild, args = address["cache"]
             peer_cache = rebuild(*args)
-        pg = cls._make_pg(address["kind"], store, 1, device, timeout_s)
+        pg = cls._make_pg(address["kind"], store, 1, device, timeout_s, local_ip())
         return cls(1, address["kind"], pg, device, timeout_s, peer_cache, store)
 
     @staticmethod
-    def _make_pg(kind: str, store, rank: int, device, timeout_s: float):
+    def _make_pg(kind: str, store, rank: int, device, timeout_s: float, host: str):
         if kind == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = _td(timeout_s)
             torch.cuda.set_device(device)
             return dist.ProcessGroupNCCL(store, rank, 2, opts)
-        return dist.ProcessGroupGloo(store, rank, 2, _td(timeout_s))
+        return gloo_group(store, rank, 2, host, timeout_s)
 
     # Data --------------------------------------------------------------------------------
     def _check(self):

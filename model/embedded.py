@@ -43,7 +43,12 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_source(source: str) -> str:
-    """'embedded' (or empty) -> the embedded folder; other names pass through."""
+    """'embedded' (or empty) -> the embedded folder; a Hugging Face repo id in the local cache
+    -> its snapshot folder; presets and folders pass through."""
     if source in ("", EMBEDDED):
         return str(embedded_model_dir())
+    from engine.model_config import PRESETS
+    from model.hub import looks_like_repo_id, resolve_cached_repo
+    if source not in PRESETS and looks_like_repo_id(source):
+        return resolve_cached_repo(source)
     return source

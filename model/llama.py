@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from kernels.decode_attention import paged_decode_attention
+from kernels.gemv import skinny_linear
 from kernels.kv_cache_write import write_kv_cache
 from kernels.prefill_attention import prefill_attention
 from kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
@@ -62,7 +63,7 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = skinny_linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Views into the qkv output (row stride q+2kv): the kernels take strided rows, so no copies.
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -70,12 +71,20 @@ class Attention(nn.Module):
         apply_rope(q, k, positions, cos_sin)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        prefix = meta.prefix_lens if meta.max_prefix_len else None
         if meta.kind == "prefill":
             o = prefill_attention(q, k, v, meta.cu_seqlens, self.scale, k_cache, v_cache,
-                                  meta.block_tables, meta.prefix_lens if meta.max_prefix_len else None)
-        else:
+                                  meta.block_tables, prefix)
+        elif meta.kind == "decode":
             o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
-        return self.tp.all_reduce(self.o_proj(o.reshape(T, self.q_size)))
+        else:   # mixed: prefill chunks in rows [0, n), decode tokens after them, one output
+            n = meta.num_prefill_tokens
+            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            prefill_attention(q[:n], k[:n], v[:n], meta.cu_seqlens, self.scale, k_cache, v_cache,
+                              meta.block_tables, prefix, out=o[:n])
+            paged_decode_attention(q[n:], k_cache, v_cache, meta.decode_block_tables, meta.context_lens,
+                                   self.scale, out=o[n:])
+        return self.tp.all_reduce(skinny_linear(o.reshape(T, self.q_size), self.o_proj))
 
 
 class MLP(nn.Module):
@@ -89,7 +98,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+        return self.tp.all_reduce(skinny_linear(silu_and_mul(skinny_linear(x, self.gate_up_proj)), self.down_proj))
 
 
 class DecoderLayer(nn.Module):
@@ -132,6 +141,11 @@ class LlamaModel(nn.Module):
                 layer_hook(i)
         x, _ = self.norm(x, residual)
         return x
+
+    def skinny_layers(self) -> list[nn.Linear]:
+        """The per-layer linears a decode step streams (kernels.gemv.tune_skinny's input)."""
+        return [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                      layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

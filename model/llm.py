@@ -1,25 +1,20 @@
 """`LLM`: the in-process engine. One process runs both phases with continuous batching.
 
-It is the colocated baseline and the oracle the disaggregated runtime must match. The step is
-schedule -> run -> postprocess, driven by the wall clock.
+It is the colocated role of the one instance runtime (model/instance.py), driven by the
+caller's thread instead of a Ray actor: the colocated baseline, and the oracle the served
+plans must match. Text (tokenizer, stop strings) is handled here, at the edge.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from engine.batching import ColocatedPolicy, finish
-from engine.block_manager import BlockManager
+from engine.errors import InvalidRequestError
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from model.input_processor import InputProcessor
-from model.kv_cache import allocate_kv_cache, num_blocks_for_memory
-from model.loader import build_model, model_context_len
+from model.instance import ColocatedWorker
 from model.output_processor import Delta, OutputProcessor, RequestOutput
-from model.runner import ModelRunner, StepInput
-from model.sampler import Sampler
-from model.step_isolation import StepIsolation
-from model.tokenizer import load_tokenizer
+from model.rank_runtime import WorkerConfig
 
 
 class LLM:
@@ -34,51 +29,43 @@ class LLM:
                  max_batch_size: int = 64, max_model_len: int = 0, enable_prefix_caching: bool = True,
                  mode: str = "prefill_first", chunk_tokens: int = 512, seed: int = 0,
                  gpu_memory_utilization: float = 0.85):
-        from model.embedded import resolve_model_source
-        source = resolve_model_source(model)
-        self.model = build_model(source, device=device, dtype=dtype,
-                                 max_positions=max_model_len or 0)
-        self.cfg = self.model.cfg
-        self.max_model_len = model_context_len(self.cfg, max_model_len)
-        folder = Path(source) if Path(source).is_dir() else None
-        self.tokenizer = load_tokenizer(folder, self.cfg.bos_token_id, self.cfg.eos_token_id)
-        dt = next(self.model.parameters()).dtype
-        if not num_kv_blocks:
-            num_kv_blocks = num_blocks_for_memory(self.cfg, block_size, self.cfg.num_layers, self.cfg.num_kv_heads,
-                                                  dt, device, gpu_memory_utilization, 1.0, max_batch_tokens)
-        kv = allocate_kv_cache(self.cfg.num_layers, num_kv_blocks, block_size, self.cfg.num_kv_heads,
-                               self.cfg.head_dim, dt, device)
-        self.max_model_len = min(self.max_model_len, num_kv_blocks * block_size)
-        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.policy = ColocatedPolicy(self.block_manager, max_batch_tokens, max_batch_size, mode, chunk_tokens)
-        self.runner = ModelRunner(self.model, kv, block_size)
-        self.sampler = Sampler(device, seed)
-        execute = lambda batch: self.runner.execute(StepInput.from_batch(batch))  # noqa: E731
-        self.isolation = StepIsolation(execute, self._sample, execute)
+        if mode not in ("prefill_first", "chunked"):
+            raise ValueError(f"mode must be prefill_first or chunked, got {mode!r}")
+        cfg = WorkerConfig(instance_id="llm", model=model, device=device, dtype=dtype, block_size=block_size,
+                           num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                           max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                           schedule=mode, chunk_tokens=chunk_tokens, seed=seed, max_queue=1 << 30)
+        self.core = ColocatedWorker(cfg, emit=self._collect)
+        rt = self.core.rt
+        self.model, self.cfg, self.tokenizer, self.runner = rt.model, rt.model_config, rt.tokenizer, rt.runner
+        self.block_manager = self.core.bm
+        self.max_model_len = rt.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.cfg.vocab_size, self.max_model_len,
-                                     max_kv_tokens=num_kv_blocks * block_size, eos_token_ids=self.cfg.eos_token_ids)
+                                     max_kv_tokens=rt.num_blocks * block_size, eos_token_ids=self.cfg.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._results: dict[str, RequestOutput] = {}
+        self._events: list[dict] = []
+
+    def _collect(self, events: list[dict]) -> None:
+        self._events.extend(events)
 
     # Requests ---------------------------------------------------------------------------
     def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None) -> str:
-        now = time.monotonic()
-        req = self.inputs.build(prompt, sampling, request_id, arrival_s=now)
+        req = self.inputs.build(prompt, sampling, request_id, arrival_s=time.monotonic())
         if req.request_id in self.requests:
-            from engine.errors import InvalidRequestError
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        self.core.add_request(req)
         self.requests[req.request_id] = req
         self.outputs.add(req.request_id, req.prompt_token_ids, req.sampling.stop)
         self._results[req.request_id] = RequestOutput(req.request_id, req.prompt_token_ids)
-        self.policy.add(req, now)
         return req.request_id
 
     def abort(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
-        if req is not None:
-            self.policy.release(req)
-            finish(req, FinishReason.CANCELLED, time.monotonic())
+        if self.requests.pop(request_id, None) is not None:
+            self.core.cancel(request_id)
+            self.core.apply_cancels()
             self.outputs.discard(request_id)
             self._results[request_id].finish_reason = FinishReason.CANCELLED.value
 
@@ -88,51 +75,42 @@ class LLM:
 
     # The step ---------------------------------------------------------------------------
     def step(self) -> list[Delta]:
-        now = time.monotonic()
-        batch = self.policy.schedule(now)
-        if batch.empty:
-            if self.requests and not batch.preempted:
+        preempted = self.core.num_preemptions
+        if not self.core.step():
+            if self.requests and self.core.num_preemptions == preempted:
                 raise RuntimeError("scheduler made no progress: a request needs more KV blocks than exist")
             return []
-        out = self.isolation.run(batch)       # a request that makes the step fail fails alone
-        for req, why in out.failed:
-            self._fail(req, why)
-        return self._postprocess(out.batch, out.batch.sampled, out.tokens, out.logprobs)
+        events, self._events = self._events, []
+        deltas = [d for ev in events for d in self._postprocess(ev)]
+        self.core.apply_cancels()       # requests a stop string ended leave the batch now
+        return deltas
 
-    def _sample(self, logits, reqs):
-        return self.sampler.sample_requests(logits, reqs)
-
-    def _fail(self, req: Request, why: str) -> None:
-        self.requests.pop(req.request_id, None)
-        self.policy.release(req)
-        finish(req, FinishReason.ERROR, time.monotonic())
-        self.outputs.discard(req.request_id)
-        res = self._results[req.request_id]
-        res.finish_reason, res.error = FinishReason.ERROR.value, why
-
-    def _postprocess(self, batch, sampled, tokens, logprobs) -> list[Delta]:
-        now = time.monotonic()
-        finished, deltas = [], []
-        for req, tok, lp in zip(sampled, tokens, logprobs):
-            done = req.append_token(tok, self.cfg.eos_token_id, self.max_model_len)
-            req.mark("first_token", now)
-            delta = self.outputs.process(req.request_id, [tok], req.finish_reason.value if done else None)
-            if delta.finish_reason and not done:        # a stop string
-                req.finish_reason, done = FinishReason.STOP, True
-            res = self._results[req.request_id]
-            res.token_ids.append(tok)
-            if lp is not None:
-                res.logprobs.append(lp)
+    def _postprocess(self, ev: dict) -> list[Delta]:
+        if ev["type"] == "request_failed":          # the step failed on this request alone
+            rid = ev["request_id"]
+            if self.requests.pop(rid, None) is not None:
+                self.outputs.discard(rid)
+                res = self._results[rid]
+                res.finish_reason, res.error = FinishReason.ERROR.value, ev["message"]
+            return []
+        deltas = []
+        for rid, toks in ev["tokens"].items():
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            reason = ev["finished"].get(rid)
+            delta = self.outputs.process(rid, toks, reason)
+            res = self._results[rid]
+            res.token_ids += toks
+            res.logprobs += ev.get("logprobs", {}).get(rid, [])
             res.text += delta.text
-            if done:
-                finished.append(req)
+            if delta.finish_reason and not reason:          # a stop string
+                req.finish_reason, reason = FinishReason.STOP, FinishReason.STOP.value
+                self.core.cancel(rid)
+            if reason:
+                res.finish_reason, res.num_cached_tokens, res.times = reason, req.num_cached_tokens, dict(req.times)
+                del self.requests[rid]
             deltas.append(delta)
-        self.policy.complete(batch, finished, now)
-        for req in finished:
-            finish(req, req.finish_reason, now)
-            res = self._results[req.request_id]
-            res.finish_reason, res.num_cached_tokens, res.times = req.finish_reason.value, req.num_cached_tokens, dict(req.times)
-            del self.requests[req.request_id]
         return deltas
 
     def take_result(self, request_id: str) -> RequestOutput:
@@ -144,7 +122,6 @@ class LLM:
             prompts = [prompts]
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(params) != len(prompts):
-            from engine.errors import InvalidRequestError
             raise InvalidRequestError("sampling", f"{len(params)} parameter sets for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         while self.has_unfinished:

@@ -1,7 +1,9 @@
-"""What every rank of an instance holds: its model shard, KV cache, runner and sampler, and the
-way rank 0 hands each step to its tensor-parallel peers (a broadcast on a CPU gloo group).
+"""The one builder of an instance's rank: its model shard, KV cache, runner, sampler and
+tokenizer, and the way rank 0 hands each step to its tensor-parallel peers (a broadcast on a
+CPU gloo group).
 
-Prefill and decode workers are built on this; neither needs Ray to run.
+Every role (model/instance.py: colocated; prefill_worker/, decode_worker/), the in-process `LLM`
+and the profiler build their rank with it; none needs Ray to run.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class WorkerConfig:
     max_batch_size: int = 64
     max_model_len: int = 0
     enable_prefix_caching: bool = True
+    max_queue: int = 1024             # waiting requests before new ones are refused (overload)
+    schedule: str = "prefill_first"   # colocated role: "prefill_first" or "chunked"
+    chunk_tokens: int = 512           # chunked schedule: tokens per step, decodes included
     kv_timeout_s: float = 30.0
     kv_layer_groups: int = 4          # messages per piece: > 1 overlaps sending with compute
     torch_threads: int = 0
@@ -124,6 +129,11 @@ class RankRuntime:
         self.sampler = Sampler(str(self.device), cfg.seed)
         folder = Path(source) if Path(source).is_dir() else None
         self.tokenizer = load_tokenizer(folder, mc.bos_token_id, mc.eos_token_id)
+
+    def sample(self, logits, requests) -> tuple[list[int], list[dict | None]]:
+        """One token per request, in order (the sampler's per-request seeds, indices and
+        histories), and each request's logprobs entry (None where it did not ask for them)."""
+        return self.sampler.sample_requests(logits, requests)
 
     @property
     def is_driver(self) -> bool:

@@ -13,6 +13,16 @@ and those over a cached prefix run eagerly (long enough to hide launch costs, an
 runs between layers, so layer-wise KV transfer overlaps them) from one packed copy of their
 metadata. `enforce_eager=True`, or DISAGG_ENFORCE_EAGER=1 in the environment, turns graphs off
 for debugging.
+
+On CUDA, before capture, kernels.gemv.tune_skinny times cuBLAS against a GEMV-shaped Triton
+kernel for each decode matmul shape at 1-8 rows on this model's weights and keeps the faster
+(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning).
+
+A step with both prefill chunks and decode tokens (chunked prefill) runs as one forward pass
+over all their rows (`mixed`): the weights are read once, and only the attention is launched
+twice. It is used whenever the prefill part would run eagerly anyway (a later chunk, a cached
+prefix, or too long for the prefill graphs); a step whose prefill fits a prefill graph replays
+that graph and the decode graph instead, which costs less host time than one eager pass.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.batching import Batch
-from model.attention_metadata import AttentionMetadata
+from model.attention_metadata import AttentionMetadata, mixed_metadata, pack_mixed
 from model.cuda_graph import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_GRAPH_TOKENS, DecodeGraphs,
                               PrefillGraphs, pack_prefill)
 from model.llama import LlamaModel
@@ -52,6 +62,11 @@ def _pad_tables(tables: list[list[int]]) -> list[list[int]]:
     return [t + [0] * (width - len(t)) for t in tables]
 
 
+def _skinny_gemv_from_env() -> bool:
+    """DISAGG_SKINNY_GEMV=0 keeps cuBLAS for every decode matmul (no tuning at startup)."""
+    return os.environ.get("DISAGG_SKINNY_GEMV", "1").lower() not in ("0", "false", "no")
+
+
 def _eager_from_env() -> bool:
     return os.environ.get("DISAGG_ENFORCE_EAGER", "").lower() in ("1", "true", "yes")
 
@@ -62,14 +77,18 @@ class ModelRunner:
     max_batch_size: the largest decode batch captured as a CUDA graph (larger ones run eagerly);
     max_model_len: the longest context a graph serves (default: the model's rotary table, capped
     by the cache); max_prefill_graph_tokens: the largest prefill captured (0: none);
-    enforce_eager: no graphs (None: DISAGG_ENFORCE_EAGER). Graphs are used on CUDA with tensor
-    parallelism 1 only: capturing NCCL collectives is not verified on our hosts."""
+    enforce_eager: no graphs (None: DISAGG_ENFORCE_EAGER); mixed_batches: run a step's prefill
+    and decode parts as one forward pass (False: two passes, for comparison). Graphs are used
+    on CUDA with tensor parallelism 1 only: capturing NCCL collectives is not verified on our
+    hosts."""
 
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, *,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_model_len: int = 0,
                  max_prefill_graph_tokens: int = DEFAULT_PREFILL_GRAPH_TOKENS,
-                 enforce_eager: bool | None = None):
+                 enforce_eager: bool | None = None, mixed_batches: bool = True):
         self.model = model
+        self.mixed_batches = mixed_batches
+        self.num_mixed_steps = 0
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
@@ -77,6 +96,10 @@ class ModelRunner:
         self.enforce_eager = _eager_from_env() if enforce_eager is None else enforce_eager
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.gemv_report: list[dict] = []
+        if self.device.type == "cuda" and _skinny_gemv_from_env():
+            from kernels.gemv import tune_skinny
+            self.gemv_report = tune_skinny(model.skinny_layers())
         if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
@@ -105,6 +128,7 @@ class ModelRunner:
         self.prefill([([1] * (bs + 1), 0, [0, 1], True), ([2] * 3, 0, [2], True)])
         self.prefill([([3] * 2, bs, [0, 1], True)])
         self.decode([(4, bs + 2, [0, 1])])
+        self.mixed([([3] * 2, bs, [0, 1], True)], [(5, 2, [2])])
         ids = torch.tensor([0, 1], device=self.device)
         layers, heads = (0, self.kv_cache.shape[0]), (0, self.kv_cache.shape[4])
         unpack_kv(pack_kv(self.kv_cache, ids, layers, heads), self.kv_cache, ids, layers, heads)
@@ -181,9 +205,30 @@ class ModelRunner:
                             self._tensor([s[1] for s in seqs], torch.int64), self.kv_cache, meta)
         return self.model.compute_logits(hidden) if self.is_driver else None
 
+    @torch.inference_mode()
+    def mixed(self, chunks, seqs) -> torch.Tensor | None:
+        """One forward pass over prefill `chunks` and decode `seqs` (StepInput's tuples); logits
+        of the chunks that want them, then of every decode row."""
+        self.num_mixed_steps += 1
+        packed, layout = pack_mixed(chunks, seqs, self.block_size)
+        buf = torch.from_numpy(packed)
+        buf = buf.to(self.device, non_blocking=True) if self.device.type == "cuda" else buf.long()
+        ids, positions, meta, want = mixed_metadata(buf, layout)
+        hidden = self.model(ids, positions, self.kv_cache, meta)
+        if not self.is_driver or not len(want):
+            return None
+        return self.model.compute_logits(hidden.index_select(0, want))
+
+    def _use_mixed(self, step: StepInput, layer_hook) -> bool:
+        if not (step.prefill and step.decode) or layer_hook is not None or not self.mixed_batches:
+            return False
+        return self.prefill_graphs is None or not self.prefill_graphs.fits(step.prefill)
+
     def execute(self, step: StepInput, layer_hook=None) -> torch.Tensor | None:
         """Logits [num sampled, vocab] on rank 0 (prefill rows that want logits, then decode
         rows: the order of Batch.sampled); None on other ranks or when nothing is sampled."""
+        if self._use_mixed(step, layer_hook):
+            return self.mixed(step.prefill, step.decode)
         parts = []
         if step.prefill:
             parts.append(self.prefill(step.prefill, layer_hook))

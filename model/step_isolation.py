@@ -72,20 +72,21 @@ def _request(member) -> Request:
 
 
 class StepIsolation:
-    """Wraps an instance's "execute a batch" call. `execute(batch)` runs the model and returns
-    logits (one row per `batch.sampled`); `sample(logits, requests)` returns their tokens and
-    logprobs entries (Sampler.sample_requests);
-    `rerun(batch)` runs a sub-batch again (None where a re-run is not possible, e.g. ranks of a
-    tensor-parallel group that would have to follow it: a model failure is then raised)."""
+    """Wraps an instance's "execute a batch" call. `sample(logits, requests)` returns their
+    tokens and logprobs entries (RankRuntime.sample); `rerun(batch)` runs a sub-batch again
+    (None where a re-run is not possible, e.g. ranks of a tensor-parallel group that would have
+    to follow it: a model failure is then raised)."""
 
-    def __init__(self, execute: Callable, sample: Callable, rerun: Callable | None = None):
-        self.execute, self.sample, self.rerun = execute, sample, rerun
+    def __init__(self, sample: Callable, rerun: Callable | None = None):
+        self.sample, self.rerun = sample, rerun
         self.num_isolated = 0           # requests failed alone so far
         self.num_reruns = 0
 
-    def run(self, batch: Batch) -> StepOutcome:
+    def run(self, batch: Batch, execute: Callable[[], object]) -> StepOutcome:
+        """`execute()` runs the whole batch the first time and returns its logits (one row per
+        `batch.sampled`)."""
         try:
-            logits = self._execute_clearing_oom(batch)
+            logits = self._execute_clearing_oom(batch, execute)
         except Exception as e:  # noqa: BLE001 - sorted below: a request's fault or the device's
             if is_device_fault(e) or self.rerun is None:
                 raise
@@ -103,9 +104,9 @@ class StepIsolation:
         rows = [tokens[id(r)] for r in ok.sampled]
         return StepOutcome(ok, [t for t, _ in rows], [lp for _, lp in rows], failed, n)
 
-    def _execute_clearing_oom(self, batch: Batch):
+    def _execute_clearing_oom(self, batch: Batch, execute):
         try:
-            return self.execute(batch)
+            return execute()
         except torch.OutOfMemoryError:
             if not torch.cuda.is_available() or self.rerun is None:
                 raise

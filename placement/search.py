@@ -53,20 +53,26 @@ class Candidate:
                              max_batch_size, nodes or [], mode)
 
 
+def valid_tps(model: ModelConfig, max_tp: int) -> list[int]:
+    """Every TP degree up to `max_tp` the runtime can shard the model over: it must divide the
+    attention heads, the KV heads and the MLP width (model/llama.py), powers of two or not."""
+    return [t for t in range(1, max_tp + 1)
+            if not (model.num_heads % t or model.num_kv_heads % t or model.intermediate_size % t)]
+
+
 def enumerate_candidates(model: ModelConfig, device: DeviceSpec, max_devices: int, latency: str,
                          block_size: int, min_tokens: int, gpu_memory_utilization: float = 0.9,
                          max_batch_tokens: int = 8192) -> list[Candidate]:
-    """Every tp x pp (powers of two, tp within one node, pp up to the layer count) whose KV
-    cache holds at least `min_tokens` (the longest request, or a full prefill batch)."""
-    tps = [1 << i for i in range(8) if (1 << i) <= device.devices_per_node]
+    """Every tp x pp (tp: every degree the model allows within one node; pp: powers of two up
+    to the layer count) whose KV cache holds at least `min_tokens` (the longest request, or a
+    full prefill batch)."""
+    tps = valid_tps(model, device.devices_per_node)
     pps = [1 << i for i in range(8) if (1 << i) <= model.num_layers]
     if latency != "roofline":
         profile_tps = {int(t) for t in load_profile(latency)["tp"]}
         tps, pps = [t for t in tps if t in profile_tps], [1]
     out = []
     for tp in tps:
-        if model.num_heads % tp:
-            continue            # attention heads must split evenly over the ranks
         for pp in pps:
             if tp * pp > max_devices:
                 continue

@@ -38,6 +38,7 @@ def score(spec: PlaceSpec, choice) -> dict:
            "goodput_per_device": g.rate / choice.num_devices,
            "goodput_per_dollar_hour": g.rate / choice.cost_per_hour if choice.cost_per_hour else None,
            "num_devices": choice.num_devices, "cost_per_hour": choice.cost_per_hour,
+           "idle_devices": sum(p.num_devices for p in spec.pools) - choice.num_devices,
            "estimated_rps": choice.estimate, "scored_on_requests": wl.num_requests, "probes": len(g.probes)}
     rate = spec.rate or g.rate
     if rate > 0:

@@ -10,7 +10,6 @@ back-pressure of DESIGN.md.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,71 +17,45 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, PrefillPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
-from engine.request import FinishReason, Request, RequestState
-from engine.sampling_params import SamplingParams
+from engine.request import FinishReason, RequestState
 from kv_transfer.agent import KVSender
-from model.rank_runtime import LayerProgress, RankRuntime, WorkerConfig
+from model.instance import RequestSpec, Scheduled, StepLoop, StepMsg
+from model.step_isolation import StepOutcome
+from model.rank_runtime import LayerProgress, WorkerConfig
 from model.runner import StepInput
-from model.step_isolation import StepIsolation
 
 
 @dataclass
-class PrefillSpec:
-    """One request for a prefill instance. `output_token_ids` is non-empty when the request is
-    recomputed after a failure: the prefill then covers prompt + those tokens."""
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    peer: str                              # decode instance that receives the KV
-    dst_block_ids: list[int]               # blocks reserved there
-    output_token_ids: list[int] = field(default_factory=list)
-    arrival_s: float = 0.0
-    attempt: int = 0                       # echoed in events, so stale ones are recognised
+class PrefillSpec(RequestSpec):
+    """A request for a prefill instance: where its KV goes."""
+    peer: str = ""                                          # decode instance that receives the KV
+    dst_block_ids: list[int] = field(default_factory=list)  # blocks reserved there
 
 
-@dataclass
-class _StepMsg:
-    step: StepInput
-    sends: list[tuple[str, int, int, list[int]]]    # (peer, epoch, seq, source block ids)
+class PrefillWorker(StepLoop):
+    role = "prefill"
 
-
-class PrefillWorker:
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None, max_queue: int = 1024):
-        self.cfg = cfg
-        self.rt = RankRuntime(cfg, tp_group, ctrl_group)
+                 emit: Callable[[list[dict]], None] | None = None):
+        super().__init__(cfg, tp_group, ctrl_group, emit)
         self.kv = KVSender(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
-        self.emit = emit or (lambda events: None)
-        self.max_queue = max_queue
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.policy = PrefillPolicy(self.bm, cfg.max_batch_tokens, cfg.max_batch_size)
         self.specs: dict[str, PrefillSpec] = {}
-        self.requests: dict[str, Request] = {}
-        self.held: dict[str, Request] = {}             # prefilled, KV held until release
+        self.held: dict = {}                           # prefilled, KV held until release
         self._release_after_step: set[str] = set()     # released while their prefill ran
         self._seq: dict[tuple[str, int], int] = {}
-        self._lock = threading.Lock()
-        self.wake = threading.Event()
         self.num_prefilled_tokens = 0
-        self.num_steps = 0
-        # A request that makes the step fail fails alone (see model/step_isolation.py). A re-run
-        # sends nothing and marks no layer: the first try's sends wait until it is over.
-        world = cfg.tp * cfg.pp
-        self._first: tuple[_StepMsg, LayerProgress] | None = None
-        self.isolation = StepIsolation(lambda batch: self._execute(*self._first), self._sample,
-                                       self._rerun if world == 1 else None)
 
     # Driver API (rank 0) -----------------------------------------------------------------
     def add(self, spec: PrefillSpec) -> None:
         if spec.request_id in self.requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already on this instance")
-        req = Request(spec.request_id, list(spec.prompt_token_ids), spec.sampling, arrival_s=spec.arrival_s)
-        req.output_token_ids = list(spec.output_token_ids)
-        if self.bm.blocks_for(req.num_tokens) > self.bm.num_blocks:
-            raise InvalidRequestError("prompt", f"{req.num_tokens} tokens do not fit this instance's KV cache")
+        req = spec.to_request()
+        self.check_fits(req, self.bm)
         with self._lock:
-            if len(self.policy.waiting) >= self.max_queue:
-                raise OverloadedError(f"prefill instance {self.cfg.instance_id} has {self.max_queue} queued requests")
+            if len(self.policy.waiting) >= self.cfg.max_queue:
+                raise OverloadedError(f"prefill instance {self.cfg.instance_id} has {self.cfg.max_queue} queued requests")
             self.specs[req.request_id] = spec
             self.requests[req.request_id] = req
             self.policy.add(req, time.monotonic())
@@ -132,123 +105,97 @@ class PrefillWorker:
             return self.policy.num_waiting_tokens
 
     # The step (rank 0) ----------------------------------------------------------------
-    def step(self) -> bool:
-        """One prefill batch. Returns False when there was nothing to run."""
-        now = time.monotonic()
-        with self._lock:
-            chunks = self.policy.schedule(now)
-            if not chunks:
-                return False
-            sends, scheduled = [], []
-            for c in chunks:
-                req, spec = c.request, self.specs[c.request.request_id]
-                epoch = self.kv.epochs.get(spec.peer, -1)
-                seq = self._seq.get((spec.peer, epoch), 0)
-                self._seq[(spec.peer, epoch)] = seq + 1
-                n = self.bm.blocks_for(req.num_tokens)
-                sends.append((spec.peer, epoch, seq, req.block_ids[:n]))
-                scheduled.append({"type": "scheduled", "request_id": req.request_id, "peer": spec.peer,
-                                  "epoch": epoch, "seq": seq, "num_blocks": n, "num_tokens": req.num_tokens,
-                                  "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
-                                  "time": now})
-        self.emit(scheduled)          # the controller tells the decode ranks to receive now
+    def schedule(self, now: float) -> Scheduled | None:
+        chunks = self.policy.schedule(now)
+        if not chunks:
+            return None
+        sends, scheduled = [], []
+        for c in chunks:
+            req, spec = c.request, self.specs[c.request.request_id]
+            epoch = self.kv.epochs.get(spec.peer, -1)
+            seq = self._seq.get((spec.peer, epoch), 0)
+            self._seq[(spec.peer, epoch)] = seq + 1
+            n = self.bm.blocks_for(req.num_tokens)
+            sends.append((spec.peer, epoch, seq, req.block_ids[:n]))
+            # The controller tells the decode ranks to receive as soon as this arrives.
+            scheduled.append({"type": "scheduled", "request_id": req.request_id, "peer": spec.peer,
+                              "epoch": epoch, "seq": seq, "num_blocks": n, "num_tokens": req.num_tokens,
+                              "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
+                              "time": now})
         batch = Batch(prefill=chunks)
-        msg = _StepMsg(StepInput.from_batch(batch), sends)
-        self.rt.broadcast(msg)
-        t0 = time.monotonic()
-        progress = self._first_progress(msg)
-        self._first = (msg, progress)
+        return Scheduled(batch, StepMsg(StepInput.from_batch(batch), sends), scheduled)
+
+    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float,
+                    logprobs: list[dict | None]) -> list[dict]:
+        events = []
+        self.policy.complete(batch.prefill)           # their KV is computed: prefix hits from now on
+        for req, tok, lp in zip(batch.sampled, tokens, logprobs):
+            done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
+            req.transition(RequestState.TRANSFERRING)
+            req.mark("prefill_end", t1)
+            if req.request_id in self._release_after_step:
+                self._release_after_step.discard(req.request_id)
+                self.bm.free(req.block_ids)
+                self._forget(req.request_id)
+                continue
+            self.held[req.request_id] = req
+            events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
+                           "attempt": self.specs[req.request_id].attempt,
+                           "finish_reason": req.finish_reason.value if done else None,
+                           "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
+                           "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp,
+                           "queued_tokens": self.policy.num_waiting_tokens})
+        self.num_prefilled_tokens += batch.num_prefill_tokens
+        return events
+
+    def execute(self, msg: StepMsg):
+        """The prefill, with this rank's KV leaving layer by layer as the layers finish."""
+        progress = self._queue_sends(msg)
         try:
-            out = self.isolation.run(batch)
+            return self.rt.runner.execute(msg.step, layer_hook=progress.mark)
         except Exception as e:
             progress.fail(repr(e))
             raise
-        finally:
-            self._first = None
-        self._all_layers_done(progress)
-        chunks, tokens, logprobs = out.batch.prefill, out.tokens, out.logprobs
-        reqs = [c.request for c in chunks]
-        t1 = time.monotonic()
-        events = self._fail_requests(out.failed, t1)
-        with self._lock:
-            self.policy.complete(chunks)           # their KV is computed: prefix hits from now on
-            for req, tok, lp in zip(reqs, tokens, logprobs):
-                done = req.append_token(tok, self.rt.model_config.eos_token_id, self.rt.max_model_len)
-                req.transition(RequestState.TRANSFERRING)
-                req.mark("prefill_end", t1)
-                if req.request_id in self._release_after_step:
-                    self._release_after_step.discard(req.request_id)
-                    self.bm.free(req.block_ids)
-                    self._forget(req.request_id)
-                    continue
-                self.held[req.request_id] = req
-                events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
-                               "attempt": self.specs[req.request_id].attempt,
-                               "finish_reason": req.finish_reason.value if done else None,
-                               "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                               "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp})
-            self.num_prefilled_tokens += sum(c.num_tokens for c in chunks)
-            self.num_steps += 1
-        self.emit(events)
-        return True
 
-    def _first_progress(self, msg: _StepMsg) -> LayerProgress:
-        """Queue the step's KV sends, which go out layer by layer as the layers are computed."""
+    def run_step(self, sched: Scheduled) -> StepOutcome:
+        """Rank 0. When the step fails, the sends wait while the batch is bisected (re-runs
+        send nothing and mark no layer: a send must never read a layer that a later re-run has
+        still to write), then go: a request that failed alone sends junk, which its decode side
+        drains and frees."""
+        progress = self._queue_sends(sched.msg)
+        try:
+            out = self.isolation.run(sched.batch,
+                                     lambda: self.rt.runner.execute(sched.msg.step, layer_hook=progress.mark))
+        except Exception as e:
+            progress.fail(repr(e))
+            raise
+        first, end = self.kv.owner.layers
+        progress.mark(end - first - 1)          # every layer is in the cache now
+        return out
+
+    def _queue_sends(self, msg: StepMsg) -> LayerProgress:
         progress = LayerProgress(self.kv.owner.layers[0], self.rt.device)
         for peer, epoch, seq, blocks in msg.sends:
             self.kv.send(peer, epoch, seq, blocks, progress.wait)
         return progress
 
-    def _all_layers_done(self, progress: LayerProgress) -> None:
-        """After a step (and any re-runs, which mark no layer): every layer is in the cache."""
-        first, end = self.kv.owner.layers
-        progress.mark(end - first - 1)
+    def drop_failed(self, req, why: str, now: float) -> dict:
+        """A request that made the step fail: its blocks hold junk, so they are not cached; they
+        are held like any prefilled request's until the controller releases them (its sends
+        still go through the channel, in order)."""
+        finish(req, FinishReason.ERROR, now)
+        if req.request_id in self._release_after_step:
+            self._release_after_step.discard(req.request_id)
+            self.bm.free(req.block_ids)
+            self._forget(req.request_id)
+        else:
+            self.held[req.request_id] = req
+        spec = self.specs.get(req.request_id)
+        return {"type": "request_failed", "request_id": req.request_id, "message": why,
+                "attempt": spec.attempt if spec else -1, "time": now}
 
-    def _execute(self, msg: _StepMsg, progress: LayerProgress):
-        return self.rt.runner.execute(msg.step, layer_hook=progress.mark)
-
-    def _rerun(self, batch: Batch):
-        return self.rt.runner.execute(StepInput.from_batch(batch))
-
-    def _sample(self, logits, reqs):
-        return self.rt.sampler.sample_requests(logits, reqs)
-
-    def _fail_requests(self, failed, now: float) -> list[dict]:
-        """Requests that made the step fail: their blocks hold junk, so they are not cached, and
-        are held like any prefilled request until the controller releases them (their sends
-        still drain through the channel, in order)."""
-        events = []
-        with self._lock:
-            for req, why in failed:
-                finish(req, FinishReason.ERROR, now)
-                if req.request_id in self._release_after_step:
-                    self._release_after_step.discard(req.request_id)
-                    self.bm.free(req.block_ids)
-                    self._forget(req.request_id)
-                else:
-                    self.held[req.request_id] = req
-                events.append({"type": "request_failed", "request_id": req.request_id, "message": why,
-                               "attempt": self.specs[req.request_id].attempt if req.request_id in self.specs else -1,
-                               "time": now})
-        return events
-
-    # Peer ranks ---------------------------------------------------------------------------
-    def follow(self, stop: threading.Event) -> None:
-        """Loop of a rank > 0: run every step rank 0 broadcasts, until it broadcasts None."""
-        while not stop.is_set():
-            msg = self.rt.broadcast(None)
-            if msg is None:
-                return
-            progress = self._first_progress(msg)
-            try:
-                self._execute(msg, progress)
-            except Exception as e:
-                progress.fail(repr(e))
-                raise
-            self._all_layers_done(progress)
-
-    def stop_followers(self) -> None:
-        self.rt.broadcast(None)
+    def close(self) -> None:
+        self.kv.close()
 
     def stats(self) -> dict:
         with self._lock:

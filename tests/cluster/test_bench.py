@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     ready = d / "ready.json"
     log = open(d / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"), "--port", "0",
-                             "--metrics-port", "-1", "--max-pending", "1", "--ready-file", str(ready)],
+                             "--metrics-port", "-1", "--http-port", "0", "--max-pending", "1", "--ready-file", str(ready)],
                             env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not ready.is_file():

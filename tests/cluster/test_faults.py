@@ -74,7 +74,7 @@ def test_decode_death_mid_stream(ray_session):
         again = c.generate(prompts[:4], sp, timeout=120)        # the restarted pool serves
         assert [o.token_ids for o in again] == want[:4]
         record("decode_death", {"requests": len(prompts), "lost": 0, "tokens_identical": True,
-                                "recovery_s": c.controller.health.recovery_s,
+                                "recovery_s": c.controller.monitor.recovery_s,
                                 "retries": st["counters"]["retries"]})
 
 
@@ -96,7 +96,7 @@ def test_prefill_death_with_queued_requests(ray_session):
         st = _wait_back(c)
         assert st["counters"]["instance_restarts"] >= 1 and c.controller.prefills[0].alive
         record("prefill_death", {"requests": len(prompts), "lost": 0, "tokens_identical": True,
-                                 "recovery_s": c.controller.health.recovery_s,
+                                 "recovery_s": c.controller.monitor.recovery_s,
                                  "retries": st["counters"]["retries"]})
 
 
@@ -105,10 +105,10 @@ def test_no_instance_left_gives_a_clear_error(ray_session):
     from cluster import health
     plan = Plan.from_dict({"model": MODEL})
     with Cluster.start(plan) as c:
-        c.controller.health.restarts["decode-0"] = health.MAX_RESTARTS    # the next failure is final
+        c.controller.monitor.restarts["decode-0"] = health.MAX_RESTARTS    # the next failure is final
         ray.kill(c.controller.decodes[0].driver, no_restart=True)
         deadline = time.monotonic() + 30
-        while c.controller.decodes[0].instance_id not in c.controller.health.given_up:
+        while c.controller.decodes[0].instance_id not in c.controller.monitor.given_up:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         from engine.errors import RequestFailedError

@@ -28,7 +28,7 @@ def test_place_then_serve(tmp_path):
     assert plan.model == "embedded" and plan.prefill.device == "cpu" and plan.predicted
     ready = tmp_path / "ready.json"
     serve = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(plan_path), "--port", "0",
-                              "--metrics-port", "-1", "--ready-file", str(ready)],
+                              "--metrics-port", "-1", "--http-port", "-1", "--ready-file", str(ready)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -67,7 +67,7 @@ def test_submit_serve_as_ray_job(head_node):
     address, env, ray_bin, gcs = head_node
     port = _free_port()
     sub = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--address", address, "--job-id", "disagg-test",
-                          "--model", "tiny-llama", "--port", str(port), "--metrics-port", "-1"],
+                          "--model", "tiny-llama", "--port", str(port), "--metrics-port", "-1", "--http-port", "-1"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     assert "ready on 127.0.0.1" in sub.stdout

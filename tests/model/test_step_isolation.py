@@ -48,7 +48,7 @@ def test_poison_fails_alone_others_unchanged():
     rest = outs[:3] + outs[4:-1]
     assert [o.token_ids for o in rest] == want and all(o.finish_reason == "length" for o in rest)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
-    assert llm.isolation.num_isolated == 2 and llm.isolation.num_reruns > 0
+    assert llm.core.isolation.num_isolated == 2 and llm.core.isolation.num_reruns > 0
 
 
 def test_a_device_fault_is_raised_not_isolated():

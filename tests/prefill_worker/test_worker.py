@@ -14,7 +14,8 @@ def _worker():
 
 
 def _spec(rid, n=40):
-    return PrefillSpec(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=4), "d", list(range(n // 16 + 1)))
+    return PrefillSpec(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=4), peer="d",
+                       dst_block_ids=list(range(n // 16 + 1)))
 
 
 def test_release_that_arrives_while_the_prefill_runs_frees_after_the_step():
