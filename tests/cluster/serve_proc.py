@@ -17,6 +17,8 @@ def start_serve(d, *args, env=None, timeout_s=180):
     """Start `disagg serve` (tiny-llama, 1 prefill + 1 decode) in folder `d`; returns
     (process, ready dict) once it serves. Its output goes to d/serve.log."""
     (d / "plan.json").write_text(json.dumps(PLAN))
+    if "--http-port" not in args:
+        args = (*args, "--http-port", "-1")     # never the default 8000: another server may hold it
     ready = d / "ready.json"
     log = open(d / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"),

@@ -74,7 +74,7 @@ def test_raylet_loss_ends_streams_unavailable_and_serve_exits(tmp_path):
 
             def stream():
                 try:
-                    for r in stub.Generate(make_request([5, 6, 7], SamplingParams(max_tokens=1500, ignore_eos=True)),
+                    for r in stub.Generate(make_request([5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True)),
                                            timeout=120):
                         got.extend(r.token_ids)
                         first.set()
@@ -90,7 +90,7 @@ def test_raylet_loss_ends_streams_unavailable_and_serve_exits(tmp_path):
             th.join(60)
             assert not th.is_alive(), "the stream did not end within 60 s of the raylet's death"
         assert result["code"] == grpc.StatusCode.UNAVAILABLE, result
-        assert len(got) < 1500
+        assert len(got) < 1000
         stream_end_s = result["t"] - t0
         assert stream_end_s < 30
         rc = proc.wait(60)
