@@ -8,6 +8,7 @@ per item (never one Ray message per token).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -17,6 +18,7 @@ import time
 
 import ray
 
+from engine.events import StepFailed
 from model.rank_runtime import WorkerConfig
 
 log = logging.getLogger("disagg.actor")
@@ -44,7 +46,21 @@ STUCK_S = 300.0          # a step loop silent this long while it has work is dec
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("DISAGG_GIL_SWITCH_INTERVAL_S", "0.0005"))
 
 
-class RankActorBase:
+# KV receives block a thread each for as long as a transfer takes; they get a pool of their
+# own so that pings, starts and cancels never queue behind them.
+ACTOR_OPTIONS = {"max_concurrency": 64, "concurrency_groups": {"kv": 256}}
+
+
+@functools.lru_cache(maxsize=None)
+def remote_class(cls: type | None = None):
+    """The Ray actor class of `cls` (RankActor, or a subclass such as the tests' fault
+    injector), made once per class."""
+    return ray.remote(**ACTOR_OPTIONS)(cls or RankActor)
+
+
+class RankActor:
+    """One rank of an instance, hosted by a Ray actor (see `remote_class`)."""
+
     def __init__(self, role: str, cfg: WorkerConfig):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -57,7 +73,6 @@ class RankActorBase:
         self._thread = None
         self._tp_store = None
         self._beat = time.monotonic()
-        self.faults: dict = {}
 
     # Setup ----------------------------------------------------------------------------
     def open_tp(self) -> dict:
@@ -91,7 +106,7 @@ class RankActorBase:
                 worked = w.step()
             except Exception as e:  # noqa: BLE001 - reported to the controller, loop goes on
                 log.exception("%s step failed", self.cfg.instance_id)
-                self._emit([{"type": "error", "message": f"{type(e).__name__}: {e}", "time": time.monotonic()}])
+                self._emit([StepFailed(message=f"{type(e).__name__}: {e}", time=time.monotonic())])
                 worked = False
                 time.sleep(0.05)
             if not worked:
@@ -109,7 +124,7 @@ class RankActorBase:
         except Exception:  # noqa: BLE001
             log.exception("%s rank %d follower stopped", self.cfg.instance_id, self.cfg.rank)
 
-    def _emit(self, events: list[dict]) -> None:
+    def _emit(self, events: list) -> None:
         if events:
             self._events.put(events)
 
@@ -175,13 +190,6 @@ class RankActorBase:
     def stats(self) -> dict:
         return self.worker.stats()
 
-    def inject_fault(self, kind: str, value: float) -> None:
-        """Test hook: 'send_delay_s' delays this rank's next KV send (a hang when longer than
-        the transfer timeout)."""
-        if kind != "send_delay_s":
-            raise ValueError(f"unknown fault {kind!r}")
-        self.worker.kv.faults[kind] = value
-
     def ping(self) -> bool:
         """Raises when this rank cannot serve: its loop thread died, or (rank 0) one step has
         run for longer than STUCK_S."""
@@ -205,16 +213,6 @@ class RankActorBase:
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
-
-
-def remote_rank_actor(cls: type) -> "ray.actor.ActorClass":
-    """`cls` (RankActorBase or a subclass, e.g. a test's fault-injecting one) as a Ray actor.
-    KV receives block a thread each for as long as a transfer takes; they get a pool of their
-    own so that pings, starts and cancels never queue behind them."""
-    return ray.remote(max_concurrency=64, concurrency_groups={"kv": 256})(cls)
-
-
-RankActor = remote_rank_actor(RankActorBase)
 
 
 def _gpu_uuid(device) -> str | None:

@@ -68,7 +68,9 @@ def closed_to_network() -> None:
 
 class Cluster:
     def __init__(self, plan: Plan, metrics=None, max_prompt_tokens: int = 0, max_tokens_limit: int = 0,
-                 max_pending: int = 1024, actor_cls=None):
+                 max_pending: int = 1024, actor_cls: type | None = None):
+        """actor_cls: the class of the rank actors (a subclass of cluster.actors.RankActor;
+        tests use one that injects faults)."""
         from model.embedded import resolve_model_source
         self.plan = plan
         source = resolve_model_source(plan.model)

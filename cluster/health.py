@@ -24,6 +24,9 @@ from collections import deque
 
 from cluster.instances import create_instance, shutdown_instance
 from cluster.transfers import quiet
+from engine.request import RequestState
+
+PREFILLING, TRANSFERRING, DECODING = RequestState.PREFILLING, RequestState.TRANSFERRING, RequestState.DECODING
 
 log = logging.getLogger("disagg.health")
 PING_INTERVAL_S = 1.0
@@ -88,23 +91,21 @@ class HealthMonitor:
         log.error("instance %s failed (%s): recomputing its requests elsewhere and restarting it", inst.instance_id, why)
         self.restarting.add(inst.instance_id)
         for t in list(c.tracked.values()):
-            uses = (t.decode is inst) or (t.prefill is inst and t.phase in ("prefill", "transfer"))
-            if uses and t.phase in ("prefill", "transfer", "decode"):
+            uses = (t.decode is inst) or (t.prefill is inst and t.state in (PREFILLING, TRANSFERRING))
+            if uses and t.state in (PREFILLING, TRANSFERRING, DECODING):
                 await self._abandon(t)
         c.spawn(self._restart(inst, t0))
 
     async def _abandon(self, t) -> None:
         """Free the survivors' part of the current attempt and start a new one. A scheduled
         transfer's task frees both sides itself once its receives have ended."""
-        c, wid, attempt, phase = self.c, t.wid, t.attempt, t.phase
-        if phase == "prefill" and t.prefill.alive:
-            if await quiet(t.prefill.driver.cancel.remote(wid)):
-                c.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
-                await c.release_decode(t.decode, wid, len(t.blocks or ()))
-            # else: it was scheduled meanwhile; its `scheduled` event drains it
-        elif phase == "prefill":
-            await c.release_decode(t.decode, wid, len(t.blocks or ()))
-        elif phase == "decode" and t.decode.alive:
+        c, wid, attempt, state = self.c, t.wid, t.attempt, t.state
+        if state is PREFILLING and not t.colocated and t.prefill.alive:
+            await c.admission.cancel_prefill(t)
+            # when that fails, it was scheduled meanwhile; its KVScheduled event drains it
+        elif state is PREFILLING and not t.colocated:
+            await c.admission.release_decode(t.decode, wid, len(t.blocks or ()))
+        elif state in (PREFILLING, DECODING) and t.decode.alive:
             await quiet(t.decode.driver.cancel.remote(wid))
         await c.retry(t, "an instance it used failed", attempt)
 
@@ -135,7 +136,7 @@ class HealthMonitor:
         self.recovery_s.append(time.monotonic() - t0)
         log.warning("instance %s is back after %.1f s", iid, self.recovery_s[-1])
         c.spawn(c._consume(new))
-        await c.dispatch_pending()
+        await c.admission.dispatch_pending()
 
     async def _replace(self, inst):
         """A fresh instance in `inst`'s place, connected to its live peers; None if it failed."""
@@ -173,7 +174,7 @@ class HealthMonitor:
         log.error("instance %s is down: %d restarts in the last %.0f s; next try in %.1f s",
                   iid, num_recent, c.plan.restart_window_s, wait_s)
         if not self.can_serve():
-            for t in list(c.pending):
+            for t in list(c.admission.pending):
                 c.fail(t, f"instance {iid} is down ({num_recent} restarts in the last {c.plan.restart_window_s:.0f} s; "
                           f"next try in {wait_s:.0f} s) and no other instance can serve the request")
         await asyncio.sleep(wait_s)

@@ -10,10 +10,11 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import RankActor
+from cluster.actors import remote_class
 from engine.errors import ConfigError
 from engine.plan import PhaseConfig, Plan
 from kv_transfer.shard_plan import Layout
+from kv_transfer.transports import choose
 from model.rank_runtime import WorkerConfig
 
 
@@ -50,8 +51,8 @@ def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -
 
 
 async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,
-                          num_kv_heads: int, actor_cls=None) -> Instance:
-    """Start one instance (its ranks as `actor_cls`, default RankActor) and its step loops."""
+                          num_kv_heads: int, actor_cls: type | None = None) -> Instance:
+    """Start one instance of `role` (its ranks as `actor_cls` actors, RankActor by default)."""
     if phase.pp != 1:
         raise ConfigError(f"{role}: pipeline parallelism (pp={phase.pp}) is planned and simulated but not "
                           "run by the runtime yet; use pp=1")
@@ -71,7 +72,7 @@ async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig,
                           f"(available: {ray.available_resources()})") from None
     for r in range(world):
         strategy = PlacementGroupSchedulingStrategy(inst.pg, placement_group_bundle_index=r)
-        inst.ranks.append((actor_cls or RankActor).options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
+        inst.ranks.append(remote_class(actor_cls).options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(
             role, worker_config(plan, phase, inst.instance_id, r)))
     try:
         tp_addr = await inst.ranks[0].open_tp.remote() if world > 1 else None
@@ -90,26 +91,15 @@ async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig,
 
 
 def choose_transport(requested: str, p: Instance, d: Instance) -> str:
-    """gloo for CPU; cuda_ipc when the two instances share a GPU (NCCL refuses two ranks on
-    one GPU); NCCL between distinct GPUs."""
+    """The KV transport between prefill instance p and decode instance d, from what each
+    registered transport can do (kv_transfer/transports.py): gloo on CPU, cuda_ipc when the two
+    share a GPU (NCCL refuses two ranks on one GPU), NCCL between distinct GPUs."""
     devices = {p.phase.device, d.phase.device}
-    if devices == {"cpu"}:
-        if requested not in ("auto", "gloo"):
-            raise ConfigError(f"kv_transport {requested!r} needs GPUs; these instances run on CPU")
-        return "gloo"
-    if devices != {"cuda"}:
+    if len(devices) != 1:
         raise ConfigError("prefill and decode must both run on CPU or both on CUDA")
-    shared = set(p.gpu_uuids) & set(d.gpu_uuids)
+    shared = bool((set(p.gpu_uuids) & set(d.gpu_uuids)) - {None})
     same_node = set(p.node_ids) == set(d.node_ids) and len(set(p.node_ids)) == 1
-    if requested == "auto":
-        return "cuda_ipc" if shared else "nccl"
-    if requested == "nccl" and shared:
-        raise ConfigError("kv_transport nccl: prefill and decode share a GPU, which NCCL refuses; use cuda_ipc")
-    if requested == "cuda_ipc" and not same_node:
-        raise ConfigError("kv_transport cuda_ipc needs prefill and decode on one node")
-    if requested == "gloo":
-        raise ConfigError("kv_transport gloo moves CPU tensors; these instances run on CUDA")
-    return requested
+    return choose(requested, devices.pop(), shared, same_node).name
 
 
 async def connect_pair(p: Instance, d: Instance, epoch: int, kind: str) -> None:

@@ -64,8 +64,8 @@ class Metrics:
         self.kv_bytes.labels(src, dst).inc(nbytes)
         self.kv_seconds.labels(src, dst).observe(seconds)
 
-    def on_decode_step(self, instance: str, ev: dict) -> None:
-        self.decode_batch.labels(instance).set(ev.get("batch_size", 0))
+    def on_decode_step(self, instance: str, batch_size: int) -> None:
+        self.decode_batch.labels(instance).set(batch_size)
 
     def on_finish(self, t, reason: str) -> None:
         self.in_flight.dec()

@@ -1,8 +1,9 @@
 """`disagg profile`: time our own engine on this device and fit placement's profiled latency model.
 
-It builds the model runner directly (no Ray, no workers): prefill batches over a grid of prompt
-lengths x batch sizes, decode steps over batch sizes x context lengths, each timed as the
-workers time a step (the forward pass plus sampling), after warm-up, as the median of repeats.
+It builds one rank as the workers do (model/rank_runtime.py, no Ray) and times the workers' own
+step (model/instance.py `StepLoop.run`: the forward pass plus sampling) over prefill batches
+(prompt lengths x batch sizes) and decode steps (batch sizes x context lengths), after warm-up,
+as the median of repeats.
 `placement.latency_profile.fit_profile` fits prefill a + b sum(l) + c sum(l^2) and decode
 a + b sum(ctx) + c batch to them, and the profile goes to
 placement/profiles/<device>_<model>.json (or --out), keeping other TP degrees already there.
@@ -29,62 +30,65 @@ GRIDS = {
 
 
 class StepTimer:
-    """A model, a KV cache big enough for the grid, a runner and a sampler."""
+    """One rank built as the workers build theirs (RankRuntime), with a KV cache big enough
+    for the grid, timing the workers' own step (StepLoop.run: forward + sampling)."""
 
     def __init__(self, model: str, device: str, dtype: str, block_size: int, num_tokens: int):
         import torch
 
-        from model.kv_cache import allocate_kv_cache, num_blocks_for_memory
-        from model.loader import build_model
-        from model.runner import ModelRunner
-        from model.sampler import Sampler
+        from model.instance import StepLoop
+        from model.rank_runtime import WorkerConfig
         self.torch = torch
         self.device = device
-        self.model = build_model(model, device=device, dtype=dtype)
-        cfg = self.model.cfg
-        dt = next(self.model.parameters()).dtype
-        fits = num_blocks_for_memory(cfg, block_size, cfg.num_layers, cfg.num_kv_heads, dt, device)
         wanted = -(-num_tokens // block_size) + 1
-        self.num_blocks = wanted if device == "cpu" else min(wanted, fits)
-        kv = allocate_kv_cache(cfg.num_layers, self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dt, device)
+        # On a GPU the cache is sized from memory (grid points that do not fit are skipped).
+        cfg = WorkerConfig(instance_id="profile", model=model, device=device, dtype=dtype, block_size=block_size,
+                           num_kv_blocks=wanted if device == "cpu" else 0)
+        self.loop = StepLoop(cfg)
+        self.model = self.loop.rt.model
+        self.num_blocks = self.loop.rt.num_blocks
         self.block_size = block_size
-        self.runner = ModelRunner(self.model, kv, block_size)
-        self.sampler = Sampler(device, 0)
 
     def fits(self, batch: int, length: int) -> bool:
         return batch * -(-length // self.block_size) <= self.num_blocks
 
-    def _tables(self, batch: int, length: int) -> list[list[int]]:
-        n = -(-length // self.block_size)
-        return [list(range(i * n, (i + 1) * n)) for i in range(batch)]
-
-    def _ids(self, i: int, length: int) -> list[int]:
-        v = self.model.cfg.vocab_size
-        return [(i * 7919 + j * 31) % v for j in range(length)]
+    def _requests(self, batch: int, length: int):
+        from engine.request import Request
+        from engine.sampling_params import SamplingParams
+        sp, v, n = SamplingParams(max_tokens=16, ignore_eos=True), self.model.cfg.vocab_size, -(-length // self.block_size)
+        reqs = []
+        for i in range(batch):
+            r = Request(f"p{i}", [(i * 7919 + j * 31) % v for j in range(length)], sp)
+            r.block_ids = list(range(i * n, (i + 1) * n))
+            reqs.append(r)
+        return reqs
 
     def prefill_step(self, batch: int, length: int):
-        from model.runner import StepInput
-        return StepInput(prefill=[(self._ids(i, length), 0, t, True) for i, t in enumerate(self._tables(batch, length))])
+        from engine.batching import Batch, PrefillChunk
+        return self._scheduled(Batch(prefill=[PrefillChunk(r, 0, length) for r in self._requests(batch, length)]))
 
     def decode_step(self, batch: int, context: int):
-        from model.runner import StepInput
-        return StepInput(decode=[(self._ids(i, 1)[0], context - 1, t) for i, t in enumerate(self._tables(batch, context))])
+        """`batch` requests at `context` tokens, each decoding its last one."""
+        from engine.batching import Batch
+        return self._scheduled(Batch(decode=self._requests(batch, context)))
 
-    def time(self, step, warmup: int, repeats: int, clock: str = "wall") -> float:
-        """Median seconds of forward + sampling (synchronised on CUDA). clock="cpu" counts the
-        CPU time of this process instead of wall time: on a shared CPU machine it leaves out the
-        time other processes hold the core (meaningful with one intra-op thread only)."""
-        from engine.sampling_params import SamplingParams
-        sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    def _scheduled(self, batch):
+        from model.instance import Scheduled, StepMsg
+        from model.runner import StepInput
+        return Scheduled(batch, StepMsg(StepInput.from_batch(batch)))
+
+    def time(self, sched, warmup: int, repeats: int, clock: str = "wall") -> float:
+        """Median seconds of one worker step, forward + sampling (synchronised on CUDA).
+        clock="cpu" counts the CPU time of this process instead of wall time: on a shared CPU
+        machine it leaves out the time other processes hold the core (meaningful with one
+        intra-op thread only)."""
         sync = self.torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
         now = time.process_time if clock == "cpu" else time.perf_counter
         times = []
         for k in range(warmup + repeats):
             sync()
             t0 = now()
-            logits = self.runner.execute(step)
-            n = logits.shape[0]
-            self.sampler(logits, [sp] * n, [0] * n)
+            self.loop.run(sched)
             sync()
             if k >= warmup:
                 times.append(now() - t0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from engine.request import Request
+from engine.request import Request, RequestState
 
 
 def split_wid(wid: str) -> tuple[str, int]:
@@ -31,18 +31,34 @@ class StreamDelta:
 class Tracked:
     req: Request
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    phase: str = "pending"          # pending | prefill | transfer | decode | done
     attempt: int = 0
     prefill: object = None          # Instance
     decode: object = None           # Instance
     blocks: list[int] | None = None
-    route: str | None = None        # the route counted as carrying this attempt (controller.inflight)
+    route: str | None = None        # the route counted as carrying this attempt (Admission.inflight)
     finish_reason: str | None = None   # set once the client's stream has ended
     cancel_requested: bool = False
     token_seen: dict = field(default_factory=dict)     # attempt -> asyncio.Event
     num_cached_tokens: int = 0
     times: dict = field(default_factory=dict)          # controller clock (monotonic)
     durations: dict = field(default_factory=dict)      # measured spans, seconds
+
+    @property
+    def state(self) -> RequestState:
+        """Where the current attempt is: the request's own state machine (engine/request.py).
+        QUEUED: waiting for capacity; PREFILLING: given to a prefill instance, or to a colocated
+        one that has not sent its first token; TRANSFERRING: its KV is moving; DECODING; then
+        FINISHED, CANCELLED or FAILED once the controller is done with it."""
+        return self.req.state
+
+    def move(self, state: RequestState) -> None:
+        if self.req.state is not state:
+            self.req.transition(state)
+
+    @property
+    def colocated(self) -> bool:
+        """The current attempt runs on one colocated instance (held in `decode`)."""
+        return self.prefill is None and self.decode is not None
 
     @property
     def request_id(self) -> str:

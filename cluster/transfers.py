@@ -14,6 +14,7 @@ import time
 
 from cluster.instances import Instance
 from cluster.tracking import Tracked
+from engine.request import RequestState
 
 log = logging.getLogger("disagg.transfers")
 SLOW_HANDOVER_S = 0.2       # hand-overs slower than this are logged with where the time went
@@ -35,12 +36,12 @@ class TransferCoordinator:
     async def transfer(self, t: Tracked, attempt: int, ev: dict) -> None:
         """The current attempt's KV leaves prefill instance t.prefill for t.decode."""
         c = self.c
-        p, d, wid = t.prefill, t.decode, ev["request_id"]
+        p, d, wid = t.prefill, t.decode, ev.request_id
         reserved = len(t.blocks)
-        blocks = t.blocks[:ev["num_blocks"]]
+        blocks = t.blocks[:ev.num_blocks]
         t0 = time.monotonic()
         results = await asyncio.gather(
-            *[r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], blocks) for r in d.ranks],
+            *[r.receive_kv.remote(p.instance_id, ev.epoch, ev.seq, blocks) for r in d.ranks],
             return_exceptions=True)
         received = time.monotonic()
         errors = [str(r) if isinstance(r, Exception) else r[1] for r in results if isinstance(r, Exception) or not r[0]]
@@ -54,29 +55,29 @@ class TransferCoordinator:
             end = t.times.get("prefill_end", t0)
             log.warning("slow KV hand-over of %s (%d blocks, %s -> %s, seq %d): %.3f s after its prefill; "
                         "the receive returned %.3f s after it was called and %.3f s after the prefill, which ended %.3f s "
-                        "after the transfer was scheduled", wid, len(blocks), p.instance_id, d.instance_id, ev["seq"],
+                        "after the transfer was scheduled", wid, len(blocks), p.instance_id, d.instance_id, ev.seq,
                         exposed_s, received - t0, received - end, end - t0)
         await quiet(p.driver.release.remote(wid))
         if t.attempt != attempt:            # abandoned meanwhile: no receive can write any more
-            await c.release_decode(d, wid, reserved)
+            await c.admission.release_decode(d, wid, reserved)
             return
         t.durations["kv_transfer_s"] = exposed_s
         if errors:
             c.counters["kv_transfer_failures"] += 1
             log.warning("KV transfer of %s from %s to %s failed: %s", wid, p.instance_id, d.instance_id, errors[0])
-            await c.release_decode(d, wid, reserved)
+            await c.admission.release_decode(d, wid, reserved)
             if p.alive and d.alive:
-                await self.rebuild(p, d, ev["epoch"])
+                await self.rebuild(p, d, ev.epoch)
             await c.retry(t, f"KV transfer failed: {errors[0]}", attempt)
             return
         if c.metrics:
             c.metrics.on_transfer(p.instance_id, d.instance_id, len(blocks) * c.block_bytes(), exposed_s)
         if t.closed:
-            await c.release_decode(d, wid, reserved)
+            await c.admission.release_decode(d, wid, reserved)
             c.drop(t)
             return
         t.times["transfer_end"] = time.monotonic()
-        t.phase = "decode"          # before the call returns: the first decode tokens may arrive first
+        t.move(RequestState.DECODING)   # before the call returns: the first decode tokens may arrive first
         try:
             await d.driver.start_decode.remote(wid, t.req.prompt_token_ids, list(t.req.output_token_ids),
                                                t.req.sampling, t.req.arrival_s)
@@ -92,11 +93,12 @@ class TransferCoordinator:
     async def drain(self, p: Instance, ev: dict) -> None:
         """A transfer scheduled for an attempt that is gone: receive and drop it so the channel's
         order holds, then free both sides of that attempt."""
-        c, wid = self.c, ev["request_id"]
-        c.prefill_tokens[p.instance_id] = c.prefill_tokens.get(p.instance_id, 0) - ev["num_tokens"]
-        d = next((i for i in c.decodes if i.instance_id == ev["peer"] and i.alive), None)
+        c, wid = self.c, ev.request_id
+        queued = c.admission.prefill_tokens
+        queued[p.instance_id] = queued.get(p.instance_id, 0) - ev.num_tokens
+        d = next((i for i in c.decodes if i.instance_id == ev.peer and i.alive), None)
         if d is not None:
-            await asyncio.gather(*[quiet(r.receive_kv.remote(p.instance_id, ev["epoch"], ev["seq"], ev["num_blocks"]))
+            await asyncio.gather(*[quiet(r.receive_kv.remote(p.instance_id, ev.epoch, ev.seq, ev.num_blocks))
                                    for r in d.ranks])
             await quiet(d.driver.release.remote(wid))
         await quiet(p.driver.release.remote(wid))

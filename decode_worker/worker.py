@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from engine.errors import InvalidRequestError
+from engine.events import LoadChanged, WorkerEvent
 from engine.request import Request, RequestState
 from engine.sampling_params import SamplingParams
 from kv_transfer.agent import KVReceiver
@@ -22,7 +23,7 @@ class DecodeWorker(ColocatedWorker):
     role = "decode"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None):
+                 emit: Callable[[list[WorkerEvent]], None] | None = None):
         super().__init__(cfg, tp_group, ctrl_group, emit, enable_prefix_caching=False)
         self.kv = KVReceiver(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
         self.reservations: dict[str, list[int]] = {}
@@ -62,6 +63,7 @@ class DecodeWorker(ColocatedWorker):
             if blocks is None:
                 return False
             self.bm.free(blocks)
+            self.emit([LoadChanged(time=time.monotonic(), load=self.load())])
             return True
 
     def cancel(self, request_id: str) -> bool:
@@ -69,6 +71,7 @@ class DecodeWorker(ColocatedWorker):
         with self._lock:
             if request_id in self.reservations:
                 self.bm.free(self.reservations.pop(request_id))
+                self.emit([LoadChanged(time=time.monotonic(), load=self.load())])
                 return True
         return super().cancel(request_id)
 

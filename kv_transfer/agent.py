@@ -21,6 +21,7 @@ import torch
 
 from engine.errors import TransferError
 from kernels.kv_pack import pack_kv, packed_shape, unpack_kv
+from kv_transfer.transports import get as get_transport
 from kv_transfer.channel import Channel, ChannelMaster
 from kv_transfer.shard_plan import Layout, Rect, split_layers, transfer_plan
 
@@ -152,10 +153,9 @@ class _Agent:
         self._lock = threading.Lock()
 
     def _groups(self, rect: Rect, thread: "_ChannelThread | None") -> list[Rect]:
-        # Over CUDA IPC one copy per request: the receiver copies ~1 ms per GiB, while packing
-        # layer groups during the prefill waited on the GIL behind the model's kernel launches
-        # (measured on the H100, docs/benchmarks.md). Layer-wise elsewhere.
-        if thread is not None and thread.channel.kind == "cuda_ipc":
+        # Transports that are not layer-wise (cuda_ipc: see kv_transfer/transports.py) move a
+        # request's rectangle in one piece.
+        if thread is not None and not thread.channel.transport.layerwise:
             return [rect]
         return split_layers(rect, self.num_groups)
 
@@ -199,7 +199,7 @@ class KVSender(_Agent):
         for p in transfer_plan(self.layout, peer_layout):
             if p.src_rank == self.rank:
                 m = ChannelMaster(kind, self.device, host, self.timeout_s,
-                                  self.kv_cache if kind == "cuda_ipc" else None)
+                                  self.kv_cache if get_transport(kind).moves_block_ids else None)
                 self._masters[(peer, p.dst_rank)] = m
                 out[p.dst_rank] = m.address
         return out
@@ -233,7 +233,7 @@ class KVSender(_Agent):
             thread = self.threads.get((peer, p.dst_rank))
             groups = self._groups(p.rect, thread)
             for g, rect in enumerate(groups):
-                if thread is not None and thread.channel.kind == "cuda_ipc":
+                if thread is not None and thread.channel.transport.moves_block_ids:
                     run = self._ipc_send_job(rect, list(block_ids), wait_layers)
                 else:
                     if ids is None:
@@ -315,7 +315,7 @@ class KVReceiver(_Agent):
                 raise TransferError(f"no channel from {peer} rank {p.src_rank}")
             groups = self._groups(p.rect, thread)
             for g, rect in enumerate(groups):
-                ipc = thread.channel.kind == "cuda_ipc"
+                ipc = thread.channel.transport.moves_block_ids
                 if ipc:
                     src_owner = self.peer_layouts[peer].rect(p.src_rank)
                     run = self._ipc_recv_job(rect, src_owner, ids, drain)

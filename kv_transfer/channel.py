@@ -2,10 +2,10 @@
 (side 1, receives), built as standalone two-rank process groups from a TCPStore, so instances
 share no world and a channel can be torn down and rebuilt when a peer fails.
 
-Kinds (the transports of DESIGN.md):
+Transports (kv_transfer/transports.py: what each can do, and the registry):
   gloo      CPU tensors over TCP.
   nccl      GPU to GPU through NCCL (NCCL refuses two ranks on one GPU: use cuda_ipc there).
-  cuda_ipc  processes on one host, also sharing one GPU: the receiver maps the sender's whole
+  cuda_ipc  (moves block ids) processes on one host, also sharing one GPU: the receiver maps the sender's whole
             KV cache through a CUDA IPC handle and copies a request's blocks straight into its
             own cache (`send_block_ids` / `recv_block_ids`); a gloo pair carries the block ids.
             The sender's GPU does no work for a transfer, and its blocks stay allocated until
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import TransferError
+from kv_transfer.transports import get as get_transport
 
-KINDS = ("gloo", "nccl", "cuda_ipc")
 SLOW_MESSAGE_S = 0.2        # messages slower than this are logged with where their time went
 log = logging.getLogger("disagg.kv")
 
@@ -87,13 +87,12 @@ class ChannelMaster:
 
     def __init__(self, kind: str, device: torch.device, host: str, timeout_s: float,
                  kv_cache: torch.Tensor | None = None):
-        if kind not in KINDS:
-            raise ValueError(f"unknown channel kind {kind!r}; known: {KINDS}")
+        self.transport = get_transport(kind)
         self.kind, self.device, self.timeout_s = kind, device, timeout_s
         self.host = host
         self.store = open_store(host, 2, timeout_s)
         self.address = {"kind": kind, "host": host, "port": self.store.port}
-        if kind == "cuda_ipc":
+        if self.transport.moves_block_ids:
             from torch.multiprocessing.reductions import reduce_tensor
             if kv_cache is None or not kv_cache.is_cuda:
                 raise ValueError("a cuda_ipc channel needs the sender's CUDA KV cache")
@@ -104,6 +103,7 @@ class Channel:
     def __init__(self, side: int, kind: str, pg, device: torch.device, timeout_s: float, peer_cache=None,
                  store=None):
         self.side, self.kind, self.pg, self.device = side, kind, pg, device
+        self.transport = get_transport(kind)
         self.timeout_s = timeout_s
         self.peer_cache = peer_cache  # cuda_ipc receiver: the sender's KV cache, mapped
         self._store = store           # keeps the master store alive as long as the channel
@@ -127,7 +127,7 @@ class Channel:
     def connect_receiver(cls, address: dict, device: torch.device, timeout_s: float) -> "Channel":
         store = dist.TCPStore(address["host"], address["port"], 2, False, timeout=_td(timeout_s))
         peer_cache = None
-        if address["kind"] == "cuda_ipc":
+        if get_transport(address["kind"]).moves_block_ids:
             rebuild, args = address["cache"]
             peer_cache = rebuild(*args)
         pg = cls._make_pg(address["kind"], store, 1, device, timeout_s, local_ip())
@@ -135,7 +135,7 @@ class Channel:
 
     @staticmethod
     def _make_pg(kind: str, store, rank: int, device, timeout_s: float, host: str):
-        if kind == "nccl":
+        if get_transport(kind).backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = _td(timeout_s)
             torch.cuda.set_device(device)
@@ -153,7 +153,7 @@ class Channel:
 
     def _wait(self, work, what: str):
         try:
-            if self.kind == "nccl":
+            if self.transport.polls_completion:
                 deadline = time.monotonic() + self.timeout_s
                 while not work.is_completed():
                     if time.monotonic() > deadline:
@@ -176,8 +176,8 @@ class Channel:
         """Send one message of `nbytes`: `fill(buf)` writes it into a buffer of that many bytes
         viewed as `dtype` (the pack kernel writes straight into it)."""
         self._check()
-        if self.kind == "cuda_ipc":
-            raise TransferError("a cuda_ipc channel moves blocks with send_block_ids, not messages")
+        if self.transport.moves_block_ids:
+            raise TransferError(f"a {self.kind} channel moves blocks with send_block_ids, not messages")
         t0 = time.monotonic()
         with self._on_stream():
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device).view(dtype)
@@ -198,8 +198,8 @@ class Channel:
         """Receive one message and hand it to `consume(buf)` (which unpacks it into the cache)
         before the buffer is released."""
         self._check()
-        if self.kind == "cuda_ipc":
-            raise TransferError("a cuda_ipc channel moves blocks with recv_block_ids, not messages")
+        if self.transport.moves_block_ids:
+            raise TransferError(f"a {self.kind} channel moves blocks with recv_block_ids, not messages")
         t0 = time.monotonic()
         with self._on_stream():
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -257,7 +257,7 @@ class Channel:
         """Drop the process group. Peers blocked on it fail by their own timeout."""
         if self.broken is None:
             self.broken = "closed"
-        if self.kind == "nccl":
+        if self.transport.backend == "nccl":
             try:
                 self.pg.abort()
             except Exception:  # noqa: BLE001 - best effort on teardown

@@ -25,7 +25,7 @@ def embedded_model_dir() -> Path:
     from safetensors.torch import save_file
 
     from engine.model_config import PRESETS
-    from model.loader import DummyReader
+    from model.dummy_weights import DummyReader
 
     cfg = PRESETS[EMBEDDED]
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ come from one builder, `RankRuntime` (model/rank_runtime.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, ColocatedPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
-from engine.request import FinishReason, Request, RequestState
+from engine.events import Load, LoadChanged, RequestFailed, StepTokens, WorkerEvent
+from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from model.rank_runtime import RankRuntime, WorkerConfig
 from model.runner import StepInput
@@ -69,7 +71,7 @@ class StepLoop:
     role = "base"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None, rt: RankRuntime | None = None):
+                 emit: Callable[[list[WorkerEvent]], None] | None = None, rt: RankRuntime | None = None):
         self.cfg = cfg
         self.rt = rt or RankRuntime(cfg, tp_group, ctrl_group)
         self.emit = emit or (lambda events: None)
@@ -89,19 +91,22 @@ class StepLoop:
         if sched is None:
             return False
         self.emit(sched.events)
-        self.rt.broadcast(sched.msg)
         t0 = time.monotonic()
-        out = self.run_step(sched)
+        out = self.run(sched)
         t1 = time.monotonic()
         with self._lock:
             events = [self.drop_failed(req, why, t1) for req, why in out.failed]
-            events += self.postprocess(out.batch, out.tokens, t0, t1, out.logprobs)
+            events += self.postprocess(out.batch, out.tokens, out.logprobs, t0, t1)
             self.num_steps += 1
         self.emit(events)
         return True
 
-    def run_step(self, sched: Scheduled) -> StepOutcome:
-        """Rank 0: the batch's model step and sampling, any failing request isolated."""
+    def run(self, sched: Scheduled) -> StepOutcome:
+        """The batch's model step on rank 0: hand it to the TP peers, run the forward, sample
+        one token per sampled request (with its logprobs entry, or None); a request that makes
+        it fail is isolated (model/step_isolation.py): the outcome's batch leaves it out. The
+        one place a scheduled batch runs; the profiler times exactly this."""
+        self.rt.broadcast(sched.msg)
         return self.isolation.run(sched.batch, lambda: self.execute(sched.msg))
 
     def execute(self, msg: StepMsg):
@@ -112,21 +117,20 @@ class StepLoop:
         """Run part of a failed step again on this (only) rank: no events, no KV sends."""
         return self.rt.runner.execute(StepInput.from_batch(batch))
 
-    def drop_failed(self, req: Request, why: str, now: float) -> dict:
+    def drop_failed(self, req: Request, why: str, now: float) -> RequestFailed:
         """A request that made the step fail (under the lock): drop it and free its blocks
-        (never cached: they hold junk). Returns its `request_failed` event."""
+        (never cached: they hold junk)."""
         self.requests.pop(req.request_id, None)
         self.policy.release(req)
         if not req.state.terminal:
             finish(req, FinishReason.ERROR, now)
-        return {"type": "request_failed", "request_id": req.request_id, "message": why, "time": now}
+        return RequestFailed(request_id=req.request_id, message=why, time=now)
 
     def schedule(self, now: float) -> Scheduled | None:
         raise NotImplementedError
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float,
-                    logprobs: list[dict | None]) -> list[dict]:
-        """Tokens (and logprobs entries, None where not asked for) into the requests; the events out."""
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[WorkerEvent]:
+        """Tokens into their requests (under the lock); returns the events to send."""
         raise NotImplementedError
 
     def follow(self, stop: threading.Event) -> None:
@@ -157,7 +161,7 @@ class ColocatedWorker(StepLoop):
     role = "colocated"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None, enable_prefix_caching: bool | None = None):
+                 emit: Callable[[list[WorkerEvent]], None] | None = None, enable_prefix_caching: bool | None = None):
         super().__init__(cfg, tp_group, ctrl_group, emit)
         caching = cfg.enable_prefix_caching if enable_prefix_caching is None else enable_prefix_caching
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, caching)
@@ -207,16 +211,18 @@ class ColocatedWorker(StepLoop):
         self._cancelled.clear()
 
     def schedule(self, now: float) -> Scheduled | None:
-        if self._cancelled:
+        cancelled = bool(self._cancelled)
+        if cancelled:
             self._apply_cancels(now)
         batch = self.policy.schedule(now)
         self.num_preemptions += len(batch.preempted)
         if batch.empty:
+            if cancelled:       # blocks came free with no step to report them
+                self.emit([LoadChanged(time=now, load=self.load())])
             return None
         return Scheduled(batch, StepMsg(StepInput.from_batch(batch)))
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float,
-                    logprobs: list[dict | None]) -> list[dict]:
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[WorkerEvent]:
         new, finished, done, lps = {}, {}, [], {}
         for req, tok, lp in zip(batch.sampled, tokens, logprobs):
             if req.request_id not in self.requests:       # cancelled during the step
@@ -233,16 +239,13 @@ class ColocatedWorker(StepLoop):
             finish(req, req.finish_reason, t1)
             del self.requests[req.request_id]
         self.num_decoded_tokens += len(new)
-        ev = {"type": "tokens", "tokens": new, "finished": finished, "batch_size": len(batch.sampled),
-              "time": t1, **self.load()}
-        if lps:
-            ev["logprobs"] = lps
-        return [ev]
+        return [StepTokens(tokens=new, finished=finished, batch_size=len(batch.sampled), logprobs=lps, time=t1,
+                           load=self.load())]
 
-    def load(self) -> dict:
+    def load(self) -> Load:
         """What the router needs, sent with every event (call under the lock)."""
-        return {"free_blocks": self.bm.num_free_blocks, "num_running": len(self.policy.decode.running),
-                "num_waiting": len(self.policy.prefill.waiting), "queued_tokens": self.policy.prefill.num_waiting_tokens}
+        return Load(self.bm.num_free_blocks, len(self.policy.decode.running), len(self.policy.prefill.waiting),
+                    self.policy.prefill.num_waiting_tokens)
 
     def free_blocks(self) -> int:
         with self._lock:
@@ -250,7 +253,7 @@ class ColocatedWorker(StepLoop):
 
     def stats(self) -> dict:
         with self._lock:
-            out = {"role": self.role, "instance_id": self.cfg.instance_id, **self.load(),
+            out = {"role": self.role, "instance_id": self.cfg.instance_id, **dataclasses.asdict(self.load()),
                    "used_blocks": self.bm.num_used_blocks, "num_blocks": self.bm.num_blocks,
                    "num_steps": self.num_steps, "num_decoded_tokens": self.num_decoded_tokens,
                    "num_preemptions": self.num_preemptions, "prefix_hit_tokens": self.bm.num_prefix_hit_tokens}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from engine.errors import InvalidRequestError
+from engine.events import RequestFailed, StepTokens
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from model.input_processor import InputProcessor
@@ -48,7 +49,7 @@ class LLM:
         self._results: dict[str, RequestOutput] = {}
         self._events: list[dict] = []
 
-    def _collect(self, events: list[dict]) -> None:
+    def _collect(self, events: list) -> None:
         self._events.extend(events)
 
     # Requests ---------------------------------------------------------------------------
@@ -85,24 +86,26 @@ class LLM:
         self.core.apply_cancels()       # requests a stop string ended leave the batch now
         return deltas
 
-    def _postprocess(self, ev: dict) -> list[Delta]:
-        if ev["type"] == "request_failed":          # the step failed on this request alone
-            rid = ev["request_id"]
+    def _postprocess(self, ev) -> list[Delta]:
+        if isinstance(ev, RequestFailed):           # the step failed on this request alone
+            rid = ev.request_id
             if self.requests.pop(rid, None) is not None:
                 self.outputs.discard(rid)
                 res = self._results[rid]
-                res.finish_reason, res.error = FinishReason.ERROR.value, ev["message"]
+                res.finish_reason, res.error = FinishReason.ERROR.value, ev.message
+            return []
+        if not isinstance(ev, StepTokens):
             return []
         deltas = []
-        for rid, toks in ev["tokens"].items():
+        for rid, toks in ev.tokens.items():
             req = self.requests.get(rid)
             if req is None:
                 continue
-            reason = ev["finished"].get(rid)
+            reason = ev.finished.get(rid)
             delta = self.outputs.process(rid, toks, reason)
             res = self._results[rid]
             res.token_ids += toks
-            res.logprobs += ev.get("logprobs", {}).get(rid, [])
+            res.logprobs += ev.logprobs.get(rid, [])
             res.text += delta.text
             if delta.finish_reason and not reason:          # a stop string
                 req.finish_reason, reason = FinishReason.STOP, FinishReason.STOP.value

@@ -130,9 +130,8 @@ class RankRuntime:
         folder = Path(source) if Path(source).is_dir() else None
         self.tokenizer = load_tokenizer(folder, mc.bos_token_id, mc.eos_token_id)
 
-    def sample(self, logits, requests) -> tuple[list[int], list[dict | None]]:
-        """One token per request, in order (the sampler's per-request seeds, indices and
-        histories), and each request's logprobs entry (None where it did not ask for them)."""
+    def sample(self, logits, requests) -> tuple[list[int], list]:
+        """One token per request, in order, and its logprobs entry (None unless asked for)."""
         return self.sampler.sample_requests(logits, requests)
 
     @property

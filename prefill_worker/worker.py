@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, PrefillPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
+from engine.events import FirstToken, KVScheduled, Load, RequestFailed, WorkerEvent
 from engine.request import FinishReason, RequestState
 from kv_transfer.agent import KVSender
 from model.instance import RequestSpec, Scheduled, StepLoop, StepMsg
-from model.step_isolation import StepOutcome
 from model.rank_runtime import LayerProgress, WorkerConfig
 from model.runner import StepInput
+from model.step_isolation import StepOutcome
 
 
 @dataclass
@@ -36,7 +37,7 @@ class PrefillWorker(StepLoop):
     role = "prefill"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[dict]], None] | None = None):
+                 emit: Callable[[list[WorkerEvent]], None] | None = None):
         super().__init__(cfg, tp_group, ctrl_group, emit)
         self.kv = KVSender(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -118,15 +119,13 @@ class PrefillWorker(StepLoop):
             n = self.bm.blocks_for(req.num_tokens)
             sends.append((spec.peer, epoch, seq, req.block_ids[:n]))
             # The controller tells the decode ranks to receive as soon as this arrives.
-            scheduled.append({"type": "scheduled", "request_id": req.request_id, "peer": spec.peer,
-                              "epoch": epoch, "seq": seq, "num_blocks": n, "num_tokens": req.num_tokens,
-                              "num_cached_tokens": req.num_cached_tokens, "attempt": spec.attempt,
-                              "time": now})
+            scheduled.append(KVScheduled(request_id=req.request_id, peer=spec.peer, epoch=epoch, seq=seq,
+                                         num_blocks=n, num_tokens=req.num_tokens,
+                                         num_cached_tokens=req.num_cached_tokens, attempt=spec.attempt, time=now))
         batch = Batch(prefill=chunks)
         return Scheduled(batch, StepMsg(StepInput.from_batch(batch), sends), scheduled)
 
-    def postprocess(self, batch: Batch, tokens: list[int], t0: float, t1: float,
-                    logprobs: list[dict | None]) -> list[dict]:
+    def postprocess(self, batch: Batch, tokens: list[int], logprobs: list, t0: float, t1: float) -> list[WorkerEvent]:
         events = []
         self.policy.complete(batch.prefill)           # their KV is computed: prefix hits from now on
         for req, tok, lp in zip(batch.sampled, tokens, logprobs):
@@ -139,12 +138,10 @@ class PrefillWorker(StepLoop):
                 self._forget(req.request_id)
                 continue
             self.held[req.request_id] = req
-            events.append({"type": "token", "request_id": req.request_id, "token_id": tok,
-                           "attempt": self.specs[req.request_id].attempt,
-                           "finish_reason": req.finish_reason.value if done else None,
-                           "prefill_queue_s": req.times["prefill_start"] - req.times["queued"],
-                           "prefill_compute_s": t1 - t0, "time": t1, "logprobs": lp,
-                           "queued_tokens": self.policy.num_waiting_tokens})
+            events.append(FirstToken(request_id=req.request_id, token_id=tok, attempt=self.specs[req.request_id].attempt,
+                                     finish_reason=req.finish_reason.value if done else None,
+                                     prefill_queue_s=req.times["prefill_start"] - req.times["queued"],
+                                     prefill_compute_s=t1 - t0, logprobs=lp, time=t1, load=self.load()))
         self.num_prefilled_tokens += batch.num_prefill_tokens
         return events
 
@@ -157,11 +154,12 @@ class PrefillWorker(StepLoop):
             progress.fail(repr(e))
             raise
 
-    def run_step(self, sched: Scheduled) -> StepOutcome:
+    def run(self, sched: Scheduled) -> StepOutcome:
         """Rank 0. When the step fails, the sends wait while the batch is bisected (re-runs
         send nothing and mark no layer: a send must never read a layer that a later re-run has
         still to write), then go: a request that failed alone sends junk, which its decode side
         drains and frees."""
+        self.rt.broadcast(sched.msg)
         progress = self._queue_sends(sched.msg)
         try:
             out = self.isolation.run(sched.batch,
@@ -179,7 +177,7 @@ class PrefillWorker(StepLoop):
             self.kv.send(peer, epoch, seq, blocks, progress.wait)
         return progress
 
-    def drop_failed(self, req, why: str, now: float) -> dict:
+    def drop_failed(self, req, why: str, now: float) -> RequestFailed:
         """A request that made the step fail: its blocks hold junk, so they are not cached; they
         are held like any prefilled request's until the controller releases them (its sends
         still go through the channel, in order)."""
@@ -191,8 +189,10 @@ class PrefillWorker(StepLoop):
         else:
             self.held[req.request_id] = req
         spec = self.specs.get(req.request_id)
-        return {"type": "request_failed", "request_id": req.request_id, "message": why,
-                "attempt": spec.attempt if spec else -1, "time": now}
+        return RequestFailed(request_id=req.request_id, message=why, attempt=spec.attempt if spec else -1, time=now)
+
+    def load(self) -> Load:
+        return Load(self.bm.num_free_blocks, 0, len(self.policy.waiting), self.policy.num_waiting_tokens)
 
     def close(self) -> None:
         self.kv.close()

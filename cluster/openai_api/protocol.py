@@ -66,8 +66,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InvalidRequestError("stop", "must be a string or a list of strings")
-    if len(stop) > 16:
-        raise InvalidRequestError("stop", f"at most 16 stop strings, got {len(stop)}")
+    from cluster.front_guard import check_stop_strings
+    check_stop_strings(stop)            # the gRPC front's limits
     return tuple(stop)
 
 

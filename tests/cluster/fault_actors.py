@@ -1,6 +1,8 @@
 """Test-only rank actors that inject faults, passed to `Cluster(..., actor_cls=...)`. None of
 this is on the production actor's surface.
 
+    FaultInjectingRankActor.inject_fault("send_delay_s", s): delays the rank's next KV send;
+
     poison_prefill / poison_decode: a request whose prompt starts with that marker makes the
         model step of that role raise (while it is in the batch), as a bug triggered by one
         request's data would;
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.actors import RankActorBase, remote_rank_actor
+from cluster.actors import RankActor
 
 POISON_PREFILL = [251, 251, 251]
 POISON_DECODE = [252, 252, 252]
@@ -25,7 +27,16 @@ class InjectedFault(RuntimeError):
     pass
 
 
-class FaultyRank(RankActorBase):
+class FaultInjectingRankActor(RankActor):
+    def inject_fault(self, kind: str, value: float) -> None:
+        """'send_delay_s' delays this rank's next KV send (a hang when longer than the
+        transfer timeout)."""
+        if kind != "send_delay_s":
+            raise ValueError(f"unknown fault {kind!r}")
+        self.worker.kv.faults[kind] = value
+
+
+class FaultyRank(RankActor):
     faults: dict = {}           # set per instance by faulty_actor()'s subclass
 
     def init(self, tp_address):
@@ -72,14 +83,14 @@ class FaultyRank(RankActorBase):
 
 
 def faulty_actor(**faults):
-    """A Ray actor class like RankActor with `faults` (see the module docstring) switched on."""
+    """A rank actor class (for `actor_cls`) with `faults` (see the module docstring) switched on."""
     faults = dict(faults)
 
     class FaultyRankActor(FaultyRank):
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
             self.faults = faults        # a closure: travels with the class to the workers
-    return remote_rank_actor(FaultyRankActor)
+    return FaultyRankActor
 
 
 def fault_counts(cluster) -> dict:

@@ -12,7 +12,7 @@ from cluster.api import Cluster
 from engine.plan import Plan
 from engine.sampling_params import SamplingParams
 from model.llm import LLM
-from tests.cluster.fault_actors import fault_counts, faulty_actor
+from tests.cluster.fault_actors import faulty_actor
 from tests.cluster.servers import record
 
 MODEL = "tiny-llama"
@@ -92,7 +92,8 @@ def test_prefill_death_with_queued_requests(ray_session):
         seen = {"queued": 0}
 
         def queued(_):
-            n = sum(t.phase == "prefill" and t.prefill is victim for t in c.controller.tracked.values())
+            from engine.request import RequestState
+            n = sum(t.state is RequestState.PREFILLING and t.prefill is victim for t in c.controller.tracked.values())
             seen["queued"] = max(seen["queued"], n)
             return n >= 3
         got, killed = _run_with_kill(c, prompts, sp, lambda: ray.kill(victim.driver, no_restart=True), queued)

@@ -66,7 +66,8 @@ def test_greedy_outputs_match_in_process_engine(ray_session, reference, name):
 
 @pytest.fixture(scope="module")
 def cluster(ray_session):
-    with Cluster.start(_plan(kv_transfer_timeout_s=3.0)) as c:
+    from tests.cluster.fault_actors import FaultInjectingRankActor
+    with Cluster.start(_plan(kv_transfer_timeout_s=3.0), actor_cls=FaultInjectingRankActor) as c:
         yield c
 
 

@@ -1,6 +1,7 @@
 """PrefillWorker without Ray: block accounting around release, cancel and prefix sharing."""
 import threading
 
+from engine.events import FirstToken
 from engine.sampling_params import SamplingParams
 from model.rank_runtime import WorkerConfig
 from prefill_worker.worker import PrefillSpec, PrefillWorker
@@ -32,7 +33,7 @@ def test_release_that_arrives_while_the_prefill_runs_frees_after_the_step():
     assert w.step()
     assert started.is_set()
     assert w.bm.num_free_blocks == w.bm.num_blocks and not w.held and not w.requests
-    assert not [e for e in events if e["type"] == "token"], "a released attempt reports no token"
+    assert not [e for e in events if isinstance(e, FirstToken)], "a released attempt reports no token"
 
 
 def test_release_of_a_queued_request_drops_it_and_unknown_ids_are_ignored():
