@@ -17,21 +17,17 @@ running this at several rates (benchmarks/fidelity.py does).
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import json
 import math
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from engine.errors import ConfigError, DisaggError
 
-STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "decode_queue")
-GOODPUT_DEFINITION = ("requests that completed with TTFT <= ttft_slo_s and TPOT <= tpot_slo_s, "
-                      "per second from the first arrival to the last response")
 
 
 @dataclass
@@ -163,15 +159,53 @@ async def _one(stub, rec: Record, msg, t0: float, metadata, timeout_s):
         rec.status, rec.error = "CLIENT_ERROR", f"{type(e).__name__}: {e}"[:200]
 
 
+def plan_requests(wl, info, args):
+    """(records, prompt token ids, output lengths, notes): the same for every backend, so runs
+    with one seed against two servers send the very same requests."""
+    from placement.workload import prompt_token_ids
+    prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
+    # Prompts depend on the seed: a run with another seed shares no prefix with this one.
+    ids = [prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None, salt=args.seed)
+           for i, p in enumerate(prompts)]
+    recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
+    return recs, ids, [int(o) for o in outputs], notes
+
+
+async def drive(recs, msgs, send, max_concurrency: int, notes: dict) -> None:
+    """Send msgs[i] at recs[i].arrival_s (at most max_concurrency in flight); send(rec, msg, t0)."""
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def gated(rec, msg, t0):
+        try:
+            await send(rec, msg, t0)
+        finally:
+            if sem:
+                sem.release()
+    tasks, t0 = [], time.perf_counter()
+    notes["start_unix_s"] = time.time()        # record times count from here
+    for rec, msg in zip(recs, msgs):
+        delay = rec.arrival_s - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if sem:
+            await sem.acquire()
+        tasks.append(asyncio.create_task(gated(rec, msg, t0)))
+    await asyncio.gather(*tasks)
+
+
 async def replay(args):
     """Connect, fetch the server's limits and replay the workload. Returns (records, workload,
     ModelInfo, clipping notes); `run_async` summarises them."""
+    if getattr(args, "backend", "grpc") == "openai":
+        from cluster.bench_openai import replay_openai
+        return await replay_openai(args)
     from cluster.grpc_client import auth_metadata, channel, make_request
     from engine.sampling_params import SamplingParams
-    from placement.workload import prompt_token_ids
     from protos import inference_pb2 as pb
     from protos import inference_pb2_grpc as pb_grpc
     import grpc
+    if not args.server:
+        raise ConfigError("--server HOST:PORT is required with --backend grpc")
     wl = build_workload(args)
     md = auth_metadata(args.token)
     async with channel(args.server, args.tls_ca, aio=True) as ch:
@@ -180,127 +214,34 @@ async def replay(args):
             info = await stub.ModelInfo(pb.ModelInfoRequest(), metadata=md, timeout=args.connect_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise DisaggError(f"server {args.server}: {e.code().name}: {e.details()} (is `disagg serve` running there?)") from None
-        prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
+        recs, ids, outputs, notes = plan_requests(wl, info, args)
         run_id = uuid.uuid4().hex[:8]               # request ids must not collide with another run's
         for _ in range(args.num_warmups):          # first steps on a fresh server are slow
             warm = make_request(list(range(8)), SamplingParams(max_tokens=4, ignore_eos=True))
             await _one(stub, Record(-1, 8, 4, 0.0), warm, time.perf_counter(), md, args.request_timeout_s)
-        # Prompts depend on the seed: a run with another seed shares no prefix with this one.
-        msgs = [make_request(prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None,
-                                              salt=args.seed),
-                             SamplingParams(max_tokens=int(o), ignore_eos=True, seed=args.seed), f"bench-{run_id}-{i}")
-                for i, (p, o) in enumerate(zip(prompts, outputs))]
-        recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
-        sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-
-        async def gated(rec, msg, t0):
-            try:
-                await _one(stub, rec, msg, t0, md, args.request_timeout_s)
-            finally:
-                if sem:
-                    sem.release()
-        tasks, t0 = [], time.perf_counter()
-        notes["start_unix_s"] = time.time()        # record times count from here
-        for rec, msg in zip(recs, msgs):
-            delay = rec.arrival_s - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if sem:
-                await sem.acquire()
-            tasks.append(asyncio.create_task(gated(rec, msg, t0)))
-        await asyncio.gather(*tasks)
+        msgs = [make_request(p, SamplingParams(max_tokens=o, ignore_eos=True, seed=args.seed), f"bench-{run_id}-{i}")
+                for i, (p, o) in enumerate(zip(ids, outputs))]
+        await drive(recs, msgs, lambda rec, msg, t0: _one(stub, rec, msg, t0, md, args.request_timeout_s),
+                    args.max_concurrency, notes)
     return recs, wl, info, notes
 
 
 async def run_async(args) -> dict:
     """The whole benchmark: replay, then every figure as one dict."""
+    from cluster.bench_report import summarize
     return summarize(*await replay(args), args=args)
-
-
-def _stats(x) -> dict:
-    x = np.asarray([v for v in x if math.isfinite(v)], dtype=float)
-    if not len(x):
-        return {"mean": None, "p50": None, "p90": None, "p99": None, "n": 0}
-    p50, p90, p99 = (float(v) for v in np.percentile(x, [50, 90, 99]))
-    return {"mean": float(x.mean()), "p50": p50, "p90": p90, "p99": p99, "n": int(len(x))}
-
-
-def summarize(recs: list[Record], wl, info, notes: dict, args) -> dict:
-    """Every figure of the run, as one JSON-able dict (per-request rows under "requests")."""
-    ok = [r for r in recs if r.ok]
-    ttft_slo = args.ttft_slo_s if args.ttft_slo_s is not None else math.inf
-    tpot_slo = args.tpot_slo_s if args.tpot_slo_s is not None else math.inf
-    met = [r.ok and r.ttft_s <= ttft_slo and r.tpot_s <= tpot_slo for r in recs]
-    end = max((r.done_s for r in ok), default=0.0)
-    duration = max(end, max((r.sent_s for r in recs if math.isfinite(r.sent_s)), default=0.0), 1e-9)
-    statuses, reasons = {}, {}
-    for r in recs:
-        statuses[r.status] = statuses.get(r.status, 0) + 1
-        if r.finish_reason:
-            reasons[r.finish_reason] = reasons.get(r.finish_reason, 0) + 1
-    out_tok, in_tok = sum(r.num_tokens for r in ok), sum(r.prompt_len for r in ok)
-    multi = [r for r in ok if r.num_tokens > 1]
-    breakdown = {s: _stats([r.timings.get(f"{s}_s", math.nan) for r in (multi if s in STAGES[2:] else ok)])
-                 for s in STAGES}
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: v for k, v in vars(args).items() if k not in ("token", "func")},
-        "server": {"model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size,
-                   "max_prompt_tokens": info.max_prompt_tokens, "max_tokens_limit": info.max_tokens_limit},
-        "workload": {"name": wl.name, "num_requests": len(recs), "offered_rate_rps": wl.rate, **notes},
-        "duration_s": duration, "num_sent": sum(math.isfinite(r.sent_s) for r in recs),
-        "num_completed": len(ok), "num_failed": len(recs) - len(ok),
-        "status_counts": statuses, "finish_reasons": reasons,
-        # Completed at "length" with fewer tokens than asked: tokens lost on the way.
-        "num_short_outputs": sum(r.finish_reason == "length" and r.num_tokens < r.output_len for r in ok),
-        "total_prompt_tokens": in_tok, "total_output_tokens": out_tok,
-        "request_throughput_rps": len(ok) / duration, "output_token_throughput_tps": out_tok / duration,
-        "total_token_throughput_tps": (in_tok + out_tok) / duration,
-        "ttft_s": _stats([r.ttft_s for r in ok]), "tpot_s": _stats([r.tpot_s for r in multi]),
-        "itl_s": _stats([g for r in ok for g in r.itl_s]), "e2e_s": _stats([r.e2e_s for r in ok]),
-        "server_ttft_s": _stats([r.timings.get("ttft_s", math.nan) for r in ok]),
-        "ttft_breakdown_s": breakdown,
-        "send_lag_s": _stats([r.sent_s - r.arrival_s for r in recs]),
-        "slo": {"ttft_s": args.ttft_slo_s, "tpot_s": args.tpot_slo_s},
-        "attainment": sum(met) / max(1, len(recs)),
-        "ttft_attainment": sum(r.ok and r.ttft_s <= ttft_slo for r in recs) / max(1, len(recs)),
-        "tpot_attainment": sum(r.ok and r.tpot_s <= tpot_slo for r in recs) / max(1, len(recs)),
-        "goodput_rps": sum(met) / duration, "goodput_definition": GOODPUT_DEFINITION,
-        "requests": [_row(r) for r in recs],
-    }
-
-
-def _row(r: Record) -> dict:
-    d = {k: v for k, v in asdict(r).items() if k != "itl_s"} | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def format_table(res: dict) -> str:
-    """The human-readable summary (latencies in ms)."""
-    w = res["workload"]
-    lines = [f"{'=' * 22} disagg bench {'=' * 22}",
-             f"workload {w['name']}: {w['num_requests']} requests, offered {w['offered_rate_rps']:.3g} req/s; "
-             f"clipped prompts {w['num_prompts_clipped']}, outputs {w['num_outputs_clipped']}",
-             f"duration {res['duration_s']:.2f} s; completed {res['num_completed']}/{res['num_sent']} sent; "
-             f"statuses {res['status_counts']}"
-             + (f"; {res['num_short_outputs']} outputs shorter than asked" if res["num_short_outputs"] else ""),
-             f"throughput {res['request_throughput_rps']:.3f} req/s, {res['output_token_throughput_tps']:.1f} output tok/s, "
-             f"{res['total_token_throughput_tps']:.1f} total tok/s",
-             f"SLO ttft {res['slo']['ttft_s']} s, tpot {res['slo']['tpot_s']} s: attainment {res['attainment']:.3f} "
-             f"(ttft {res['ttft_attainment']:.3f}, tpot {res['tpot_attainment']:.3f}), goodput {res['goodput_rps']:.3f} req/s",
-             f"{'ms':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
-    rows = [("TTFT", res["ttft_s"]), ("TPOT", res["tpot_s"]), ("inter-token", res["itl_s"]),
-            ("end-to-end", res["e2e_s"]), ("server TTFT", res["server_ttft_s"])]
-    rows += [(f"  {s.replace('_', ' ')}", res["ttft_breakdown_s"][s]) for s in STAGES]
-    for name, st in rows:
-        vals = "".join(f"{st[k] * 1e3:>10.1f}" if st[k] is not None else f"{'-':>10}" for k in ("mean", "p50", "p90", "p99"))
-        lines.append(f"{name:<24}{vals}")
-    return "\n".join(lines)
 
 
 def add_bench_args(p) -> None:
     import os
-    p.add_argument("--server", required=True, help="HOST:PORT of a `disagg serve` gRPC endpoint")
+    p.add_argument("--backend", default="grpc", choices=["grpc", "openai"],
+                   help="grpc: a `disagg serve` gRPC endpoint (--server); openai: any OpenAI-compatible server "
+                        "(--base-url), e.g. our HTTP front, vLLM or SGLang, through /v1/completions")
+    p.add_argument("--server", default=None, help="HOST:PORT of a `disagg serve` gRPC endpoint")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None, help="--backend openai: the model name (default: the server's first)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="--backend openai: vocabulary size for the prompt token ids (default: from /v1/models)")
     p.add_argument("--token", default=os.environ.get("DISAGG_TOKEN"), help="bearer token (env DISAGG_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="CA certificate for a TLS server")
     p.add_argument("--workload", default="sharegpt",
@@ -332,6 +273,7 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < (1 if name == "num_requests" else 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {1 if name == 'num_requests' else 0}, got {v}")
+    from cluster.bench_report import format_table
     res = asyncio.run(run_async(args))
     print(format_table(res))
     if args.out:

@@ -10,11 +10,12 @@ refused with RESOURCE_EXHAUSTED, and health follows the controller (cluster/fron
 """
 from __future__ import annotations
 
-from contextlib import aclosing
+import asyncio
 import json
 import logging
 import socket
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.fanout import stream_n, submit_n
 from cluster.front_guard import AuthInterceptor, HealthReporter, check_stop_strings
+from cluster.front_guard import max_request_bytes as request_limit
 from engine.errors import ConfigError, InvalidRequestError, OverloadedError, RequestFailedError
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
@@ -215,9 +217,11 @@ async def open_front(cluster, host: str = "127.0.0.1", port: int = 0, auth_token
 
 async def start_server(cluster, host: str = "127.0.0.1", port: int = 0, auth_token: str | None = None,
                        tls_cert: str | None = None, tls_key: str | None = None,
-                       max_request_bytes: int = 4 << 20) -> tuple[grpc.aio.Server, int]:
-    """Serve a started `cluster` on host:port. Returns (server, bound port)."""
-    front = await open_front(cluster, host, port, auth_token, tls_cert, tls_key, max_request_bytes)
+                       max_request_bytes: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Serve a started `cluster` on host:port. Returns (server, bound port). The receive limit
+    defaults to what the cluster's largest accepted prompt needs (`front_guard.max_request_bytes`)."""
+    limit = max_request_bytes or request_limit(cluster.limits[0], cluster.model_config.max_position_embeddings)
+    front = await open_front(cluster, host, port, auth_token, tls_cert, tls_key, limit)
     front.health.watch(cluster)
     await front.health.poll(cluster)
     return front.server, front.port

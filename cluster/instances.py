@@ -171,10 +171,6 @@ class Pools:
             await self.shutdown()
             raise
 
-    def replace(self, old: Instance, new: Instance) -> None:
-        pool = self.of(old.role)
-        pool[pool.index(old)] = new
-
     async def connect(self, p: Instance, d: Instance) -> None:
         """(Re)build the channels between prefill instance p and decode instance d."""
         key = (p.instance_id, d.instance_id)

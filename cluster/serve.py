@@ -58,10 +58,13 @@ def auth_token_from_args(args) -> str | None:
 
 
 async def serve(args) -> int:
+    # The gRPC server is up before Ray starts its daemons (fork + exec): gRPC's fork handlers
+    # are of no use there and log a line per fork.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     # Ray and gRPC load here, not at import: `disagg --help` and the parser stay light.
     from cluster.api import Cluster, init_ray
     from cluster.front_guard import max_request_bytes
-    from cluster.grpc_server import open_front
+    from cluster.grpc_server import check_port_free, open_front
     from cluster.metrics import Metrics
     from cluster.ray_watch import watch_ray
     plan = plan_from_args(args)
@@ -71,17 +74,24 @@ async def serve(args) -> int:
     limit = args.max_request_bytes or max_request_bytes(args.max_prompt_tokens, cluster.model_config.max_position_embeddings)
     # The port first: a port in use fails at once, before a Ray cluster is started for nothing.
     front = await open_front(cluster, args.host, args.port, token, args.tls_cert, args.tls_key, limit)
-    http = api = None
     try:
+        check_port_free(args.metrics_host or args.host, max(args.metrics_port or 0, 0))
+    except ConfigError:
+        await front.server.stop(0)
+        raise
+    http = api = sock = None
+    try:
+        if args.http_port is not None and args.http_port >= 0:
+            from cluster.openai_api.server import bind_http
+            sock = bind_http(args.host, args.http_port)
         init_ray(args.ray_address)
         await cluster.astart()
         front.health.watch(cluster)
-        if args.http_port is not None and args.http_port >= 0:
+        if sock is not None:
             from cluster.openai_api.server import start_http
             from model.chat_template import read_template_file
             template = read_template_file(args.chat_template) if args.chat_template else None
-            api = await start_http(cluster, args.host, args.http_port, served_model_name(args, plan),
-                                   token, chat_template=template)
+            api = await start_http(cluster, sock, served_model_name(args, plan), token, limit, template)
         if args.metrics_port is not None and args.metrics_port >= 0:
             try:
                 http, _ = metrics.serve(args.metrics_port, args.metrics_host or args.host)
@@ -90,6 +100,8 @@ async def serve(args) -> int:
     except BaseException:
         if api is not None:
             await api.stop()
+        elif sock is not None:
+            sock.close()
         await front.server.stop(0)
         await cluster.ashutdown()       # nothing left running behind a failed start
         raise

@@ -120,6 +120,8 @@ def tune_skinny(layers: list[torch.nn.Linear], rows=(1, 2, 4, 8), log=None) -> l
     each row count: time cuBLAS and every Triton config over all those layers in one graph,
     check Triton against cuBLAS (relative error < 1e-2), and record the fastest for
     skinny_linear. Returns one row per (shape, rows) with the times. CUDA only; idempotent."""
+    if not layers:
+        return []
     by_shape: dict[tuple, list[torch.nn.Linear]] = {}
     for layer in layers:
         by_shape.setdefault((layer.out_features, layer.in_features), []).append(layer)

@@ -71,6 +71,9 @@ class InputProcessor:
     def check_sampling(self, sampling: SamplingParams, num_prompt_tokens: int) -> None:
         """Rules that need the model and the server's limits (vLLM's): the prompt plus max_tokens
         must fit the context, max_tokens the operator's limit, stop token ids the vocabulary."""
+        if sampling.n != 1:
+            raise InvalidRequestError("n", f"is {sampling.n}: one request is one completion here; the HTTP and "
+                                      "gRPC fronts fan n out into n requests (cluster/fanout.py)")
         m = sampling.max_tokens
         if self.max_tokens_limit and m > self.max_tokens_limit:
             raise InvalidRequestError(

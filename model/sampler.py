@@ -60,6 +60,7 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = (probs.cumsum(-1) - probs >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+        drop[:, 0] = False          # a top_p below fp32's smallest value must still keep one
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
     min_p = torch.tensor([sp.min_p for sp in params], dtype=logits.dtype, device=dev)
@@ -108,12 +109,18 @@ class Sampler:
                 raise ValueError("penalties need each request's prompt and output token ids (histories)")
             logits = logits.clone()
             for b in rows:
-                logits[b] = apply_penalties(logits[b], params[b], *histories[b])
+                # Finite, so a tiny repetition_penalty cannot turn a logit into inf (then nan).
+                logits[b] = apply_penalties(logits[b], params[b], *histories[b]).clamp(-1e30, 1e30)
         out = logits.argmax(-1)
         rand = [b for b, p in enumerate(params) if not p.greedy]
         if rand:
             probs = filter_logits(logits[rand], [params[b] for b in rand]).softmax(-1)
+            # A row that is not a distribution (nan or inf logits from the model) samples greedily
+            # rather than failing the whole batch.
+            ok = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
             for j, b in enumerate(rand):
+                if not ok[j]:
+                    continue
                 g = _row_generator(params[b].seed, token_indices[b], logits.device, self.fallback)
                 out[b] = torch.multinomial(probs[j], 1, generator=g)[0]
         tokens = out.tolist()

@@ -62,7 +62,11 @@ def predict(row: dict, calibration: dict) -> float:
 def _layout(rows: list[dict]) -> list[tuple[str, str, str, float, float, float]]:
     gpus = sorted({r["gpu"] for r in rows})
     engines = sorted({r["engine"] for r in rows})
-    return ([("devices", g, *p) for g in gpus for p in KERNEL_PARAMS]
+    multi = {r["gpu"] for r in rows if r["tp"] > 1}
+    # A GPU type measured at TP1 only says nothing of its all-reduces: it borrows its
+    # relative's (placement.gpus.CALIBRATED_LIKE).
+    return ([("devices", g, *p) for g in gpus for p in KERNEL_PARAMS
+             if g in multi or p[0] != "allreduce_latency_s"]
             + [("engines", e, *p) for e in engines for p in ENGINE_PARAMS])
 
 

@@ -99,7 +99,7 @@ def calibrated(spec: DeviceSpec, calibration: dict, engine: str = "disagg") -> D
     """`spec` with the fitted kernel constants of its GPU type (or its relative's) and the
     fitted overheads of `engine`."""
     devices, engines = calibration.get("devices", {}), calibration.get("engines", {})
-    kernel = devices.get(spec.name) or devices.get(CALIBRATED_LIKE.get(spec.name, ""), {})
+    kernel = {**devices.get(CALIBRATED_LIKE.get(spec.name, ""), {}), **devices.get(spec.name, {})}
     known = {f.name for f in fields(DeviceSpec)}
     update = {k: v for k, v in kernel.items() if k in _DEVICE_FIELDS and k in known}
     update.update({k: v for k, v in engines.get(engine, {}).items() if k in _ENGINE_FIELDS})

@@ -25,6 +25,7 @@ from engine.errors import ConfigError
 from engine.plan import Plan
 from placement.choices import Choice, DevicePool, PlaceSpec, Scored, lay_out
 from placement.pairing import best_paired
+from placement.parallel import run_all
 from placement.search import BOUND_SLACK, Candidate, candidate_goodput, capacity_bound, enumerate_candidates
 from placement.verdict import RateNotMet, best_colocated, decide, score_for_rate, table, to_plan
 
@@ -156,17 +157,13 @@ def place(spec: PlaceSpec, progress=None) -> Plan:
     finalists: dict[str, tuple[object, dict]] = {}
     unavailable: dict[str, str] = {}
     alternatives: dict[str, dict] = {}
+    jobs: list[tuple[str, str | None, object]] = []       # (kind, algorithm, choice) to score
     if "disaggregated" in spec.kinds:
         try:
             options = disaggregated_choices(opt, say)
         except ConfigError as e:
             options, unavailable["disaggregated"] = [], str(e)
-        for name, choice in options:
-            c, numbers = score_for_rate(spec, choice, say)
-            alternatives[name] = numbers
-            key = "goodput_per_dollar_hour" if spec.by_cost else "goodput_per_device"
-            if "disaggregated" not in finalists or (numbers[key] or 0) > (finalists["disaggregated"][1][key] or 0):
-                finalists["disaggregated"] = (c, {**numbers, "algorithm": name})
+        jobs += [("disaggregated", name, choice) for name, choice in options]
         if not options and "disaggregated" not in unavailable:
             unavailable["disaggregated"] = f"the devices cannot carry {spec.rate} req/s disaggregated"
     for kind, schedule in (("colocated-prefill-first", "prefill_first"), ("colocated-chunked", "chunked")):
@@ -180,7 +177,17 @@ def place(spec: PlaceSpec, progress=None) -> Plan:
         if choice is None:
             unavailable[kind] = f"the devices cannot carry {spec.rate} req/s {kind}"
             continue
-        finalists[kind] = score_for_rate(spec, choice, say)
+        jobs.append((kind, None, choice))
+    # The finalists are scored on the whole scoring workload, independently: on every core.
+    scored = run_all([lambda choice=choice: score_for_rate(spec, choice, say) for _, _, choice in jobs])
+    key = "goodput_per_dollar_hour" if spec.by_cost else "goodput_per_device"
+    for (kind, name, _), (c, numbers) in zip(jobs, scored):
+        if name is None:
+            finalists[kind] = (c, numbers)
+            continue
+        alternatives[name] = numbers
+        if kind not in finalists or (numbers[key] or 0) > (finalists[kind][1][key] or 0):
+            finalists[kind] = (c, {**numbers, "algorithm": name})
     if not finalists:
         reasons = "; ".join(f"{k}: {v}" for k, v in unavailable.items())
         raise ConfigError(f"no plan of any kind: {reasons}")

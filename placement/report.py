@@ -20,6 +20,7 @@ from engine.plan import PhaseConfig, Plan
 from placement.deployment import Deployment, deployment_from_plan
 from placement.slo_metrics import BREAKDOWN, SimResult
 from placement.report_html import write_html
+from placement.parallel import run_all
 from placement.search import deployment_goodput, plan_goodput
 from placement.simulator import simulate
 from placement.workload import Workload
@@ -138,14 +139,18 @@ def build_report(plan: Plan, wl: Workload, latency: str = "roofline", rates: lis
                                                 "native_rate": wl.rate},
            "slo": {"ttft_s": ttft, "tpot_s": tpot, "attainment": target}, "latency_model": latency,
            "plan_system": plan_system(plan), "verdict": plan.verdict, "systems": {}}
-    for s in systems:
-        progress(done, steps, f"{s.name}: goodput search")
+    # Every simulation below is independent of the others: they run on every core
+    # (placement/parallel.py), the goodput searches first since the curves' rates follow them.
+    def search(s):
         if s.hint:      # the search `place` ran: the two agree
-            g = plan_goodput(s.deployment, wl, ttft, tpot, target, s.hint)
-        else:
-            g = deployment_goodput(s.deployment, wl, ttft, tpot, target, start_rate=hint * 0.5, step=1.5,
-                                   rel_tol=0.03)
+            return lambda: plan_goodput(s.deployment, wl, ttft, tpot, target, s.hint)
+        return lambda: deployment_goodput(s.deployment, wl, ttft, tpot, target, start_rate=hint * 0.5,
+                                          step=1.5, rel_tol=0.03)
+
+    progress(done, steps, "goodput searches: " + ", ".join(s.name for s in systems))
+    for s, g in zip(systems, run_all([search(s) for s in systems])):
         done += 8
+        progress(done, steps, f"{s.name}: goodput {g.rate:.4g} req/s")
         out["systems"][s.name] = {"config": s.config, "num_devices": s.deployment.num_devices,
                                   "goodput_rps": g.rate, "goodput_per_device": g.rate / s.deployment.num_devices,
                                   "probes": g.probes}
@@ -153,19 +158,19 @@ def build_report(plan: Plan, wl: Workload, latency: str = "roofline", rates: lis
     grid = rates or [round(best * f, 3) for f in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.15, 1.3)]
     reference = out["systems"][out["plan_system"]]["goodput_rps"] or best
     out["reference_rate"] = reference
-    for s in systems:
-        curve = []
-        for rate in grid:
-            progress(done, steps, f"{s.name}: {rate:g} req/s")
-            r = simulate(s.deployment, wl.at_rate(rate))
-            curve.append({"rate": rate, "attainment": r.attainment(ttft, tpot),
-                          "ttft_attainment": float((r.ttft_s <= ttft).mean()),
-                          "tpot_attainment": float((r.tpot_s <= tpot).mean())})
-            done += 1
-        progress(done, steps, f"{s.name}: reference rate {reference:g} req/s")
-        r = simulate(s.deployment, wl.at_rate(reference))
+    jobs = [(s, rate) for s in systems for rate in [*grid, reference]]
+    sims = run_all([lambda s=s, rate=rate: simulate(s.deployment, wl.at_rate(rate)) for s, rate in jobs])
+    curves: dict[str, list] = {s.name: [] for s in systems}
+    for (s, rate), r in zip(jobs, sims):
         done += 1
-        out["systems"][s.name].update({"attainment_vs_rate": curve, "at_reference_rate": _at_reference(r, ttft, tpot)})
+        progress(done, steps, f"{s.name}: {rate:g} req/s")
+        if len(curves[s.name]) < len(grid):
+            curves[s.name].append({"rate": rate, "attainment": r.attainment(ttft, tpot),
+                                   "ttft_attainment": float((r.ttft_s <= ttft).mean()),
+                                   "tpot_attainment": float((r.tpot_s <= tpot).mean())})
+        else:
+            out["systems"][s.name].update({"attainment_vs_rate": curves[s.name],
+                                           "at_reference_rate": _at_reference(r, ttft, tpot)})
     progress(steps, steps, "done")
     return out
 

@@ -66,8 +66,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InvalidRequestError("stop", "must be a string or a list of strings")
-    if len(stop) > 16:
-        raise InvalidRequestError("stop", f"at most 16 stop strings, got {len(stop)}")
+    from cluster.front_guard import check_stop_strings
+    check_stop_strings(stop)            # the gRPC front's limits
     return tuple(stop)
 
 
@@ -188,6 +188,14 @@ def completion_logprobs(tokenizer, entries, text_offset: int = 0) -> dict:
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{token_text(tokenizer, t): x for t, x in e["top"]} for e in entries],
             "text_offset": offsets}
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with OpenAI's error JSON (error_body)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

@@ -1,5 +1,9 @@
 """Response bodies of the OpenAI front: the non-streaming collector and the server-sent-event
-streams of /v1/completions and /v1/chat/completions."""
+streams of /v1/completions and /v1/chat/completions.
+
+A stream sends one chunk per token delivery, also when its text is still held back (half a
+UTF-8 character, a possible stop string): clients then time tokens as gRPC clients do, and
+text arrives as soon as it is complete."""
 from __future__ import annotations
 
 import json
@@ -56,9 +60,8 @@ class Collector:
         return proto.completion_logprobs(self.tok, entries, offset)
 
     def response(self, rid: str, model: str) -> dict:
-        if self.error:
-            from engine.errors import RequestFailedError
-            raise RequestFailedError(f"request {rid} failed: {self.error}")
+        if self.error:          # failed while generating: the server's fault, not the client's
+            raise proto.HTTPError(500, f"request {rid} failed: {self.error}")
         choices = []
         for i, text in enumerate(self.text):
             lp = self.logprobs_of(i, self.logprobs[i]) if self.logprobs[i] else None
@@ -83,7 +86,7 @@ async def sse_completion(cluster, tracked, col: Collector, rid, model, include_u
             if item.finish_reason is not None and item.error:
                 yield _error_event(f"request {rid} failed: {item.error}")
                 return
-            if item.finish_reason is None and not item.text and not item.logprobs:
+            if item.finish_reason is None and not item.token_ids and not item.text:
                 continue
             choice = {"index": i, "text": item.text, "logprobs": col.logprobs_of(i, item.logprobs, offsets[i]),
                       "finish_reason": item.finish_reason}
@@ -106,7 +109,7 @@ async def sse_chat(cluster, tracked, col: Collector, rid, model, include_usage):
             if item.finish_reason is not None and item.error:
                 yield _error_event(f"request {rid} failed: {item.error}")
                 return
-            if item.finish_reason is None and not item.text and not item.logprobs:
+            if item.finish_reason is None and not item.token_ids and not item.text:
                 continue
             delta = {"content": item.text} if item.text or item.finish_reason is None else {}
             choice = {"index": i, "delta": delta, "logprobs": col.logprobs_of(i, item.logprobs),

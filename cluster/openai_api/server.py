@@ -18,16 +18,11 @@ from starlette.requests import Request
 
 from cluster.fanout import cancel_open, stream_n, submit_n
 from cluster.openai_api import protocol as proto
+from cluster.openai_api.protocol import HTTPError
 from cluster.openai_api.responses import Collector, sse_chat, sse_completion
 from engine.errors import ConfigError, InvalidRequestError, OverloadedError, RequestFailedError
 
 log = logging.getLogger("disagg.http")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
 
 
 def _error_response(status, message, param=None):
@@ -164,13 +159,21 @@ class OpenAIFront:
             if not ids:
                 raise InvalidRequestError("messages", "the chat template rendered an empty prompt")
             return self.cluster.inputs.tokenize(ids)
+
+        async def admit(rid, prompts, p):
+            try:
+                return await self._admit(rid, prompts, p)
+            except InvalidRequestError as e:
+                if e.field in ("prompt", "prompt_token_ids"):      # the user wrote messages, not a prompt
+                    raise InvalidRequestError("messages", str(e).split(": ", 1)[1]) from None
+                raise
         prompts = [await asyncio.to_thread(render)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await self._run(request, rid, prompts, p, "chat.completion")
+        return await self._run(request, rid, prompts, p, "chat.completion", admit)
 
-    async def _run(self, request, rid, prompts, p, kind):
+    async def _run(self, request, rid, prompts, p, kind, admit=None):
         from starlette.responses import JSONResponse
-        tracked = await self._admit(rid, prompts, p)
+        tracked = await (admit or self._admit)(rid, prompts, p)
         n = p.sampling.n
         col = Collector(self.cluster.tokenizer, len(tracked), n, kind)
         if p.stream:
@@ -192,7 +195,10 @@ class OpenAIFront:
         c = self.cluster
         return {"object": "list", "data": [{
             "id": self.model, "object": "model", "created": int(time.time()), "owned_by": "disagg-serve",
-            "root": c.plan.model, "max_model_len": c.controller.max_model_len}]}
+            "root": c.plan.model, "max_model_len": c.controller.max_model_len,
+            # Beyond OpenAI's fields, for load generators (`disagg bench --backend openai`).
+            "vocab_size": c.model_config.vocab_size, "max_prompt_tokens": c.limits[0],
+            "max_tokens_limit": c.limits[1]}]}
 
     async def health(self, request: Request):
         from starlette.responses import JSONResponse
@@ -257,30 +263,34 @@ def _Server(config):
     return _uvicorn_server_class()(config)
 
 
-def default_max_body_bytes(max_prompt_tokens: int) -> int:
-    """Room for the prompt as JSON text or token ids (~16 bytes a token) plus the other fields."""
-    return max(1 << 20, 16 * max_prompt_tokens + (64 << 10)) if max_prompt_tokens else 8 << 20
-
-
-async def start_http(cluster, host: str, port: int, served_model_name: str, auth_token: str | None = None,
-                     max_body_bytes: int | None = None, chat_template: str | None = None) -> HTTPServer:
-    """Serve the OpenAI API on host:port (0 = a free port) in this event loop."""
-    import uvicorn
-    limit = max_body_bytes or default_max_body_bytes(cluster.limits[0])
-    app = build_app(OpenAIFront(cluster, served_model_name, chat_template), auth_token, limit)
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP front's listening socket, bound before anything else starts (a port in use is a
+    one-line error, never shared: no SO_REUSEPORT)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.bind((host, port))       # no SO_REUSEPORT: a port in use is an error, never shared
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot bind the HTTP front to {host}:{port} ({e.strerror}); is the port in use?") from None
     sock.listen(1024)
+    return sock
+
+
+async def start_http(cluster, sock: socket.socket, served_model_name: str, auth_token: str | None = None,
+                     max_body_bytes: int | None = None, chat_template: str | None = None) -> HTTPServer:
+    """Serve the OpenAI API on a socket from `bind_http`, in this event loop. The body limit
+    defaults to the gRPC front's receive limit (front_guard.max_request_bytes)."""
+    import uvicorn
+
+    from cluster.front_guard import max_request_bytes
+    limit = max_body_bytes or max_request_bytes(cluster.limits[0], cluster.controller.max_model_len)
+    app = build_app(OpenAIFront(cluster, served_model_name, chat_template), auth_token, limit)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=5)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             task.result()
-            raise ConfigError(f"the HTTP front on {host}:{port} stopped while starting")
+            raise ConfigError("the HTTP front stopped while starting")
         await asyncio.sleep(0.01)
     return HTTPServer(server, task, sock.getsockname()[1])

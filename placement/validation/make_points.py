@@ -12,8 +12,8 @@ Sources, each cited in docs/latency-model.md:
   H100 80GB HBM3, TP 1-8): average end-to-end latency. Only Llama-2-7B rows: the 13B rows
   are below the memory-bandwidth floor (e.g. 13B TP1 batch 1 on H100: 86.4 ms for 20 steps
   that each read 26 GB, i.e. at least 155 ms), so they cannot be what the caption says.
-- `disagg`: our own engine's H100 profile (placement/profiles/H100_llama-3-8b.json), every
-  measured sample.
+- `disagg`: our own engine's H100 and H200 profiles (placement/profiles/H100_llama-3-8b.json,
+  H200_llama-3-8b.json), every measured sample.
 """
 from __future__ import annotations
 
@@ -91,17 +91,21 @@ def _nemo_rows():
 
 
 def _profile_rows():
-    prof = json.loads((PROFILES / "H100_llama-3-8b.json").read_text())
+    for gpu in ("H100", "H200"):
+        yield from _profile_rows_of(gpu, json.loads((PROFILES / f"{gpu}_llama-3-8b.json").read_text()))
+
+
+def _profile_rows_of(gpu: str, prof: dict):
     for tp, entry in prof["tp"].items():
         for s in entry["samples"]:
             if s["phase"] == "prefill":
                 lens = s["prompt_lens"]
-                yield dict(source="disagg-profile", engine="disagg", gpu="H100", model="llama-3-8b",
+                yield dict(source="disagg-profile", engine="disagg", gpu=gpu, model="llama-3-8b",
                            tp=int(tp), phase="prefill", batch=len(lens), prompt_len=lens[0],
                            context_len=0, output_len=0, measured_s=s["time_s"])
             else:
                 b = s["batch_size"]
-                yield dict(source="disagg-profile", engine="disagg", gpu="H100", model="llama-3-8b",
+                yield dict(source="disagg-profile", engine="disagg", gpu=gpu, model="llama-3-8b",
                            tp=int(tp), phase="decode", batch=b, prompt_len=0,
                            context_len=s["sum_context"] // b, output_len=0, measured_s=s["time_s"])
 

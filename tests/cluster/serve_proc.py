@@ -10,19 +10,17 @@ import time
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
 ENV.pop("RAY_ADDRESS", None)
 ENV.pop("DISAGG_AUTH_TOKEN", None)
-PLAN = {"model": "tiny-llama", "prefill": {"num_kv_blocks": 64}, "decode": {"num_kv_blocks": 64}}
+PLAN = {"model": "tiny-llama", "prefill": {"num_kv_blocks": 128}, "decode": {"num_kv_blocks": 128}}
 
 
 def start_serve(d, *args, env=None, timeout_s=180):
     """Start `disagg serve` (tiny-llama, 1 prefill + 1 decode) in folder `d`; returns
     (process, ready dict) once it serves. Its output goes to d/serve.log."""
     (d / "plan.json").write_text(json.dumps(PLAN))
-    if "--http-port" not in args:
-        args = (*args, "--http-port", "-1")     # never the default 8000: another server may hold it
     ready = d / "ready.json"
     log = open(d / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"),
-                             "--port", "0", "--metrics-port", "-1", "--ready-file", str(ready), *args],
+                             "--port", "0", "--metrics-port", "-1", "--http-port", "0", "--ready-file", str(ready), *args],
                             env=env or ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while not ready.is_file():

@@ -82,9 +82,10 @@ def test_raylet_loss_ends_streams_unavailable_and_serve_exits(tmp_path):
                 except grpc.RpcError as e:
                     result["code"], result["details"] = e.code(), e.details()
                 result["t"] = time.monotonic()
+                first.set()
             th = threading.Thread(target=stream)
             th.start()
-            assert first.wait(60), "no token before the kill"
+            assert first.wait(60), f"no token before the kill: {result}"
             t0 = time.monotonic()
             os.kill(raylets[0], signal.SIGKILL)
             th.join(60)

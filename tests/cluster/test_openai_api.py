@@ -150,6 +150,19 @@ def test_disconnect_mid_stream_frees_blocks_on_both_pools(server):
     assert m.get('disagg_requests_total{status="cancelled"}', 0) == before + 1
 
 
+def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_blocks(server):
+    import socket
+    before = _metrics(server).get('disagg_requests_total{status="cancelled"}', 0)
+    body = json.dumps({"model": NAME, "prompt": [5] * 20, "max_tokens": 100, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server["http"])) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.2)
+    m = _wait_idle(server)
+    assert m.get('disagg_requests_total{status="cancelled"}', 0) == before + 1
+
+
 def _raw(server, body: bytes, key=TOKEN, path="/v1/completions"):
     req = urllib.request.Request(f"http://127.0.0.1:{server['http']}{path}", data=body, method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
@@ -187,3 +200,18 @@ def test_401_404_413_429_shaped_right(server):
                                            extra_body={"ignore_eos": True})
     assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
     _wait_idle(server)                      # the admitted choices were cancelled: nothing half done
+
+
+def test_http_port_in_use_exits_2_before_ray_starts():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--model", "tiny-llama", "--port", "0",
+                            "--metrics-port", "-1", "--http-port", str(port)], env=ENV, capture_output=True, text=True,
+                           timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], p.stderr
+    assert time.monotonic() - t0 < 30

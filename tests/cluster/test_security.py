@@ -41,7 +41,7 @@ def test_every_listening_socket_is_loopback(served):
     socks = listening_sockets(proc.pid)
     names = {s[1] for s in socks}
     # The server itself, Ray's GCS and raylet, and at least one worker hold listening sockets.
-    assert ready["port"] in {s[3] for s in socks}, socks
+    assert {ready["port"], ready["http_port"]} <= {s[3] for s in socks}, socks      # gRPC and HTTP fronts
     assert {"gcs_server", "raylet"} <= names, socks
     open_ = [s for s in socks if not is_loopback(s[2])]
     assert not open_, f"listening beyond loopback: {open_}"
@@ -54,7 +54,7 @@ def test_second_serve_on_the_same_port_exits_2(served, tmp_path):
     _, ready, d = served
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--plan", str(d / "plan.json"),
-                        "--port", str(ready["port"]), "--metrics-port", "-1"],
+                        "--port", str(ready["port"]), "--metrics-port", "-1", "--http-port", "-1"],
                        env=ENV, capture_output=True, text=True, timeout=60)
     took = time.monotonic() - t0
     assert p.returncode == 2, p.stdout + p.stderr
@@ -157,3 +157,17 @@ def test_token_flags(tmp_path, capsys):
         os.environ.pop("DISAGG_AUTH_TOKEN", None)
         if env is not None:
             os.environ["DISAGG_AUTH_TOKEN"] = env
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_drains_health_first(served):
+    """Last in this module: SIGINT turns health NOT_SERVING (seen by a Watch stream) before the
+    server stops, then serve exits 0."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    proc, ready, _ = served
+    with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(2)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert proc.wait(60) == 0

@@ -66,15 +66,22 @@ def head_node():
 def test_submit_serve_as_ray_job(head_node):
     address, env, ray_bin, gcs = head_node
     port = _free_port()
+    token = "submit-test-token"
+    # The token reaches the job through its runtime_env, never its entrypoint (`ray job list`).
     sub = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--address", address, "--job-id", "disagg-test",
                           "--model", "tiny-llama", "--port", str(port), "--metrics-port", "-1", "--http-port", "-1"],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=dict(env, DISAGG_AUTH_TOKEN=token), capture_output=True, text=True, timeout=300)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     assert "ready on 127.0.0.1" in sub.stdout
+    from ray.job_submission import JobSubmissionClient
+    assert token not in JobSubmissionClient(address).get_job_info("disagg-test").entrypoint
+    request = make_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
-        out = list(pb_grpc.InferenceStub(ch).Generate(make_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True)),
-                                                      timeout=60))
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.InferenceStub(ch).Generate(request, timeout=60))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        out = list(pb_grpc.InferenceStub(ch).Generate(request, timeout=60, metadata=(("authorization", f"Bearer {token}"),)))
     assert sum(len(r.token_ids) for r in out) == 5 and out[-1].finish_reason == "length"
     stop = subprocess.run([ray_bin, "job", "stop", "--address", address, "disagg-test"], env=env,
                           capture_output=True, text=True, timeout=120)

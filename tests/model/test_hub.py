@@ -33,3 +33,23 @@ def test_repo_id_in_local_cache(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         resolve_model_source("acme/absent")
     assert resolve_model_source("tiny-llama") == "tiny-llama"
+
+
+def test_serve_resolves_a_cached_repo_id_before_workers_start(tmp_path, monkeypatch):
+    """`disagg serve --model org/name`: the plan the workers get names the snapshot folder;
+    the API keeps the repo id as the served model name."""
+    import argparse
+
+    from cluster.serve import add_serve_args, plan_from_args, served_model_name
+    make_llama3(tmp_path / "src")
+    snap = _fake_cache(tmp_path / "hub", "acme/tiny-llama3", tmp_path / "src")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--model", "acme/tiny-llama3"])
+    plan = plan_from_args(args)
+    assert plan.model == str(snap) and served_model_name(args, plan) == "acme/tiny-llama3"
+    args = p.parse_args(["--model", "acme/tiny-llama3", "--served-model-name", "tiny"])
+    assert served_model_name(args, plan) == "tiny"
+    with pytest.raises(ModelLoadError, match="huggingface-cli download acme/other"):
+        plan_from_args(p.parse_args(["--model", "acme/other"]))

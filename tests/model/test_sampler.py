@@ -97,3 +97,28 @@ def test_input_rules_name_the_field_and_both_numbers():
     with pytest.raises(InvalidRequestError) as e:
         ip.build("hi", SamplingParams(stop_token_ids=(5, 259)))
     assert e.value.field == "stop_token_ids" and "259" in str(e.value)
+
+
+def test_every_accepted_parameter_samples_a_valid_token():
+    """Any SamplingParams that validates gives a token in the vocabulary, never an exception
+    (issue 13: one request must not be able to fail a batch)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    floats = st.floats(allow_nan=False, allow_infinity=False)
+    params = st.builds(
+        SamplingParams, temperature=st.one_of(st.just(0.0), st.floats(0, 1e30), st.floats(0, 1e-30)),
+        top_k=st.integers(0, 100), top_p=st.floats(1e-300, 1.0).filter(lambda x: x > 0), min_p=st.floats(0, 1),
+        presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
+        repetition_penalty=st.floats(1e-300, 10).filter(lambda x: x > 0), seed=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+        logprobs=st.one_of(st.none(), st.integers(0, 20)))
+
+    @settings(max_examples=150, deadline=None)
+    @given(sp=params, scale=floats.filter(lambda x: abs(x) < 1e4), hist=st.lists(st.integers(0, 63), max_size=20))
+    def check(sp, scale, hist):
+        logits = _logits(2, 64) * scale
+        tokens, lps = Sampler().sample(logits, [sp, SamplingParams()], [len(hist), 0], [([1, 2], hist), ([1], [])])
+        assert all(0 <= t < 64 for t in tokens)
+        if sp.logprobs is not None:
+            assert lps[0]["token_id"] == tokens[0] and len(lps[0]["top"]) == sp.logprobs
+    check()

@@ -61,6 +61,9 @@ def test_tp1_matches_our_measured_engine(gpu):
 def test_planner_devices_carry_the_fitted_constants():
     cal = load_calibration()
     assert get_device("A100").memory_efficiency == cal["devices"]["A100-80GB"]["memory_efficiency"]
-    assert get_device("H200").compute_efficiency == cal["devices"]["H100"]["compute_efficiency"]
+    assert get_device("H200").compute_efficiency == cal["devices"]["H200"]["compute_efficiency"]
+    # measured at TP1 only: its all-reduces are H100's (same NVLink 4 fabric)
+    assert get_device("H200").allreduce_latency_s == cal["devices"]["H100"]["allreduce_latency_s"]
+    assert get_device("L40S").memory_efficiency == cal["devices"]["A100-80GB"]["memory_efficiency"]
     assert get_device("H100").step_overhead_s == cal["engines"]["disagg"]["step_overhead_s"]
     assert DATASHEET["H100"].step_overhead_s != get_device("H100").step_overhead_s

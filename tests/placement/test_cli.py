@@ -6,7 +6,7 @@ import pytest
 from placement.commands import main
 
 PLACE = ["place", "--model", "embedded", "--gpu", "cpu:2", "--ttft", "3", "--tpot", "0.3",
-         "--workload", "sharegpt", "--search-requests", "100", "--quiet"]
+         "--workload", "sharegpt", "--search-requests", "100", "--score-requests", "150", "--quiet"]
 
 
 def test_place_then_simulate(tmp_path, capsys):
