@@ -34,7 +34,7 @@ from cluster.streams import Streams
 from cluster.tracking import Tracked, split_wid
 from cluster.transfers import TransferCoordinator, quiet
 from engine.errors import InvalidRequestError, OverloadedError, RequestFailedError
-from engine.events import FirstToken, KVScheduled, StepFailed, StepTokens, WorkerEvent
+from engine.events import FirstToken, KVScheduled, RequestFailed, StepFailed, StepTokens, WorkerEvent
 from engine.plan import Plan
 from engine.request import Request, RequestState
 
@@ -67,7 +67,8 @@ class Controller:
         self.monitor = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
-                         "instance_failures": 0, "instance_restarts": 0, "rejected": 0}
+                         "instance_failures": 0, "instance_restarts": 0, "rejected": 0,
+                         "requests_failed_alone": 0}
 
     # Lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -239,6 +240,15 @@ class Controller:
             self._on_prefill_token(ev)
         elif isinstance(ev, StepTokens):
             self._on_step_tokens(inst, ev)
+        elif isinstance(ev, RequestFailed):
+            # A step failed on this request alone (model/step_isolation.py); the instance has
+            # dropped it and goes on. After a prefill its transfer task (which drains the junk
+            # KV) sees the request closed and frees both sides.
+            t = self._current(ev.request_id)
+            if t is not None:
+                self._fail_alone(t, ev.message)
+                if t.attempt in t.token_seen:
+                    t.token_seen[t.attempt].set()
         elif isinstance(ev, StepFailed):
             log.error("%s: %s", inst.instance_id, ev.message)
             self.spawn(self.monitor.on_failure(inst, ev.message))
@@ -271,6 +281,12 @@ class Controller:
     def deliver(self, t: Tracked, tokens: list[int], finish_reason: str | None, logprobs=None) -> None:
         if self.streams.deliver(t, tokens, finish_reason, logprobs):
             self.spawn(self.release_attempt(t, drop=True))     # ended here: free the workers' part
+
+    def _fail_alone(self, t: Tracked, why: str) -> None:
+        """A worker isolated this request as the cause of a failed step: it fails (the client
+        gets INTERNAL with `why`); the instance and every other request go on."""
+        self.counters["requests_failed_alone"] += 1
+        self.fail(t, why)
 
     def fail(self, t: Tracked, message: str) -> None:
         log.error("request %s failed: %s", t.request_id, message)

@@ -66,6 +66,15 @@ class LoadChanged(WorkerEvent):
 
 
 @dataclass(kw_only=True)
+class RequestFailed(WorkerEvent):
+    """A step failed because of this request alone (model/step_isolation.py): the instance
+    dropped it and goes on; the client gets INTERNAL with `message` (one line)."""
+    request_id: str
+    message: str
+    attempt: int = 0
+
+
+@dataclass(kw_only=True)
 class StepFailed(WorkerEvent):
     """A step raised: the instance is treated as failed."""
     message: str

@@ -86,6 +86,12 @@ class Plan:
     kv_transfer_timeout_s: float = 30.0
     layerwise_transfer: bool = True
     enable_prefix_caching: bool = True
+    # Restart budget of each instance: at most max_restarts restarts within any restart_window_s;
+    # past it the instance is down until the window allows another. Restarts that fail and
+    # repeated crashes wait restart_backoff_s, doubling each time (at most 60 s).
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    restart_backoff_s: float = 1.0
     slo_ttft_s: float = 0.0         # the SLO the plan was made for (0 = none)
     slo_tpot_s: float = 0.0
     slo_attainment: float = 0.9
@@ -108,6 +114,12 @@ class Plan:
             raise ConfigError(f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ConfigError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        if not self.restart_window_s > 0:
+            raise ConfigError(f"restart_window_s must be > 0, got {self.restart_window_s}")
+        if not self.restart_backoff_s >= 0:
+            raise ConfigError(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
         if self.kv_transfer_timeout_s <= 0:
             raise ConfigError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
         if not 0 < self.slo_attainment <= 1:

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, ColocatedPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
-from engine.events import Load, LoadChanged, StepTokens, WorkerEvent
+from engine.events import Load, LoadChanged, RequestFailed, StepTokens, WorkerEvent
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from model.rank_runtime import RankRuntime, WorkerConfig
 from model.runner import StepInput
+from model.step_isolation import StepIsolation, StepOutcome
 
 
 @dataclass
@@ -78,6 +79,10 @@ class StepLoop:
         self._lock = threading.Lock()
         self.wake = threading.Event()
         self.num_steps = 0
+        # A request that makes the step fail fails alone. Re-running part of a batch needs every
+        # rank to follow, so with tensor/pipeline parallelism only sampling failures are isolated.
+        single = cfg.tp * cfg.pp == 1
+        self.isolation = StepIsolation(self.rt.sample, self.rerun if single else None)
 
     def step(self) -> bool:
         """One step. Returns False when there was nothing to do."""
@@ -87,26 +92,39 @@ class StepLoop:
             return False
         self.emit(sched.events)
         t0 = time.monotonic()
-        tokens, logprobs = self.run(sched)
+        out = self.run(sched)
         t1 = time.monotonic()
         with self._lock:
-            events = self.postprocess(sched.batch, tokens, logprobs, t0, t1)
+            events = [self.drop_failed(req, why, t1) for req, why in out.failed]
+            events += self.postprocess(out.batch, out.tokens, out.logprobs, t0, t1)
             self.num_steps += 1
         self.emit(events)
         return True
 
-    def run(self, sched: Scheduled) -> tuple[list[int], list]:
+    def run(self, sched: Scheduled) -> StepOutcome:
         """The batch's model step on rank 0: hand it to the TP peers, run the forward, sample
-        one token per sampled request (with its logprobs entry, or None). The one place a
-        scheduled batch runs; the profiler times exactly this."""
+        one token per sampled request (with its logprobs entry, or None); a request that makes
+        it fail is isolated (model/step_isolation.py): the outcome's batch leaves it out. The
+        one place a scheduled batch runs; the profiler times exactly this."""
         self.rt.broadcast(sched.msg)
-        logits = self.execute(sched.msg)
-        sampled = sched.batch.sampled
-        return self.rt.sample(logits, sampled) if sampled else ([], [])
+        return self.isolation.run(sched.batch, lambda: self.execute(sched.msg))
 
     def execute(self, msg: StepMsg):
         """Run one step's model forward on this rank; rank 0 gets the logits."""
         return self.rt.runner.execute(msg.step)
+
+    def rerun(self, batch: Batch):
+        """Run part of a failed step again on this (only) rank: no events, no KV sends."""
+        return self.rt.runner.execute(StepInput.from_batch(batch))
+
+    def drop_failed(self, req: Request, why: str, now: float) -> RequestFailed:
+        """A request that made the step fail (under the lock): drop it and free its blocks
+        (never cached: they hold junk)."""
+        self.requests.pop(req.request_id, None)
+        self.policy.release(req)
+        if not req.state.terminal:
+            finish(req, FinishReason.ERROR, now)
+        return RequestFailed(request_id=req.request_id, message=why, time=now)
 
     def schedule(self, now: float) -> Scheduled | None:
         raise NotImplementedError

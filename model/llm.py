@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from engine.errors import InvalidRequestError
-from engine.events import StepTokens
+from engine.events import RequestFailed, StepTokens
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from model.input_processor import InputProcessor
@@ -87,6 +87,13 @@ class LLM:
         return deltas
 
     def _postprocess(self, ev) -> list[Delta]:
+        if isinstance(ev, RequestFailed):           # the step failed on this request alone
+            rid = ev.request_id
+            if self.requests.pop(rid, None) is not None:
+                self.outputs.discard(rid)
+                res = self._results[rid]
+                res.finish_reason, res.error = FinishReason.ERROR.value, ev.message
+            return []
         if not isinstance(ev, StepTokens):
             return []
         deltas = []

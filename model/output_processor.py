@@ -21,6 +21,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     times: dict = field(default_factory=dict)
     logprobs: list = field(default_factory=list)   # per token, when the request asked for them
+    error: str | None = None        # why a request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:

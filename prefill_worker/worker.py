@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from engine.batching import Batch, PrefillPolicy, finish
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, OverloadedError
-from engine.events import FirstToken, KVScheduled, Load, WorkerEvent
+from engine.events import FirstToken, KVScheduled, Load, RequestFailed, WorkerEvent
 from engine.request import FinishReason, RequestState
 from kv_transfer.agent import KVSender
 from model.instance import RequestSpec, Scheduled, StepLoop, StepMsg
 from model.rank_runtime import LayerProgress, WorkerConfig
 from model.runner import StepInput
+from model.step_isolation import StepOutcome
 
 
 @dataclass
@@ -146,14 +147,49 @@ class PrefillWorker(StepLoop):
 
     def execute(self, msg: StepMsg):
         """The prefill, with this rank's KV leaving layer by layer as the layers finish."""
-        progress = LayerProgress(self.kv.owner.layers[0], self.rt.device)
-        for peer, epoch, seq, blocks in msg.sends:
-            self.kv.send(peer, epoch, seq, blocks, progress.wait)
+        progress = self._queue_sends(msg)
         try:
             return self.rt.runner.execute(msg.step, layer_hook=progress.mark)
         except Exception as e:
             progress.fail(repr(e))
             raise
+
+    def run(self, sched: Scheduled) -> StepOutcome:
+        """Rank 0. When the step fails, the sends wait while the batch is bisected (re-runs
+        send nothing and mark no layer: a send must never read a layer that a later re-run has
+        still to write), then go: a request that failed alone sends junk, which its decode side
+        drains and frees."""
+        self.rt.broadcast(sched.msg)
+        progress = self._queue_sends(sched.msg)
+        try:
+            out = self.isolation.run(sched.batch,
+                                     lambda: self.rt.runner.execute(sched.msg.step, layer_hook=progress.mark))
+        except Exception as e:
+            progress.fail(repr(e))
+            raise
+        first, end = self.kv.owner.layers
+        progress.mark(end - first - 1)          # every layer is in the cache now
+        return out
+
+    def _queue_sends(self, msg: StepMsg) -> LayerProgress:
+        progress = LayerProgress(self.kv.owner.layers[0], self.rt.device)
+        for peer, epoch, seq, blocks in msg.sends:
+            self.kv.send(peer, epoch, seq, blocks, progress.wait)
+        return progress
+
+    def drop_failed(self, req, why: str, now: float) -> RequestFailed:
+        """A request that made the step fail: its blocks hold junk, so they are not cached; they
+        are held like any prefilled request's until the controller releases them (its sends
+        still go through the channel, in order)."""
+        finish(req, FinishReason.ERROR, now)
+        if req.request_id in self._release_after_step:
+            self._release_after_step.discard(req.request_id)
+            self.bm.free(req.block_ids)
+            self._forget(req.request_id)
+        else:
+            self.held[req.request_id] = req
+        spec = self.specs.get(req.request_id)
+        return RequestFailed(request_id=req.request_id, message=why, attempt=spec.attempt if spec else -1, time=now)
 
     def load(self) -> Load:
         return Load(self.bm.num_free_blocks, 0, len(self.policy.waiting), self.policy.num_waiting_tokens)

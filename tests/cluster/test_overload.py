@@ -43,8 +43,9 @@ def test_overload_is_refused_quickly_memory_flat_and_drained(ray_session):
                 while time.monotonic() < stop_at:
                     t0 = time.monotonic()
                     try:
-                        list(stub.Generate(make_request([(k * 7 + i) % 250 + 3] * 40, sp), timeout=60))
-                        code = "OK"
+                        out = list(stub.Generate(make_request([(k * 7 + i) % 250 + 3] * 40, sp), timeout=60))
+                        # Every accepted request streams exactly the asked length.
+                        code = "OK" if sum(len(r.token_ids) for r in out) == sp.max_tokens else "WRONG_LENGTH"
                     except grpc.RpcError as e:
                         code = e.code().name
                         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
