@@ -10,7 +10,7 @@ FROM rayproject/ray:2.60.0-py311-gpu
 # and nothing of it left on sys.path.
 # torch 2.13.0 from PyPI is the CUDA 13.0 build (NVIDIA driver >= 580 on the host) with triton 3.7.1.
 RUN --mount=type=bind,source=.,target=/tmp/disagg-serve,rw \
-    cd /tmp/disagg-serve && pip install --no-cache-dir -c constraints/ci.txt torch==2.13.0 '.[report]' \
+    cd /tmp/disagg-serve && pip install --no-cache-dir -c constraints/ci.txt torch==2.13.0 '.[bench,report]' \
     && cd / && disagg --version
 
 WORKDIR /home/ray

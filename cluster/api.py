@@ -30,7 +30,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     """Join `address` (or RAY_ADDRESS), or start a local Ray instance closed to the network.
 
     Joining uses Ray's token authentication as the cluster is set up for it (RAY_AUTH_MODE=token
-    with RAY_AUTH_TOKEN or ~/.ray/auth_token on every node; README "Security"). The local
+    and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token; README "Security"). The local
     instance binds every Ray port to 127.0.0.1 (`closed_to_network`)."""
     import ray
     if ray.is_initialized():
@@ -45,7 +45,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         except Exception as e:  # noqa: BLE001 - unreachable, or refused for want of a token
             from engine.errors import ConfigError
             raise ConfigError(f"cannot join the Ray cluster at {address}: {str(e).strip().splitlines()[-1]} "
-                              "(a cluster with token authentication needs RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+                              "(a cluster with token authentication needs RAY_AUTH_MODE=token and its token in "
+                              "RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
         return
     # Nothing but this process reaches the local instance, so Ray's token is not needed here.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,9 +60,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 def closed_to_network() -> None:
     """Make the local Ray instance about to start use 127.0.0.1 as its node address, so GCS,
     raylet, object manager, agents, metrics export and worker ports all listen on loopback
-    only. Ray does this itself on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): the
+    only (and the workers' process groups too). Ray does this itself on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): the
     variable reaches Ray's child processes; this process may have read it at import already."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Tensor-parallel groups (gloo on CPU, NCCL's bootstrap on GPU) pick an interface of their
+    # own; on one host the loopback one serves, and reaches no one else.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False
 

@@ -106,10 +106,12 @@ class Goodput:
 
 def search_goodput(attainment_at: Callable[[float], float], target: float, start_rate: float,
                    rel_tol: float = 0.04, max_probes: int = 24, min_rate: float = 1e-3,
-                   max_rate: float = float("inf"), step: float = 2.0) -> Goodput:
+                   max_rate: float = float("inf"), step: float = 2.0, accelerate: bool = False) -> Goodput:
     """Highest rate (<= `max_rate`) whose attainment is >= `target`: grow or shrink
     `start_rate` by `step`x until the answer is bracketed, then bisect to `rel_tol` (a good
-    start with a small step takes the fewest probes). Attainment falls with rate (queues only
+    start with a small step takes the fewest probes). With `accelerate` the step squares after
+    each move (up to 2x): a start that is already the answer is confirmed in two probes, one
+    that is far off is still bracketed in a few. Attainment falls with rate (queues only
     grow), so the bracket holds; a non-monotone blip costs at most some precision."""
     probes: list[tuple[float, float]] = []
 
@@ -134,6 +136,8 @@ def search_goodput(attainment_at: Callable[[float], float], target: float, start
             if rate < min_rate:
                 return Goodput(0.0, a, probes)
             rate /= step
+        if accelerate:
+            step = min(step * step, 2.0)
     while hi is not None and lo > 0 and (hi - lo) > rel_tol * hi and len(probes) < max_probes:
         mid = (lo + hi) / 2
         a = probe(mid)

@@ -190,6 +190,14 @@ def completion_logprobs(tokenizer, entries, text_offset: int = 0) -> dict:
             "text_offset": offsets}
 
 
+class HTTPError(Exception):
+    """An answer other than 200, with OpenAI's error JSON (error_body)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}

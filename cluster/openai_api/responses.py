@@ -60,9 +60,8 @@ class Collector:
         return proto.completion_logprobs(self.tok, entries, offset)
 
     def response(self, rid: str, model: str) -> dict:
-        if self.error:
-            from engine.errors import RequestFailedError
-            raise RequestFailedError(f"request {rid} failed: {self.error}")
+        if self.error:          # failed while generating: the server's fault, not the client's
+            raise proto.HTTPError(500, f"request {rid} failed: {self.error}")
         choices = []
         for i, text in enumerate(self.text):
             lp = self.logprobs_of(i, self.logprobs[i]) if self.logprobs[i] else None

@@ -18,16 +18,11 @@ from starlette.requests import Request
 
 from cluster.fanout import cancel_open, stream_n, submit_n
 from cluster.openai_api import protocol as proto
+from cluster.openai_api.protocol import HTTPError
 from cluster.openai_api.responses import Collector, sse_chat, sse_completion
 from engine.errors import ConfigError, InvalidRequestError, OverloadedError, RequestFailedError
 
 log = logging.getLogger("disagg.http")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
 
 
 def _error_response(status, message, param=None):

@@ -11,10 +11,10 @@ REQUESTS = "400"
 SCENARIOS = {
     # arXiv summarisation: ~2.6k-token prompts, a TPOT tight enough that a prefill chunk in
     # a decode step breaks it: prefill belongs on other GPUs.
-    "disaggregated": ["--workload", "arxiv", "--ttft", "1", "--tpot", "0.009"],
+    "disaggregated": ["--gpu", "H100:8", "--workload", "arxiv", "--ttft", "1", "--tpot", "0.009"],
     # Azure conversation with a loose TPOT: decode steps have room for prefills beside them,
     # so every GPU doing both carries more than a split.
-    "colocated": ["--workload", "azure-conv", "--ttft", "0.5", "--tpot", "0.1"],
+    "colocated": ["--gpu", "H100:4", "--workload", "azure-conv", "--ttft", "0.5", "--tpot", "0.1"],
 }
 
 
@@ -22,7 +22,7 @@ SCENARIOS = {
 def scenario(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     plan = out / "plan.json"
-    argv = ["place", "--model", "llama-3-8b", "--gpu", "H100:4", *SCENARIOS[request.param],
+    argv = ["place", "--model", "llama-3-8b", *SCENARIOS[request.param],
             "--search-requests", "150", "--score-requests", REQUESTS, "--quiet", "--out", str(plan)]
     assert main(argv) == 0
     assert main(["simulate", "--plan", str(plan), "--num-requests", REQUESTS, "--rates", "1,10",
