@@ -38,7 +38,7 @@ case "${STAGE:-main}" in
       2>&1 | tail -20 | tee "$OUT/profile.log" ;;
   fidelity-only)  fidelity 500 4,8,16,32,64,96,128 240 ;;
   final)          gpu_tests 220 8; kv_bench 120; fidelity 300 4,8,16,32 240 ;;
-  tests-fidelity) gpu_tests 240 25; fidelity 290 8,16,32,64,96 160 ;;   # GPU=H200 on an H200
+  tests-fidelity) gpu_tests 220 30; fidelity 270 8,16,32,64,96 160 ;;   # GPU=H200 on an H200
   *)              kv_bench 150; fidelity 420 4,8,16,32,64,96,128 240 ;;
 esac
 date -u
