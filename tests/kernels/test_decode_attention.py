@@ -86,7 +86,7 @@ def test_launcher_errors():
 
 def test_dispatch(target, gen, monkeypatch):
     calls = []
-    monkeypatch.setattr(mod, "_launch", lambda *a: calls.append(1) or a[0])
+    monkeypatch.setattr(mod, "_launch", lambda *a, **kw: calls.append(1) or a[0])
     q, kc, vc, bt, lens = _inputs(target, gen, 2, 1, 64, 16, [5])
     mod.paged_decode_attention(q, kc, vc, bt, lens, 0.1)
     mod.paged_decode_attention(q, kc, vc, bt, lens, 0.1, impl="torch")

@@ -116,7 +116,7 @@ def test_launcher_errors():
 
 def test_dispatch(target, gen, monkeypatch):
     calls = []
-    monkeypatch.setattr(mod, "_launch", lambda *a: calls.append(1) or a[0])
+    monkeypatch.setattr(mod, "_launch", lambda *a, **kw: calls.append(1) or a[0])
     q, k, v, cu, _ = _inputs(target, gen, 2, 1, 64, 16, [3], None)
     mod.prefill_attention(q, k, v, cu, 0.1)
     mod.prefill_attention(q, k, v, cu, 0.1, impl="torch")
