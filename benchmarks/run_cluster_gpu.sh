@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runtime on one GPU, in one device call: GPU tests (kernels, model, the cluster with a
 # prefill and a decode actor sharing the GPU over CUDA IPC), the engine benchmark, and the KV
-# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|fidelity pick other parts.
+# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|tests-fidelity|fidelity pick other parts.
 # Needs Ray: build .whl/ with ../shared/tools/gpu-wheels and carry it.
 set -o pipefail
 OUT=${OUT:-/tmp/cluster_gpu}
@@ -20,10 +20,11 @@ kv_bench() {    # $1: timeout (s)
   timeout "$1" python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
 }
-fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate
-  timeout "$1" python3 -m benchmarks.fidelity --plan benchmarks/plans/h100_1p1d_llama3_8b.json --workload azure-conv \
+fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate; GPU=H100|H200 (default H100)
+  local gpu=${GPU:-H100}
+  timeout "$1" python3 -m benchmarks.fidelity --plan "benchmarks/plans/${gpu,,}_1p1d_llama3_8b.json" --workload azure-conv \
     --rates "${RATES:-$2}" --num-requests "${NUM:-$3}" --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
-    --profile placement/profiles/H100_llama-3-8b.json --ray-worker-niceness 0 --out "$OUT/fidelity" \
+    --profile "placement/profiles/${gpu}_llama-3-8b.json" --ray-worker-niceness 0 --out "$OUT/fidelity" \
     2>&1 | grep -v "^(raylet)" | tail -40 | tee "$OUT/fidelity.log"
 }
 case "${STAGE:-main}" in
@@ -37,6 +38,7 @@ case "${STAGE:-main}" in
       2>&1 | tail -20 | tee "$OUT/profile.log" ;;
   fidelity-only)  fidelity 500 4,8,16,32,64,96,128 240 ;;
   final)          gpu_tests 220 8; kv_bench 120; fidelity 300 4,8,16,32 240 ;;
+  tests-fidelity) gpu_tests 220 30; fidelity 270 8,16,32,64,96 160 ;;   # GPU=H200 on an H200
   *)              kv_bench 150; fidelity 420 4,8,16,32,64,96,128 240 ;;
 esac
 date -u

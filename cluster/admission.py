@@ -71,6 +71,21 @@ class Admission:
         await self.release_decode(t.decode, t.wid, len(t.blocks or ()))
         return True
 
+    async def release(self, t: Tracked) -> None:
+        """Free what the current attempt holds on live workers, then drop the request. Once its
+        transfer is scheduled the transfer task frees both sides, when no receive can write."""
+        if t.state is RequestState.QUEUED:
+            self.forget(t)
+        elif t.state is RequestState.PREFILLING and not t.colocated:
+            if not await self.cancel_prefill(t):
+                return
+        elif t.state in (RequestState.PREFILLING, RequestState.DECODING):
+            if t.decode.alive:
+                await quiet(t.decode.driver.cancel.remote(t.wid))
+        elif t.state is RequestState.TRANSFERRING:
+            return
+        self.drop(t)
+
     async def dispatch(self, t: Tracked, from_submit: bool = False, front: bool = False) -> None:
         """Hand the current attempt to the least loaded route, or park it."""
         live_c = [i for i in self.pool("colocated") if i.alive]

@@ -1,15 +1,17 @@
 """The controller: routes requests to colocated instances or to prefill and decode instances,
 moves them through the request states, streams tokens back, and recovers from failures.
 
-    submit ─► pending ─► prefill (queued, computing) ─► transfer ─► decode ─► done
-                 ▲                                         │            │
-                 └──── transfer failed / instance died: recompute ◄─────┘
+    submit ─► QUEUED ─► PREFILLING ─► TRANSFERRING ─► DECODING ─► FINISHED | CANCELLED | FAILED
+                ▲        (colocated: PREFILLING ─► DECODING)   │
+                └──── transfer failed / instance died: recompute ◄─┘
+    (engine/request.py's state machine, on each request's controller copy)
 
 It is split by concern, each part owning its state: admission and routing
 (cluster/admission.py: the waiting queue, the router's view of every instance), KV hand-over
-(cluster/transfers.py), streaming to clients (cluster/streams.py) and instance health
-(cluster/health.py). This file keeps the requests (`tracked`), the instances and the events
-that arrive from them (engine/events.py; each carries its instance's load).
+(cluster/transfers.py), streaming to clients (cluster/streams.py), instance health
+(cluster/health.py) and the instances with their KV channels (cluster/instances.py `Pools`).
+This file keeps the requests (`tracked`) and the events that arrive from the instances
+(engine/events.py; each carries its instance's load).
 
 Decode blocks are reserved before the prefill starts, so KV can leave layer by layer while the
 prefill still runs; the prefill frees its blocks only after every decode rank confirmed
@@ -29,10 +31,10 @@ import time
 
 from cluster.admission import Admission
 from cluster.health import HealthMonitor
-from cluster.instances import Instance, choose_transport, connect_pair, create_instance, shutdown_instance
+from cluster.instances import Instance, Pools
 from cluster.streams import Streams
 from cluster.tracking import Tracked, split_wid
-from cluster.transfers import TransferCoordinator, quiet
+from cluster.transfers import TransferCoordinator
 from engine.errors import InvalidRequestError, OverloadedError, RequestFailedError
 from engine.events import FirstToken, KVScheduled, RequestFailed, StepFailed, StepTokens, WorkerEvent
 from engine.plan import Plan
@@ -50,17 +52,11 @@ class Controller:
     def __init__(self, plan: Plan, model_config, tokenizer, metrics=None, max_pending: int = 1024,
                  actor_cls: type | None = None):
         self.plan, self.model_config = plan, model_config
-        self.actor_cls = actor_cls          # None: cluster.actors.RankActor (tests pass a subclass)
         self.metrics = metrics
         self.max_pending = max_pending
-        self.colocated: list[Instance] = []
-        self.prefills: list[Instance] = []
-        self.decodes: list[Instance] = []
+        self.pools = Pools(plan, model_config, actor_cls)
         self.state = "starting"
         self.tracked: dict[str, Tracked] = {}
-        self.epochs: dict[tuple[str, str], int] = {}
-        self.transports: dict[tuple[str, str], str] = {}
-        self.pair_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.streams = Streams(tokenizer, metrics, lambda: self.max_model_len)
         self.admission = Admission(plan.block_size, self.pool, lambda: self.monitor.can_serve(), self.fail, self.drop)
         self._tasks: set[asyncio.Task] = set()
@@ -72,41 +68,32 @@ class Controller:
 
     # Lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        mc = self.model_config
-        roles = [(role, i, phase) for role, phase in self.plan.phases.items() for i in range(phase.num_instances)]
-        made = await asyncio.gather(
-            *[create_instance(self.plan, role, i, phase, mc.num_layers, mc.num_kv_heads, self.actor_cls)
-              for role, i, phase in roles],
-            return_exceptions=True)
-        failed = [m for m in made if isinstance(m, BaseException)]
-        if failed:
-            await asyncio.gather(*[shutdown_instance(m) for m in made if isinstance(m, Instance)], return_exceptions=True)
-            raise failed[0]
-        for inst in made:
-            self.pool(inst.role).append(inst)
-            self.adopt(inst)
-        await asyncio.gather(*[self.connect(pi, di) for pi in self.prefills for di in self.decodes])
+        await self.pools.start()
         for inst in self.instances:
+            self.admission.adopt(inst)
             self.spawn(self._consume(inst))
         self.state = "serving"
         self.spawn(self.monitor.run())
         self.spawn(self.admission.retry_loop())
 
     def pool(self, role: str) -> list[Instance]:
-        return {"colocated": self.colocated, "prefill": self.prefills, "decode": self.decodes}[role]
+        return self.pools.of(role)
+
+    @property
+    def colocated(self) -> list[Instance]:
+        return self.pools.of("colocated")
+
+    @property
+    def prefills(self) -> list[Instance]:
+        return self.pools.of("prefill")
+
+    @property
+    def decodes(self) -> list[Instance]:
+        return self.pools.of("decode")
 
     @property
     def instances(self) -> list[Instance]:
-        return self.colocated + self.prefills + self.decodes
-
-    def adopt(self, inst: Instance) -> None:
-        self.admission.adopt(inst)
-
-    async def connect(self, pi: Instance, di: Instance) -> None:
-        key = (pi.instance_id, di.instance_id)
-        self.transports[key] = choose_transport(self.plan.kv_transport, pi, di)
-        self.epochs[key] = self.epochs.get(key, -1) + 1
-        await connect_pair(pi, di, self.epochs[key], self.transports[key])
+        return self.pools.all
 
     @property
     def max_model_len(self) -> int:
@@ -130,7 +117,7 @@ class Controller:
         self.state = "draining"
         for t in list(self._tasks):
             t.cancel()
-        await asyncio.gather(*[shutdown_instance(i) for i in self.instances], return_exceptions=True)
+        await self.pools.shutdown()
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -184,23 +171,7 @@ class Controller:
             return
         t.cancel_requested = True
         self.streams.close(t, "cancelled")
-        await self.release_attempt(t, drop=True)
-
-    async def release_attempt(self, t: Tracked, drop: bool) -> None:
-        """Free what the current attempt holds on live workers. Once its transfer is scheduled
-        the transfer task frees both sides, when no receive can write any more."""
-        if t.state is QUEUED:
-            self.admission.forget(t)
-        elif t.state is PREFILLING and not t.colocated:
-            if not await self.admission.cancel_prefill(t):
-                return
-        elif t.state in (PREFILLING, DECODING):
-            if t.decode.alive:
-                await quiet(t.decode.driver.cancel.remote(t.wid))
-        elif t.state is TRANSFERRING:
-            return
-        if drop:
-            self.drop(t)
+        await self.admission.release(t)
 
     # Events from the workers -----------------------------------------------------------
     async def _consume(self, inst: Instance) -> None:
@@ -280,7 +251,7 @@ class Controller:
 
     def deliver(self, t: Tracked, tokens: list[int], finish_reason: str | None, logprobs=None) -> None:
         if self.streams.deliver(t, tokens, finish_reason, logprobs):
-            self.spawn(self.release_attempt(t, drop=True))     # ended here: free the workers' part
+            self.spawn(self.admission.release(t))     # ended here: free the workers' part
 
     def _fail_alone(self, t: Tracked, why: str) -> None:
         """A worker isolated this request as the cause of a failed step: it fails (the client
@@ -338,7 +309,7 @@ class Controller:
             phases[t.state.value] = phases.get(t.state.value, 0) + 1
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.admission.pending),
                 "requests_by_state": phases, "counters": dict(self.counters),
-                "transports": {f"{a}->{b}": k for (a, b), k in self.transports.items()}}
+                "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()}}
 
 
 def describe(t: Tracked) -> str:

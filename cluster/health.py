@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 
-from cluster.instances import create_instance, shutdown_instance
+from cluster.instances import shutdown_instance
 from cluster.transfers import quiet
 from engine.request import RequestState
 
@@ -141,20 +141,18 @@ class HealthMonitor:
     async def _replace(self, inst):
         """A fresh instance in `inst`'s place, connected to its live peers; None if it failed."""
         c, iid = self.c, inst.instance_id
-        mc = c.model_config
         new = None
         try:
-            new = await create_instance(c.plan, inst.role, int(iid.rsplit("-", 1)[1]), c.plan.phases[inst.role],
-                                        mc.num_layers, mc.num_kv_heads, c.actor_cls)
+            new = await c.pools.create(inst.role, int(iid.rsplit("-", 1)[1]))
             new.alive = False
             pool = c.pool(inst.role)
             pool[next(k for k, i in enumerate(pool) if i.instance_id == iid)] = new
-            c.adopt(new)
+            c.admission.adopt(new)
             # One restart joins at a time, so two instances restarting together still meet:
             # the second connects to the first, which is alive by then.
             async with self._join_lock:
-                peers = {"prefill": c.decodes, "decode": c.prefills}.get(inst.role, [])
-                await asyncio.gather(*[c.connect(new, d) if inst.role == "prefill" else c.connect(d, new)
+                peers = c.pools.peers(new)
+                await asyncio.gather(*[c.pools.connect(new, d) if inst.role == "prefill" else c.pools.connect(d, new)
                                        for d in peers if d.alive])
                 new.alive = True
             return new

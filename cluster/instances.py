@@ -123,3 +123,64 @@ async def shutdown_instance(inst: Instance) -> None:
         ray.kill(r, no_restart=True)
     if inst.pg is not None:
         remove_placement_group(inst.pg)
+
+
+class Pools:
+    """The plan's instances by role (colocated, prefill, decode) and the KV channels between
+    every prefill and every decode instance, each under an epoch that a rebuild bumps."""
+
+    ROLES = ("colocated", "prefill", "decode")
+
+    def __init__(self, plan: Plan, model_config, actor_cls: type | None = None):
+        self.plan, self.model_config, self.actor_cls = plan, model_config, actor_cls
+        self._by_role: dict[str, list[Instance]] = {r: [] for r in self.ROLES}
+        self.epochs: dict[tuple[str, str], int] = {}
+        self.transports: dict[tuple[str, str], str] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def of(self, role: str) -> list[Instance]:
+        return self._by_role[role]
+
+    @property
+    def all(self) -> list[Instance]:
+        return [i for r in self.ROLES for i in self._by_role[r]]
+
+    def peers(self, inst: Instance) -> list[Instance]:
+        """The instances `inst` has KV channels with."""
+        return {"prefill": self.of("decode"), "decode": self.of("prefill")}.get(inst.role, [])
+
+    async def create(self, role: str, index: int) -> Instance:
+        mc = self.model_config
+        return await create_instance(self.plan, role, index, self.plan.phases[role], mc.num_layers,
+                                     mc.num_kv_heads, self.actor_cls)
+
+    async def start(self) -> None:
+        """Every instance of the plan, and their channels; nothing left running on failure."""
+        roles = [(role, i) for role, phase in self.plan.phases.items() for i in range(phase.num_instances)]
+        made = await asyncio.gather(*[self.create(role, i) for role, i in roles], return_exceptions=True)
+        failed = [m for m in made if isinstance(m, BaseException)]
+        if failed:
+            await asyncio.gather(*[shutdown_instance(m) for m in made if isinstance(m, Instance)],
+                                 return_exceptions=True)
+            raise failed[0]
+        for inst in made:
+            self._by_role[inst.role].append(inst)
+        try:
+            await asyncio.gather(*[self.connect(p, d) for p in self.of("prefill") for d in self.of("decode")])
+        except BaseException:
+            await self.shutdown()
+            raise
+
+    async def connect(self, p: Instance, d: Instance) -> None:
+        """(Re)build the channels between prefill instance p and decode instance d."""
+        key = (p.instance_id, d.instance_id)
+        self.transports[key] = choose_transport(self.plan.kv_transport, p, d)
+        self.epochs[key] = self.epochs.get(key, -1) + 1
+        await connect_pair(p, d, self.epochs[key], self.transports[key])
+
+    def lock(self, p: Instance, d: Instance) -> asyncio.Lock:
+        """Held while the channels of (p, d) are rebuilt: one rebuild at a time."""
+        return self._locks.setdefault((p.instance_id, d.instance_id), asyncio.Lock())
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*[shutdown_instance(i) for i in self.all], return_exceptions=True)

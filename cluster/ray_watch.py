@@ -78,6 +78,18 @@ async def watch_ray() -> str:
         since_gcs += POLL_INTERVAL_S
 
 
+async def watch_ray_safely() -> str:
+    """`watch_ray`, but a failure of the watcher itself is logged and never ends the server."""
+    try:
+        return await watch_ray()
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the watcher is an aid; serving goes on without it
+        log.exception("watching the Ray cluster failed; a lost cluster will not be noticed")
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
 def kill_local_ray() -> None:
     """Stop the Ray daemons this process started (GCS, monitor, dashboard...), which would
     outlive a lost raylet as orphans. Nothing to do after joining a cluster."""

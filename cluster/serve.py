@@ -66,7 +66,7 @@ async def serve(args) -> int:
     from cluster.front_guard import max_request_bytes
     from cluster.grpc_server import check_port_free, open_front
     from cluster.metrics import Metrics
-    from cluster.ray_watch import watch_ray
+    from cluster.ray_watch import watch_ray_safely
     plan = plan_from_args(args)
     token = auth_token_from_args(args)
     metrics = Metrics()
@@ -129,7 +129,7 @@ async def serve(args) -> int:
                 log.warning("stats poll failed: %s", e)
             await asyncio.sleep(1.0)
     poller = loop.create_task(poll_stats())
-    lost = loop.create_task(watch_ray())
+    lost = loop.create_task(watch_ray_safely())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
     poller.cancel()

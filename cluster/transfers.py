@@ -88,7 +88,7 @@ class TransferCoordinator:
             await c.monitor.on_failure(d, f"start_decode failed: {e}")
             return
         if t.attempt == attempt and t.cancel_requested:
-            await c.release_attempt(t, drop=True)
+            await c.admission.release(t)
 
     async def drain(self, p: Instance, ev: dict) -> None:
         """A transfer scheduled for an attempt that is gone: receive and drop it so the channel's
@@ -105,15 +105,12 @@ class TransferCoordinator:
 
     async def rebuild(self, p: Instance, d: Instance, failed_epoch: int) -> None:
         key = (p.instance_id, d.instance_id)
-        async with c_lock(self.c, key):
-            if self.c.epochs.get(key) != failed_epoch:
+        async with self.c.pools.lock(p, d):
+            if self.c.pools.epochs.get(key) != failed_epoch:
                 return                      # rebuilt already
             self.c.counters["channel_rebuilds"] += 1
             try:
-                await self.c.connect(p, d)
+                await self.c.pools.connect(p, d)
             except Exception as e:  # noqa: BLE001 - the next transfer fails and tries again
                 log.error("rebuilding the KV channels %s -> %s failed: %s", p.instance_id, d.instance_id, e)
 
-
-def c_lock(controller, key) -> asyncio.Lock:
-    return controller.pair_locks.setdefault(key, asyncio.Lock())

@@ -137,12 +137,14 @@ class StepIsolation:
                 failed.append((r, reason(e)))
         return tokens, failed
 
-    def _bisect(self, members: list, error: Exception) -> tuple[dict, list, int]:
-        if len(members) == 1:
+    def _bisect(self, members: list, error: Exception, ran_alone: bool = False) -> tuple[dict, list, int]:
+        """Re-run each half of `members`; a half that raises is split again. A request fails
+        only once it has raised when run alone (a lone request is re-run once first)."""
+        if ran_alone:
             return {}, [(_request(members[0]), reason(error))], 0
         tokens, failed, runs = {}, [], 0
         half = len(members) // 2
-        for part in (members[:half], members[half:]):
+        for part in (members[:half], members[half:]) if half else (members,):
             sub = _sub_batch(part)
             runs += 1
             try:
@@ -150,7 +152,7 @@ class StepIsolation:
             except Exception as e:  # noqa: BLE001
                 if is_device_fault(e):
                     raise
-                t, f, n = self._bisect(part, e)
+                t, f, n = self._bisect(part, e, ran_alone=len(part) == 1)
                 runs += n
             else:
                 t, f = self._sample_rows(logits, sub.sampled)

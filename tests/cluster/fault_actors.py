@@ -64,7 +64,9 @@ class FaultyRank(RankActor):
         if not step.decode:
             return False
         # A decode entry names its request only by its block table.
-        by_table = {tuple(r.block_ids): r for r in getattr(self.worker, "requests", {}).values() if r.block_ids}
+        with self.worker._lock:        # Ray calls (start_decode) add requests meanwhile
+            reqs = list(self.worker.requests.values())
+        by_table = {tuple(r.block_ids): r for r in reqs if r.block_ids}
         for _, _, table in step.decode:
             r = by_table.get(tuple(table))
             if r is not None and r.prompt_token_ids[:len(marker)] == marker:

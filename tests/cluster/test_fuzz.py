@@ -41,6 +41,24 @@ def structured(draw):
     return req.SerializeToString()
 
 
+VALID: dict[bytes, int] = {}     # serialized valid request -> the exact number of tokens it must get
+
+
+@st.composite
+def valid(draw):
+    """A request inside every limit (prompt <= 128 ids, max_tokens <= 4, ignore_eos): it must
+    succeed with exactly max_tokens tokens, whatever the fuzzed requests beside it do."""
+    n = draw(st.integers(1, 4))
+    s = pb.SamplingOptions(max_tokens=n, temperature=draw(st.sampled_from([0.0, 1e-40, 0.7, 1.5])), ignore_eos=True)
+    if draw(st.booleans()):
+        s.seed = draw(st.integers(0, 2**63 - 1))
+    req = pb.GenerateRequest(sampling=s)
+    req.token_ids.ids.extend(draw(st.lists(st.integers(0, 258), min_size=1, max_size=128)))
+    raw = req.SerializeToString()
+    VALID[raw] = n
+    return raw
+
+
 def _varint(n: int) -> bytes:
     n &= (1 << 64) - 1
     out = bytearray()
@@ -70,7 +88,7 @@ def wire(draw):
     return bytes(out)
 
 
-REQUESTS = st.one_of(structured(), wire(), st.binary(max_size=300))
+REQUESTS = st.one_of(valid(), structured(), wire(), st.binary(max_size=300))
 
 
 @pytest.fixture(scope="module")
@@ -91,20 +109,24 @@ def test_fuzzed_requests_never_crash_the_server(fuzz_srv):
         @given(st.lists(REQUESTS, min_size=BATCH, max_size=BATCH))
         def run(batch):
             calls = [call(raw, timeout=30) for raw in batch]
-            for c in calls:
+            for raw, c in zip(batch, calls):
+                got = 0
                 try:
-                    for _ in c:
-                        pass
+                    for msg in c:
+                        got += len(pb.GenerateResponse.FromString(msg).token_ids)
                     code = "OK"
                 except grpc.RpcError as e:
                     code = e.code().name
                 seen[code] += 1
                 assert code in ALLOWED, (code, c.details() if hasattr(c, "details") else "")
+                if raw in VALID:
+                    assert code == "OK" and got == VALID[raw], (code, got, VALID[raw])
+                    seen["valid_exact"] += 1
         run()
         health = ch.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None)
         assert health(b"", timeout=5) == b"\x08\x01"           # SERVING
-    total = sum(seen.values())
+    total = sum(v for k, v in seen.items() if k != "valid_exact")
     assert total >= 2000, total
-    assert seen["OK"] > 0 and seen["INVALID_ARGUMENT"] > 0, seen
+    assert seen["OK"] > 0 and seen["INVALID_ARGUMENT"] > 0 and seen["valid_exact"] > 0, seen
     fuzz_srv.wait_all_free(30)
     record("fuzz", {"requests": total, **dict(seen), "server_crashes": 0})

@@ -66,3 +66,29 @@ def test_colocated_worker_emits_tokens_and_load_and_matches_llm():
     assert not w.step(), "nothing left to run"
     assert isinstance(events[-1], LoadChanged) and events[-1].load.free_blocks == 32, \
         "blocks freed outside a step are reported without being asked"
+
+
+def test_one_builder_and_one_step_loop_serve_every_role():
+    """No second copy of the runtime: the model, KV cache, runner and sampler are built in
+    RankRuntime only, and every role, the in-process LLM and the profiler step through StepLoop."""
+    import pathlib
+    import re
+
+    from cluster.profile import StepTimer
+    from decode_worker.worker import DecodeWorker
+    from model.instance import StepLoop
+    from prefill_worker.worker import PrefillWorker
+    root = pathlib.Path(__file__).resolve().parents[2]
+    builds = re.compile(r"\b(build_model|allocate_kv_cache|ModelRunner|Sampler)\(")
+    where = sorted({str(p.relative_to(root)) for pkg in ("model", "cluster", "prefill_worker", "decode_worker")
+                    for p in (root / pkg).rglob("*.py")
+                    if any(builds.search(line) and not line.lstrip().startswith(("def ", "class ", "#"))
+                           for line in p.read_text().splitlines())})
+    assert where == ["model/rank_runtime.py"], where
+    assert all(issubclass(c, StepLoop) for c in (ColocatedWorker, PrefillWorker, DecodeWorker))
+    for cls in (ColocatedWorker, PrefillWorker, DecodeWorker):
+        assert cls.step is StepLoop.step, f"{cls.__name__} has its own step"
+    assert ColocatedWorker.run is StepLoop.run and DecodeWorker.run is StepLoop.run
+    assert isinstance(LLM("tiny-llama", num_kv_blocks=16).core, ColocatedWorker)
+    timer = StepTimer("tiny-llama", "cpu", "auto", 16, 64)
+    assert type(timer.loop) is StepLoop and timer.time(timer.decode_step(2, 32), 0, 1) > 0
