@@ -85,6 +85,7 @@ DEVICES: dict[str, DeviceSpec] = {
     "cpu": DeviceSpec("cpu", 100e9, 20 * GB, 16 * GB, 3.5 * GB, 1.25 * GB, devices_per_node=2,
                       intra_node_latency_s=1e-3, inter_node_latency_s=2e-3,
                       compute_efficiency=0.5, memory_efficiency=0.7, step_overhead_s=2e-3,
+                      attention_half_tokens=0.0,     # not measured on CPU: attention at one rate
                       cost_per_hour=0.05, device="cpu"),
 }
 # Measured data exists for these; the others borrow a relative's kernel efficiencies.
