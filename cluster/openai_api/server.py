@@ -30,6 +30,9 @@ def _error_response(status, message, param=None):
     return JSONResponse(proto.error_body(status, message, param), status_code=status)
 
 
+DRAIN_BYTES = 16 << 20     # an oversized body up to this much over the limit is read (and dropped) before the 413
+
+
 class Guard:
     """ASGI middleware: bearer token on /v1/*, and a body-size limit enforced on the
     Content-Length header and on the bytes as they arrive (chunked uploads)."""
@@ -65,6 +68,16 @@ class Guard:
         await self.app(scope, limited, send)
 
     async def _too_large(self, scope, receive, send, n):
+        """413 on the declared length, the body never kept. A body that is not much over the
+        limit is read and dropped first: closing a socket with unread bytes sends a TCP reset,
+        which can reach a client still writing before the 413 does. A client that asked
+        `Expect: 100-continue` has sent nothing yet, and a far larger body is not worth reading."""
+        headers = dict(scope.get("headers") or ())
+        if headers.get(b"expect", b"").lower() != b"100-continue" and n <= self.max_body_bytes + DRAIN_BYTES:
+            more = True
+            while more:
+                msg = await receive()
+                more = msg["type"] == "http.request" and msg.get("more_body", False)
         resp = _error_response(413, f"request body of {n} bytes is over the server's limit of {self.max_body_bytes} bytes")
         await resp(scope, receive, send)
 
