@@ -224,6 +224,8 @@ class Admission:
             if t.closed:
                 self.drop(t)
                 continue
+            if t.state is not RequestState.QUEUED:
+                continue        # a stale entry: another path (a retry) already dispatched this attempt
             await self.dispatch(t, front=True)
             if t.state is RequestState.QUEUED:      # still no room: it is back at the front; stop here
                 return

@@ -287,6 +287,8 @@ class Controller:
             self.fail(t, f"gave up after {t.attempt} attempts: {why}")
             return
         t.move(QUEUED)
+        if t in self.admission.pending:       # never dispatched twice: from here and from the queue
+            self.admission.pending.remove(t)
         await self.admission.dispatch(t, front=True)
 
     def block_bytes(self) -> int:
