@@ -97,7 +97,8 @@ class Scored:
     phase: str
     pool: int
     bound: float
-    goodput: float | None = None        # None: pruned (its bound could not win)
+    goodput: float | None = None        # None: pruned (its bound could not win) or cut short:
+    goodput_below: float | None = None  # simulated until its goodput was shown to be below this
 
     def per_unit(self, cost: bool) -> float:
         unit = self.candidate.ranks * (self.candidate.device.cost_per_hour if cost else 1.0)
@@ -108,7 +109,8 @@ class Scored:
         return {"phase": self.phase, "gpu_type": c.device.name, "tp": c.tp, "pp": c.pp,
                 "num_kv_blocks": c.num_blocks, "capacity_bound_rps": self.bound,
                 "goodput_rps": self.goodput, "goodput_per_device": None if self.goodput is None
-                else self.goodput / c.ranks, "simulated": self.goodput is not None}
+                else self.goodput / c.ranks, "simulated": self.goodput is not None or self.goodput_below is not None,
+                **({"goodput_below_rps": self.goodput_below} if self.goodput_below is not None else {})}
 
 
 @dataclass

@@ -23,11 +23,16 @@ from dataclasses import replace
 
 from engine.errors import ConfigError
 from engine.plan import Plan
-from placement.choices import Choice, DevicePool, PlaceSpec, Scored, lay_out
+from placement.choices import KINDS, SCHEDULE_OF, Choice, DevicePool, PlaceSpec, Scored, lay_out
 from placement.pairing import best_paired
 from placement.parallel import run_all
 from placement.search import BOUND_SLACK, Candidate, candidate_goodput, capacity_bound, enumerate_candidates
 from placement.verdict import RateNotMet, best_colocated, decide, score_for_rate, table, to_plan
+
+# Kinds in the order their searches start (longest first); the configurations' rows in the
+# plan keep the phases' order.
+ORDER = ("colocated-chunked", "disaggregated", "colocated-prefill-first")
+PHASE_ORDER = ("prefill", "decode", "colocated", "colocated-chunked")
 
 __all__ = ["DevicePool", "PlaceSpec", "place", "replica_counts", "RateNotMet", "table"]
 
@@ -64,6 +69,11 @@ class Optimizer:
         unit = lambda r: r.candidate.ranks * (r.candidate.device.cost_per_hour if self.by_cost else 1.0)
         rows.sort(key=lambda r: -r.bound / unit(r))
         best, fraction = 0.0, 0.7
+        # A colocated plan without a target rate is one shape replicated over the devices, so
+        # the best goodput per unit wins outright: a configuration shown to fall short of it
+        # needs no exact figure. (Prefill and decode goodputs combine in pairs, and a target
+        # rate rounds instance counts, so those searches always run to the end.)
+        cut_losers = phase.startswith("colocated") and s.rate is None
         for r in rows:
             if r.bound * BOUND_SLACK[phase.split("-")[0]] / unit(r) < best:
                 continue
@@ -71,7 +81,10 @@ class Optimizer:
             g = candidate_goodput(r.candidate, "colocated" if phase.startswith("colocated") else phase,
                                   s.workload, s.block_size, self.kv_bytes, s.ttft_s, s.tpot_s, s.attainment,
                                   s.max_batch_tokens, s.max_batch_size, chunked=phase == "colocated-chunked",
-                                  start_fraction=fraction)
+                                  start_fraction=fraction, stop_below=best * unit(r) if cut_losers else 0.0)
+            if g.below is not None:
+                r.goodput_below = g.below
+                continue
             r.goodput = g.rate
             if g.rate > 0:      # configurations of a phase reach similar fractions of their bound
                 fraction = min(1.0, g.rate / r.bound)
@@ -148,46 +161,53 @@ def disaggregated_choices(opt: Optimizer, progress) -> list[tuple[str, Choice]]:
     return out
 
 
+def _kind_search(spec: PlaceSpec, kind: str, say) -> tuple[dict, list, str | None]:
+    """One kind's whole search: its phases' configurations, its best candidate(s), and their
+    scores on the scoring workload. Returns (rows per phase, [(algorithm, choice, numbers)],
+    why the kind is unavailable or None)."""
+    opt = Optimizer(spec, say)
+    try:
+        if kind == "disaggregated":
+            options = disaggregated_choices(opt, say)
+            if not options:
+                return opt.scored, [], f"the devices cannot carry {spec.rate} req/s disaggregated"
+        else:
+            choice = best_colocated(opt, SCHEDULE_OF[kind])
+            if choice is None:
+                return opt.scored, [], f"the devices cannot carry {spec.rate} req/s {kind}"
+            options = [(None, choice)]
+    except ConfigError as e:
+        return opt.scored, [], str(e)
+    return opt.scored, [(name, *score_for_rate(spec, choice, say)) for name, choice in options], None
+
+
 def place(spec: PlaceSpec, progress=None) -> Plan:
     """Search every kind of plan and return the best (see the module docstring). Raises
     RateNotMet (carrying the closest plan) when a target rate is given and no plan carries it."""
     t0 = time.perf_counter()
-    opt = Optimizer(spec, progress)
-    say = opt.progress
+    say = progress or (lambda message: None)
     finalists: dict[str, tuple[object, dict]] = {}
     unavailable: dict[str, str] = {}
     alternatives: dict[str, dict] = {}
-    jobs: list[tuple[str, str | None, object]] = []       # (kind, algorithm, choice) to score
-    if "disaggregated" in spec.kinds:
-        try:
-            options = disaggregated_choices(opt, say)
-        except ConfigError as e:
-            options, unavailable["disaggregated"] = [], str(e)
-        jobs += [("disaggregated", name, choice) for name, choice in options]
-        if not options and "disaggregated" not in unavailable:
-            unavailable["disaggregated"] = f"the devices cannot carry {spec.rate} req/s disaggregated"
-    for kind, schedule in (("colocated-prefill-first", "prefill_first"), ("colocated-chunked", "chunked")):
-        if kind not in spec.kinds:
-            continue
-        try:
-            choice = best_colocated(opt, schedule)
-        except ConfigError as e:
-            unavailable[kind] = str(e)
-            continue
-        if choice is None:
-            unavailable[kind] = f"the devices cannot carry {spec.rate} req/s {kind}"
-            continue
-        jobs.append((kind, None, choice))
-    # The finalists are scored on the whole scoring workload, independently: on every core.
-    scored = run_all([lambda choice=choice: score_for_rate(spec, choice, say) for _, _, choice in jobs])
-    key = "goodput_per_dollar_hour" if spec.by_cost else "goodput_per_device"
-    for (kind, name, _), (c, numbers) in zip(jobs, scored):
-        if name is None:
-            finalists[kind] = (c, numbers)
-            continue
-        alternatives[name] = numbers
-        if kind not in finalists or (numbers[key] or 0) > (finalists[kind][1][key] or 0):
-            finalists[kind] = (c, {**numbers, "algorithm": name})
+    # The kinds' searches are independent of each other: each runs whole (its phases, then its
+    # finalists on the scoring workload) on a core of its own, the longest (chunked: its
+    # replays take the most time) first.
+    kinds = [k for k in ORDER if k in spec.kinds]
+    results = dict(zip(kinds, run_all([lambda kind=kind: _kind_search(spec, kind, say) for kind in kinds])))
+    scored_rows: dict[str, list[Scored]] = {}
+    for kind in (k for k in KINDS if k in results):
+        rows, options, why = results[kind]
+        scored_rows.update(rows)
+        if why is not None:
+            unavailable[kind] = why
+        for name, c, numbers in options:
+            if name is None:
+                finalists[kind] = (c, numbers)
+                continue
+            alternatives[name] = numbers
+            key = "goodput_per_dollar_hour" if spec.by_cost else "goodput_per_device"
+            if kind not in finalists or (numbers[key] or 0) > (finalists[kind][1][key] or 0):
+                finalists[kind] = (c, {**numbers, "algorithm": name})
     if not finalists:
         reasons = "; ".join(f"{k}: {v}" for k, v in unavailable.items())
         raise ConfigError(f"no plan of any kind: {reasons}")
@@ -196,7 +216,7 @@ def place(spec: PlaceSpec, progress=None) -> Plan:
     predicted = {
         "latency_model": spec.latency, "workload": spec.workload_name,
         "search_requests": spec.workload.num_requests, "target_rate": spec.rate,
-        "configs": [r.row() for ph in opt.scored for r in opt.scored[ph]],
+        "configs": [r.row() for ph in PHASE_ORDER if ph in scored_rows for r in scored_rows[ph]],
         "alternatives": alternatives,
     }
     if "disaggregated" in finalists:

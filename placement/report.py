@@ -126,6 +126,21 @@ def _at_reference(r: SimResult, ttft_s: float, tpot_s: float) -> dict:
     }
 
 
+def _curve_rates(goodputs: dict[str, float], plan_system: str, rates: list[float] | None, fallback: float):
+    """The attainment curve's rates (around the best goodput; its own point is the goodput
+    itself, so that replay is shared with the search) and the reference rate (the plan's
+    goodput)."""
+    best = max(goodputs.values()) or fallback
+    grid = rates or [best if f == 1.0 else round(best * f, 3) for f in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.15, 1.3)]
+    return grid, goodputs[plan_system] or best
+
+
+def _curve_keys(goodputs, plan_system, rates, fallback) -> list[tuple[str, float]]:
+    """(system, rate) of every replay the curves and the reference need, each once."""
+    grid, reference = _curve_rates(goodputs, plan_system, rates, fallback)
+    return list(dict.fromkeys((name, rate) for name in goodputs for rate in [*grid, reference]))
+
+
 def build_report(plan: Plan, wl: Workload, latency: str = "roofline", rates: list[float] | None = None,
                  progress=None) -> dict:
     """Every number of the report (see the module docstring)."""
@@ -140,37 +155,61 @@ def build_report(plan: Plan, wl: Workload, latency: str = "roofline", rates: lis
            "slo": {"ttft_s": ttft, "tpot_s": tpot, "attainment": target}, "latency_model": latency,
            "plan_system": plan_system(plan), "verdict": plan.verdict, "systems": {}}
     # Every simulation below is independent of the others: they run on every core
-    # (placement/parallel.py), the goodput searches first since the curves' rates follow them.
+    # (placement/parallel.py). The curves' rates follow from the goodputs; when `place`
+    # left a goodput for every system (the confirmation usually returns it unchanged), the
+    # curves start at once beside the searches, on the rates those goodputs give.
     def search(s):
         if s.hint:      # the search `place` ran: the two agree
             return lambda: plan_goodput(s.deployment, wl, ttft, tpot, target, s.hint)
         return lambda: deployment_goodput(s.deployment, wl, ttft, tpot, target, start_rate=hint * 0.5,
                                           step=1.5, rel_tol=0.03)
 
+    by_name = {s.name: s for s in systems}
+    guess = {s.name: s.hint for s in systems} if all(s.hint for s in systems) else None
+    # A search's passing probe at a system's goodput is the replay at that rate: not run twice.
+    ahead = [k for k in _curve_keys(guess, out["plan_system"], rates, hint) if k[1] != guess[k[0]]] if guess else []
+    # Longest first, so that no core is left with one long replay at the end: chunked
+    # replays take about three times as long, and busier ones longer.
+    ahead.sort(key=lambda k: (k[0] == "colocated-chunked", k[1]), reverse=True)
     progress(done, steps, "goodput searches: " + ", ".join(s.name for s in systems))
-    for s, g in zip(systems, run_all([search(s) for s in systems])):
+    results = run_all([search(s) for s in systems] +
+                      [lambda k=k: simulate(by_name[k[0]].deployment, wl.at_rate(k[1])) for k in ahead])
+    known: dict[tuple[str, float], SimResult] = {}
+    goodputs = {}
+    for s in systems:
+        g = next(results)
         done += 8
         progress(done, steps, f"{s.name}: goodput {g.rate:.4g} req/s")
+        goodputs[s.name] = g.rate
+        if g.result is not None:
+            known[(s.name, g.rate)] = g.result
         out["systems"][s.name] = {"config": s.config, "num_devices": s.deployment.num_devices,
                                   "goodput_rps": g.rate, "goodput_per_device": g.rate / s.deployment.num_devices,
                                   "probes": g.probes}
-    best = max(v["goodput_rps"] for v in out["systems"].values()) or hint
-    grid = rates or [round(best * f, 3) for f in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.15, 1.3)]
-    reference = out["systems"][out["plan_system"]]["goodput_rps"] or best
+    grid, reference = _curve_rates(goodputs, out["plan_system"], rates, hint)
     out["reference_rate"] = reference
-    jobs = [(s, rate) for s in systems for rate in [*grid, reference]]
-    sims = run_all([lambda s=s, rate=rate: simulate(s.deployment, wl.at_rate(rate)) for s, rate in jobs])
-    curves: dict[str, list] = {s.name: [] for s in systems}
-    for (s, rate), r in zip(jobs, sims):
+    needed = _curve_keys(goodputs, out["plan_system"], rates, hint)
+    if all(k in known or k in ahead for k in needed):
+        for k in ahead:
+            known[k] = next(results)
+            done += 1
+            progress(done, steps, f"{k[0]}: {k[1]:g} req/s")
+    results.close()         # a wrong guess: what runs ahead is dropped (the pool is ended)
+    missing = [k for k in needed if k not in known]
+    for k, r in zip(missing, run_all([lambda k=k: simulate(by_name[k[0]].deployment, wl.at_rate(k[1]))
+                                      for k in missing])):
+        known[k] = r
         done += 1
-        progress(done, steps, f"{s.name}: {rate:g} req/s")
-        if len(curves[s.name]) < len(grid):
-            curves[s.name].append({"rate": rate, "attainment": r.attainment(ttft, tpot),
-                                   "ttft_attainment": float((r.ttft_s <= ttft).mean()),
-                                   "tpot_attainment": float((r.tpot_s <= tpot).mean())})
-        else:
-            out["systems"][s.name].update({"attainment_vs_rate": curves[s.name],
-                                           "at_reference_rate": _at_reference(r, ttft, tpot)})
+        progress(done, steps, f"{k[0]}: {k[1]:g} req/s")
+    for s in systems:
+        curve = []
+        for rate in grid:
+            r = known[(s.name, rate)]
+            curve.append({"rate": rate, "attainment": r.attainment(ttft, tpot),
+                          "ttft_attainment": float((r.ttft_s <= ttft).mean()),
+                          "tpot_attainment": float((r.tpot_s <= tpot).mean())})
+        out["systems"][s.name].update({"attainment_vs_rate": curve,
+                                       "at_reference_rate": _at_reference(known[(s.name, reference)], ttft, tpot)})
     progress(steps, steps, "done")
     return out
 

@@ -117,28 +117,37 @@ def _slo_for(phase: str, ttft_s: float, tpot_s: float) -> tuple[float, float]:
 def deployment_goodput(dep: Deployment, wl: Workload, ttft_s: float, tpot_s: float, target: float,
                        start_rate: float, phase: str = "both", rel_tol: float = 0.04,
                        max_probes: int = 14, max_rate: float = INF, step: float = 2.0,
-                       accelerate: bool = False) -> Goodput:
+                       accelerate: bool = False, stop_below: float = 0.0) -> Goodput:
     """Goodput of a whole deployment by simulation and search on rate (probes that cannot reach
     the target stop early). `max_rate` caps the search: a finite sample can end before the
     queues of an overloaded instance grow long enough to miss, so rates beyond the capacity
-    bound are not believed."""
+    bound are not believed. `stop_below`: see `search_goodput`."""
     slo = _slo_for(phase, ttft_s, tpot_s)
     max_misses = int(math.floor((1 - target) * wl.num_requests + 1e-9))
+    passed: dict[float, object] = {}
 
     def attainment_at(rate):
         r = simulate(dep, wl.at_rate(rate), phase=phase, slo=slo, max_misses=max_misses)
-        return r.attainment(*slo)
+        a = r.attainment(*slo)
+        if r.completed and a >= target:
+            passed.clear()          # only the highest passing rate can be the answer
+            passed[rate] = r
+        return a
 
-    return search_goodput(attainment_at, target, min(start_rate, max_rate), rel_tol, max_probes,
-                          max_rate=max_rate, step=step, accelerate=accelerate)
+    g = search_goodput(attainment_at, target, min(start_rate, max_rate), rel_tol, max_probes,
+                       max_rate=max_rate, step=step, accelerate=accelerate, stop_below=stop_below)
+    if phase == "both":     # a single-phase run is not what a plain `simulate` would give
+        g.result = passed.get(g.rate)
+    return g
 
 
 def candidate_goodput(c: Candidate, phase: str, wl: Workload, block_size: int, kv_bytes_per_token: int,
                       ttft_s: float, tpot_s: float, target: float, max_batch_tokens: int,
                       max_batch_size: int, chunked: bool = False, rel_tol: float = 0.04,
-                      start_fraction: float = 0.7) -> Goodput:
+                      start_fraction: float = 0.7, stop_below: float = 0.0) -> Goodput:
     """Goodput of one instance of `c` for `phase` ("prefill", "decode" or "colocated"), the
-    search starting at `start_fraction` of its capacity bound."""
+    search starting at `start_fraction` of its capacity bound (and stopping once it is known
+    to be under `stop_below`)."""
     bound = capacity_bound(c, phase, wl, block_size, max_batch_tokens, max_batch_size, tpot_s)
     if phase == "colocated":
         # Chunked prefill mixes decode tokens into prefill steps; the prefill-first bound holds.
@@ -150,7 +159,8 @@ def candidate_goodput(c: Candidate, phase: str, wl: Workload, block_size: int, k
         dep = Deployment(block_size, kv_bytes_per_token, prefill=g, decode=g)
         sim_phase = phase
     return deployment_goodput(dep, wl, ttft_s, tpot_s, target, start_rate=max(bound * start_fraction, 1e-3),
-                              phase=sim_phase, rel_tol=rel_tol, max_rate=bound * BOUND_SLACK[phase], step=1.25)
+                              phase=sim_phase, rel_tol=rel_tol, max_rate=bound * BOUND_SLACK[phase], step=1.25,
+                              stop_below=stop_below)
 
 
 def plan_goodput(dep: Deployment, wl: Workload, ttft_s: float, tpot_s: float, target: float,

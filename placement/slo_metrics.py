@@ -97,22 +97,32 @@ def _pct(x: np.ndarray, q: float) -> float | None:
 
 @dataclass
 class Goodput:
-    """Result of a goodput search: `rate` passes, every probe is (rate, attainment)."""
+    """Result of a goodput search: `rate` passes, every probe is (rate, attainment).
+    `result` is the whole simulation at `rate` when the search kept it (a passing probe runs
+    to the end, so it is what a plain `simulate` at that rate gives): callers reuse it
+    instead of replaying the same rate again. `below` is set when the search stopped at a
+    failing probe at or under its `stop_below`: the goodput is below that rate, and `rate` is
+    only what passed so far."""
 
     rate: float
     attainment: float
     probes: list[tuple[float, float]] = field(default_factory=list)
+    result: SimResult | None = field(default=None, repr=False, compare=False)
+    below: float | None = None
 
 
 def search_goodput(attainment_at: Callable[[float], float], target: float, start_rate: float,
                    rel_tol: float = 0.04, max_probes: int = 24, min_rate: float = 1e-3,
-                   max_rate: float = float("inf"), step: float = 2.0, accelerate: bool = False) -> Goodput:
+                   max_rate: float = float("inf"), step: float = 2.0, accelerate: bool = False,
+                   stop_below: float = 0.0) -> Goodput:
     """Highest rate (<= `max_rate`) whose attainment is >= `target`: grow or shrink
     `start_rate` by `step`x until the answer is bracketed, then bisect to `rel_tol` (a good
     start with a small step takes the fewest probes). With `accelerate` the step squares after
     each move (up to 2x): a start that is already the answer is confirmed in two probes, one
     that is far off is still bracketed in a few. Attainment falls with rate (queues only
-    grow), so the bracket holds; a non-monotone blip costs at most some precision."""
+    grow), so the bracket holds; a non-monotone blip costs at most some precision.
+    `stop_below`: a caller that only needs the goodput if it reaches that rate (a candidate
+    that cannot otherwise win) stops at the first failing probe at or under it (`below`)."""
     probes: list[tuple[float, float]] = []
 
     def probe(rate):
@@ -131,6 +141,8 @@ def search_goodput(attainment_at: Callable[[float], float], target: float, start
             rate = min(rate * step, max_rate)
         else:
             hi = rate
+            if rate <= stop_below:
+                return Goodput(lo, lo_att, probes, below=rate)
             if lo > 0:
                 break
             if rate < min_rate:
@@ -145,4 +157,6 @@ def search_goodput(attainment_at: Callable[[float], float], target: float, start
             lo, lo_att = mid, a
         else:
             hi = mid
+            if mid <= stop_below:
+                return Goodput(lo, lo_att, probes, below=mid)
     return Goodput(lo, lo_att, probes)

@@ -42,7 +42,8 @@ def score(spec: PlaceSpec, choice) -> dict:
            "estimated_rps": choice.estimate, "scored_on_requests": wl.num_requests, "probes": len(g.probes)}
     rate = spec.rate or g.rate
     if rate > 0:
-        r = simulate(dep, wl.at_rate(rate))
+        # At the goodput itself the search's passing probe is that very replay.
+        r = g.result if rate == g.rate and g.result is not None else simulate(dep, wl.at_rate(rate))
         out["attainment_at_rate"] = {"rate": rate, "attainment": r.attainment(spec.ttft_s, spec.tpot_s)}
     return out
 
