@@ -55,9 +55,10 @@ class Optimizer:
         return enumerate_candidates(s.model, device, pool.num_devices, s.latency, s.block_size,
                                     max(longest, s.max_batch_tokens), max_batch_tokens=s.max_batch_tokens)
 
-    def score_phase(self, phase: str, only=None) -> list[Scored]:
+    def score_phase(self, phase: str, only=None, exhaustive: bool = False) -> list[Scored]:
         """Goodput of the configurations of `phase`, best bound first; a configuration whose
-        bound (with slack) is below the best goodput found is pruned."""
+        bound (with slack) is below the best goodput found is pruned. `exhaustive` runs every
+        colocated search to the end (tests compare the two)."""
         s = self.spec
         rows = []
         for i in range(len(s.pools)):
@@ -73,7 +74,7 @@ class Optimizer:
         # the best goodput per unit wins outright: a configuration shown to fall short of it
         # needs no exact figure. (Prefill and decode goodputs combine in pairs, and a target
         # rate rounds instance counts, so those searches always run to the end.)
-        cut_losers = phase.startswith("colocated") and s.rate is None
+        cut_losers = phase.startswith("colocated") and s.rate is None and not exhaustive
         for r in rows:
             if r.bound * BOUND_SLACK[phase.split("-")[0]] / unit(r) < best:
                 continue
