@@ -8,12 +8,14 @@ devices). Algorithm 2 ("pairing"): a unit of `pp` nodes holds stage k of every p
 decode instance of the unit on node k, so KV moves over NVLink only; the best unit is found
 from the phase goodputs and checked by simulating the unit whole, then replicated over nodes.
 Configurations whose capacity bound cannot beat the best goodput found so far are not
-simulated.
+simulated, and a colocated search without a target rate stops as soon as a probe shows the
+configuration below the best per device (it cannot win; the plan records `goodput_below_rps`).
 
 The planner also decides the kind: the best colocated candidate of each schedule
 (prefill-first, chunked; one instance shape replicated) is found the same way, and the best
 candidate of each kind is scored whole on the requests `disagg simulate` replays
-(verdict.py); the most goodput per GPU (or per dollar) wins.
+(verdict.py); the most goodput per GPU (or per dollar) wins. The kinds' searches are
+independent, so each runs whole on a core of its own (placement/parallel.py).
 """
 from __future__ import annotations
 
