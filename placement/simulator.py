@@ -6,7 +6,8 @@ The event heap holds `(time_s, seq, handler, arg)`; a handler returns the events
 (vidur's shape). The controller here does what the cluster controller does, with the same
 routing functions (engine.routing): on arrival a request is routed to a decode instance by
 `pick_decode` over free blocks, which reserves blocks_for(prompt + 1) there, and to a prefill
-instance by `pick_prefill` over queued prompt tokens; when no decode instance can take it,
+instance by `PrefixRouter.pick` (queued prompt tokens, less the expected prefix hit with
+routing="prefix"); when no decode instance can take it,
 it waits here in arrival order. After its prefill the request has its first token (TTFT ends),
 its KV moves over the prefill->decode link (transfers on one link go one after another) and
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
@@ -34,7 +35,7 @@ import numpy as np
 
 from engine.batching import finish
 from engine.request import FinishReason, Request, RequestState
-from engine.routing import pick_decode, pick_prefill
+from engine.routing import PrefixRouter, pick_decode
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
 from placement.engine_instance import EngineInstance
@@ -57,7 +58,7 @@ class Simulator:
     def __init__(self, deployment: Deployment, workload: Workload, phase: str = "both",
                  exact_blocks: bool = False, prefix_caching: bool = False,
                  slo: tuple[float, float] | None = None, max_misses: int | None = None,
-                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32):
+                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32, routing: str = "load"):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if phase != "both" and not deployment.disaggregated:
@@ -85,6 +86,9 @@ class Simulator:
         self._engine_options = dict(exact_blocks=exact_blocks, max_run_steps=max_run_steps,
                                     lazy_min_batch=lazy_min_batch)
         self._build_instances(exact_blocks)
+        self.router = PrefixRouter(routing if self.prefix_caching else "load", bs)
+        for p in self.prefills:
+            self.router.adopt(p.index, deployment.prefill.num_blocks)
 
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
@@ -209,11 +213,16 @@ class Simulator:
             self.pending.popleft()
             req.decode_instance = inst
             if self.prefills:
-                p = self.prefills[pick_prefill([x.queued_tokens for x in self.prefills])]
-                events.extend(p.add(req, now) or ())
+                events.extend(self._route_prefill(req, now) or ())
             else:
                 events.extend(self._join_without_prefill(req, now) or ())
         return events
+
+    def _route_prefill(self, req, now):
+        # The controller's rule (engine.routing): queued tokens less the expected prefix hit.
+        keys = self.router.keys(req.prompt_token_ids)
+        k, hit = self.router.pick([p.index for p in self.prefills], [p.queued_tokens for p in self.prefills], keys)
+        return self.prefills[k].add(req, now, req.num_tokens - hit)
 
     def _reserve_decode(self, req, now, events):
         if not self.decodes:
