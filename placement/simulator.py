@@ -89,6 +89,7 @@ class Simulator:
         self.router = PrefixRouter(routing if self.prefix_caching else "load", bs)
         for p in self.prefills:
             self.router.adopt(p.index, deployment.prefill.num_blocks)
+        self._num_assigned = [0] * len(self.prefills)
 
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
@@ -221,7 +222,10 @@ class Simulator:
     def _route_prefill(self, req, now):
         # The controller's rule (engine.routing): queued tokens less the expected prefix hit.
         keys = self.router.keys(req.prompt_token_ids)
-        k, hit = self.router.pick([p.index for p in self.prefills], [p.queued_tokens for p in self.prefills], keys)
+        # Ties go to the instance given the fewest requests, as in the controller.
+        k, hit = self.router.pick([p.index for p in self.prefills], [p.queued_tokens for p in self.prefills], keys,
+                                  self._num_assigned)
+        self._num_assigned[k] += 1
         return self.prefills[k].add(req, now, req.num_tokens - hit)
 
     def _reserve_decode(self, req, now, events):
