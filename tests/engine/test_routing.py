@@ -69,3 +69,16 @@ def test_load_routing_keeps_no_index():
     assert router.pick(["p0", "p1"], [10, 0], []) == (1, 0)
     with pytest.raises(ValueError, match="routing must be one of"):
         PrefixRouter("random", BS)
+
+
+def test_plan_routing_is_validated_and_serve_overrides_it():
+    from types import SimpleNamespace
+
+    from cluster.serve import plan_from_args
+    from engine.errors import ConfigError
+    from engine.plan import Plan
+    assert Plan().routing == "prefix"
+    with pytest.raises(ConfigError, match="routing must be one of"):
+        Plan.from_dict({"routing": "random"})
+    args = SimpleNamespace(plan=None, model=None, device=None, kv_transfer_timeout=None, routing="load")
+    assert plan_from_args(args).routing == "load"
