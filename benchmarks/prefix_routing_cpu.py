@@ -1,14 +1,14 @@
 """Prefix-aware against load-only routing on a real CPU cluster, replaying the Mooncake
 conversation trace.
 
-    python -m benchmarks.prefix_routing_cpu [--num-requests 400] [--time-scale 0.25] [--out FILE]
+    python -m benchmarks.prefix_routing_cpu [--num-requests 300] [--time-scale 0.25] [--max-concurrency 4] [--out FILE]
 
 For each routing it starts `disagg serve --plan benchmarks/plans/cpu_2p1d_embedded.json
 --routing R` (two prefill instances and one decode instance of the embedded model, local Ray),
 replays the first N requests of the trace with `disagg bench --workload mooncake-conv --replay
 --hash-block-tokens 16` (each hash id one deterministic block of 16 token ids, prompt lengths
 scaled by 16/512, so requests sharing hash ids share real prompt prefixes; outputs clipped to
---max-output-len), reads each prefill instance's hit rate from the server's Prometheus
+--max-output-len; at most --max-concurrency requests in flight, in the trace's order), reads each prefill instance's hit rate from the server's Prometheus
 endpoint, and stops the server. Prints per routing: prefix hit rate (cached prompt tokens /
 prompt tokens, from the responses' usage and per instance from Prometheus), mean and p90 TTFT,
 requests lost; beside the ceiling, the hit rate of one unbounded cache that sees every request.
@@ -70,7 +70,8 @@ def run_one(d: Path, routing: str, args, env) -> dict:
         cmd = [sys.executable, "-m", "cluster.cli", "bench", "--server", f"{ready['host']}:{ready['port']}",
                "--workload", "mooncake-conv", "--replay", "--num-requests", str(args.num_requests),
                "--time-scale", str(args.time_scale), "--hash-block-tokens", "16",
-               "--max-output-len", str(args.max_output_len), "--seed", str(args.seed), "--out", str(out)]
+               "--max-output-len", str(args.max_output_len), "--max-concurrency", str(args.max_concurrency),
+               "--seed", str(args.seed), "--out", str(out)]
         subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         res = json.loads(out.read_text())
         per = _gauges(ready["host"], ready["metrics_port"], "disagg_prefix_hit_rate")
@@ -86,9 +87,12 @@ def run_one(d: Path, routing: str, args, env) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-requests", type=int, default=400)
+    ap.add_argument("--num-requests", type=int, default=300)
     ap.add_argument("--time-scale", type=float, default=0.25, help="multiply the trace's arrival times")
     ap.add_argument("--max-output-len", type=int, default=16)
+    ap.add_argument("--max-concurrency", type=int, default=4,
+                    help="requests in flight at most (0 = open loop at the trace's times); a cap keeps a loaded "
+                         "machine from turning the run into a queueing test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     env.pop("RAY_ADDRESS", None)
     wl = make_workload("mooncake-conv", num_requests=args.num_requests)
     out = {"plan": PLAN.name, "num_requests": args.num_requests, "time_scale": args.time_scale,
+           "max_concurrency": args.max_concurrency,
            "hash_block_tokens": 16, "max_output_len": args.max_output_len,
            "ceiling_hit_rate_unbounded_cache": round(pooled_hit_rate(wl, float("inf")), 4), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
