@@ -79,7 +79,10 @@ def run_one(d: Path, routing: str, args, env) -> dict:
         _stop(proc)
     return {"routing": routing, "prefix_hit_rate": round(res["prefix_hit_rate"], 4),
             "prefix_hit_rate_per_instance": {k: round(v, 4) for k, v in sorted(per.items())},
-            "mean_ttft_s": round(res["ttft_s"]["mean"], 4), "p90_ttft_s": round(res["ttft_s"]["p90"], 4),
+            "mean_ttft_s": round(res["ttft_s"]["mean"], 4), "p50_ttft_s": round(res["ttft_s"]["p50"], 4),
+            "p90_ttft_s": round(res["ttft_s"]["p90"], 4),
+            "mean_prefill_queue_s": round(res["ttft_breakdown_s"]["prefill_queue"]["mean"], 4),
+            "mean_prefill_compute_s": round(res["ttft_breakdown_s"]["prefill_compute"]["mean"], 4),
             "num_completed": res["num_completed"], "num_failed": res["num_failed"],
             "num_short_outputs": res["num_short_outputs"], "duration_s": round(res["duration_s"], 1),
             "offered_rate_rps": round(res["workload"]["offered_rate_rps"], 2)}
@@ -106,9 +109,10 @@ def main(argv=None) -> int:
            "hash_block_tokens": 16, "max_output_len": args.max_output_len,
            "ceiling_hit_rate_unbounded_cache": round(pooled_hit_rate(wl, float("inf")), 4), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        d = Path(args.out).resolve().parent if args.out else Path(tmp)    # bench JSONs and logs kept beside --out
         for routing in ("load", "prefix"):
             print(f"routing={routing} ...", file=sys.stderr)
-            out["runs"].append(run_one(Path(tmp), routing, args, env))
+            out["runs"].append(run_one(d, routing, args, env))
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
