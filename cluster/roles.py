@@ -142,8 +142,8 @@ class RoleChanger:
         handed = 0
         while True:
             users = [t for t in list(self.c.tracked.values()) if _uses(t, inst)]
-            for t in users:
-                handed += await self._hand_over(t, inst)
+            # Together: each hand-over is a few worker calls (cancel, reserve, add).
+            handed += sum(await asyncio.gather(*[self._hand_over(t, inst) for t in users]))
             if not users:
                 busy = await inst.driver.pause.remote()
                 if not busy:
