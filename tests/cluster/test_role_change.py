@@ -222,3 +222,43 @@ def test_admin_rpc_and_cli_refuse_bad_input_clearly(srv):
         return await asyncio.gather(*[gen(p) for p in prompts])
     assert srv.run(all_of()) == [o.token_ids for o in LLM(MODEL).generate(prompts, sp)]
     srv.wait_all_free(30)
+
+
+def test_rank_actor_switches_role_over_the_same_runtime_without_ray():
+    """The actor class itself (no Ray): pause refuses while anything is held and refuses new
+    work once paused; change_role keeps the runtime and serves in the new role."""
+    from cluster.actors import RankActor, role_class
+    from decode_worker.worker import DecodeWorker
+    from model.instance import ColocatedWorker, RequestSpec
+    from model.rank_runtime import RankRuntime, WorkerConfig
+    from prefill_worker.worker import PrefillWorker
+
+    events = []
+    actor = RankActor("decode", WorkerConfig("decode-9", model=MODEL, num_kv_blocks=32))
+    actor._emit = events.append
+    actor.worker = role_class("decode")(actor.cfg, emit=actor._emit)      # what init() does, without Ray
+    actor.start_loop()
+    try:
+        before, built = actor.fingerprint(), RankRuntime.num_built
+        assert actor.reserve("r#0", 20) is not None
+        assert actor.pause() == "0 requests, 1 reservations", "a reservation is still held: no pause"
+        assert actor.worker.release("r#0") and actor.pause() == ""
+        assert actor.reserve("late#0", 20) is None, "paused: no blocks for new work"
+        with pytest.raises(RuntimeError, match="changing role"):
+            actor.add_request(RequestSpec("late#0", [5, 6, 7]))
+        info = actor.change_role("prefill")
+        assert isinstance(actor.worker, PrefillWorker) and not isinstance(actor.worker, DecodeWorker)
+        assert info["seconds"] < 5 and actor.fingerprint() == before and RankRuntime.num_built == built
+        assert actor.worker.bm.num_free_blocks == 32 and actor.ping()
+        assert actor.pause() == "" and actor.change_role("colocated")["kv_cache_ptr"] == before["kv_cache_ptr"]
+        assert type(actor.worker) is ColocatedWorker
+        sp = SamplingParams(max_tokens=5, ignore_eos=True)
+        actor.add_request(RequestSpec("c#0", list(range(3, 20)), sp))
+        deadline = time.monotonic() + 30
+        while actor.worker.busy():
+            assert time.monotonic() < deadline, "the colocated loop did not finish the request"
+            time.sleep(0.01)
+        got = [t for batch in events for ev in batch for t in getattr(ev, "tokens", {}).get("c#0", [])]
+        assert got == LLM(MODEL).generate([list(range(3, 20))], sp)[0].token_ids
+    finally:
+        actor.shutdown()
