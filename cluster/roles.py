@@ -156,7 +156,11 @@ class RoleChanger:
             # Together: each hand-over is a few worker calls (cancel, reserve, add).
             handed += sum(await asyncio.gather(*[self._hand_over(t, inst) for t in users]))
             if not users:
-                busy = await inst.driver.pause.remote()
+                try:
+                    busy = await inst.driver.pause.remote()
+                except Exception as e:  # noqa: BLE001 - dead: the health monitor restarts it
+                    raise RoleChangeError("unavailable", f"{inst.instance_id} failed while draining ({e}); "
+                                          f"it restarts as {inst.role}") from None
                 if not busy:
                     return handed
             else:
