@@ -206,7 +206,10 @@ class RoleChanger:
             counts.pop(inst.instance_id, None)      # the old role's view of it
         c.pools.move(inst, role)
         c.admission.adopt(inst)
-        await c.pools.connect_all(inst)
+        # As a restarted instance joins: one at a time, so a peer restarting meanwhile and this
+        # instance never build the same pair's channels twice at once.
+        async with c.monitor._join_lock:
+            await c.pools.connect_all(inst)
 
 
 def _uses(t, inst: Instance) -> bool:
