@@ -78,18 +78,39 @@ def _loss(meas: dict, pred: dict) -> float:
     return (v["attainment_pp"] / ATTAINMENT_PP) ** 2 + (v["ttft_p90_rel"] / REL) ** 2 + (v["tpot_p90_rel"] / REL) ** 2
 
 
-def fit_load_terms(plan, profile: dict, runs: list[dict], slo, grid: dict | None = None) -> tuple[dict, float]:
-    """The load terms (LOAD_GRID's) that minimise the summed loss over `runs` (dicts with
-    "run", the bench JSON, and "serving", per-run overrides), by grid search. Returns
+# On CPU: how much of the cores the other processes used on average (measured per run) they
+# take while our workers are busy (CFS shares cores between process groups, not processes, and
+# the neighbours' demand is not observable from here): fitted with the load terms.
+OTHER_SHARE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def run_overrides(run: dict, other_share: float | None) -> dict | None:
+    """Per-run serving terms: on CPU the cores the other processes took during that run."""
+    cores = run.get("cpu_cores")
+    if other_share is None or not cores:
+        return None
+    return {"other_cores": other_share * max(0.0, cores["other"])}
+
+
+def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False,
+                   grid: dict | None = None) -> tuple[dict, float]:
+    """The load terms (LOAD_GRID's, and on CPU `other_share`) that minimise the summed loss over
+    `runs` (dicts with "run", the bench JSON, and "cpu_cores"), by grid search. Returns
     (terms, loss)."""
     import itertools
-    grid = grid or LOAD_GRID
+    grid = dict(grid or LOAD_GRID)
+    if cpu:
+        grid["other_share"] = OTHER_SHARE_GRID
     best, best_loss = {}, float("inf")
     for values in itertools.product(*grid.values()):
         terms = dict(zip(grid, values))
+        share = terms.pop("other_share", None)
         prof = dict(profile, serving={**profile.get("serving", {}), **terms})
-        loss = sum(_loss(measured(r["run"]), simulate_run(plan, prof, r["run"], 0.0, slo, serving=r.get("serving")))
+        loss = sum(_loss(measured(r["run"]), simulate_run(plan, prof, r["run"], 0.0, slo,
+                                                          serving=run_overrides(r, share)))
                    for r in runs)
+        if share is not None:
+            terms["other_share"] = share
         if loss < best_loss - 1e-12:
             best, best_loss = terms, loss
     return best, best_loss
@@ -124,17 +145,17 @@ def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: 
     from benchmarks.fidelity_calibration import calibrated_profile, fit_calibration
     fit = fit_calibration(cal_raw, kv_bytes, gpu=gpu)
     zero = calibrated_profile(engine_profile, fit, cpu_cores=cpu_cores)
-    for r in runs:      # on CPU, the cores the other processes took during that run
-        r["serving"] = {"other_cores": max(0.0, r["cpu_cores"]["other"])} if cpu_cores and r.get("cpu_cores") else None
     fit_runs, check_runs = split_rates(runs, fit_rates)
-    loaded, loss = fit_load_terms(plan, zero, fit_runs, slo) if fit_runs else ({}, 0.0)
-    full = dict(zero, serving={**zero["serving"], **loaded})
+    loaded, loss = fit_load_terms(plan, zero, fit_runs, slo, cpu=bool(cpu_cores)) if fit_runs else ({}, 0.0)
+    share = loaded.get("other_share", 1.0) if cpu_cores else None
+    full = dict(zero, serving={**zero["serving"], **{k: v for k, v in loaded.items() if k != "other_share"}})
     out = []
     for r in sorted(runs, key=lambda r: r["rate"]):
         meas = measured(r["run"])
         preds = {"engine": simulate_run(plan, engine_profile, r["run"], 0.0, slo),
-                 "zero-load calibration": simulate_run(plan, zero, r["run"], 0.0, slo, serving=r["serving"]),
-                 "calibrated": simulate_run(plan, full, r["run"], 0.0, slo, serving=r["serving"])}
+                 "zero-load calibration": simulate_run(plan, zero, r["run"], 0.0, slo,
+                                                       serving=run_overrides(r, 1.0 if cpu_cores else None)),
+                 "calibrated": simulate_run(plan, full, r["run"], 0.0, slo, serving=run_overrides(r, share))}
         out.append({"rate": r["rate"], "cpu_cores": r.get("cpu_cores"), "measured": meas, "predicted": preds,
                     "verdict": {k: verdict(meas, v) for k, v in preds.items()},
                     "role": "fit" if r in fit_runs else "check",
