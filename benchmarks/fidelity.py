@@ -2,27 +2,31 @@
 
     python -m benchmarks.fidelity --profile placement/profiles/cpu_embedded.json \
         --ray-worker-niceness 0 --out runs/fidelity          # CPU defaults: embedded model, 1P+1D
+    python -m benchmarks.fidelity --from-dir runs/fidelity --out runs/again   # re-predict, no cluster
 
 1. Starts the real cluster (`disagg serve --plan`, a subprocess with its own local Ray).
-2. Calibrates at zero load what a serving step costs beyond the engine profile: serving step =
-   scale x engine step + overhead (the worker's scheduling, KV sender threads, Ray messages),
-   the KV hand-over (first to second token less one decode step: transfer, start of decode)
-   as the KV link's latency and bandwidth, and the TTFT spent outside the workers (routing,
-   Ray hops, gRPC), which this script adds to simulated TTFTs since the simulator's clock
-   starts at the controller and stops at the prefill worker. The result is a calibrated copy
-   of the profile in placement's format (profile-serving.json).
+2. Calibrates at zero load what a serving step costs beyond the engine profile (serving step =
+   scale x engine step + overhead), the KV hand-over (first to second token less one decode
+   step) as the KV link's latency and bandwidth, the TTFT spent outside the workers (routing,
+   Ray hops, gRPC), the frontend's CPU per token, and on a shared GPU how prefill and decode
+   slow each other (benchmarks/fidelity_calibration.py). The result is a calibrated copy of the
+   profile in placement's format with a "serving" section (placement/serving.py).
 3. Runs `disagg bench` (a subprocess, as a user would) at each rate, and counts the cores each
    part used meanwhile (/proc): the serve process, the worker actors, the rest of Ray, the
    client, and everyone else on the machine.
-4. Simulates the very requests each run sent (their lengths, their send times) with placement's
-   simulator, the plan's batching and KV blocks, and the engine-only or calibrated profile;
-   where the plan's prefill and decode share a GPU, also as if they did not (the simulator
-   time-slices shared GPUs, placement/simulator.py).
-   `disagg simulate` (placement/commands.py) takes a named workload redrawn at each rate, not a
-   run's exact sample (clipped lengths, actual send times), so this is a small adapter over
-   placement's Python API (deployment_from_plan, simulate).
-5. Prints attainment, p90 TTFT and p90 TPOT measured beside predicted and writes JSON, with a
-   verdict against the issue's targets (2 points of attainment, 10% on p90 TTFT and TPOT).
+4. Fits the serving terms that only show under load (hand-over hops and decode host time per
+   request in flight; on CPU the share of the neighbours' cores that competes) on some rates
+   and checks them on the others (benchmarks/fidelity_predict.py), then simulates the very
+   requests each run sent (their lengths, their send times) with placement's simulator three
+   ways: the engine profile alone, the zero-load calibration, and with the load terms.
+   profile-serving.json gets the load terms too: `disagg simulate --latency-model` takes it.
+5. Prints attainment, p90 TTFT and p90 TPOT measured beside predicted and writes
+   fidelity.json, with a verdict against issue 15's targets (3 points of attainment, 15% on
+   p90 TTFT and TPOT, at every rate up to where measured attainment falls to 50%).
+
+`--from-dir DIR` redoes 4-5 from a recorded folder (fidelity.json with the calibration's raw
+measurements, plan.json, bench-rate*.json) with the current simulator: a GPU run re-predicted
+on a CPU machine.
 """
 from __future__ import annotations
 
@@ -97,7 +101,10 @@ def main(argv=None) -> int:
                     help="re-predict a recorded run (a previous --out folder) with the current simulator; no cluster")
     ap.add_argument("--out", default="fidelity-out")
     args = ap.parse_args(argv)
-    fit_rates = [float(x) for x in args.fit_rates.split(",")] if args.fit_rates else None
+    try:
+        fit_rates = [float(x) for x in args.fit_rates.split(",")] if args.fit_rates else None
+    except ValueError:
+        ap.error(f"--fit-rates takes rates separated by commas (e.g. 16,32,64), got {args.fit_rates!r}")
     if args.from_dir:
         return offline(Path(args.from_dir), Path(args.out), fit_rates)
     return online(args, fit_rates)
