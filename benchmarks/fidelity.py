@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-rates", default=None,
                     help="rates whose runs fit the load terms (default: every second rate up to the one where "
                          "measured attainment falls under 50%%, starting with the second); the others check them")
+    ap.add_argument("--load-terms-from", default=None,
+                    help="take the load terms from an earlier fit (its fidelity.json or profile-serving.json) "
+                         "instead of fitting them here: every rate then checks them")
     ap.add_argument("--from-dir", default=None,
                     help="re-predict a recorded run (a previous --out folder) with the current simulator; no cluster")
     ap.add_argument("--out", default="fidelity-out")
@@ -105,12 +108,14 @@ def main(argv=None) -> int:
         fit_rates = [float(x) for x in args.fit_rates.split(",")] if args.fit_rates else None
     except ValueError:
         ap.error(f"--fit-rates takes rates separated by commas (e.g. 16,32,64), got {args.fit_rates!r}")
+    from benchmarks.fidelity_predict import load_terms_from
+    load_terms = load_terms_from(args.load_terms_from) if args.load_terms_from else None
     if args.from_dir:
-        return offline(Path(args.from_dir), Path(args.out), fit_rates)
-    return online(args, fit_rates)
+        return offline(Path(args.from_dir), Path(args.out), fit_rates, load_terms)
+    return online(args, fit_rates, load_terms)
 
 
-def online(args, fit_rates) -> int:
+def online(args, fit_rates, load_terms=None) -> int:
     from engine.model_config import load_model_config
     from engine.plan import Plan
     from model.embedded import resolve_model_source
@@ -171,10 +176,10 @@ def online(args, fit_rates) -> int:
     # Written before the prediction so that `--from-dir` can redo it from the same folder.
     result["runs"] = [{"rate": r["rate"], "cpu_cores": r["cpu_cores"]} for r in runs]
     (out / "fidelity.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    return _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, cores, fit_rates, out)
+    return _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, cores, fit_rates, out, load_terms)
 
 
-def offline(src: Path, out: Path, fit_rates) -> int:
+def offline(src: Path, out: Path, fit_rates, load_terms=None) -> int:
     """Re-predict a recorded run: its calibration measurements, plan and bench runs, with the
     current simulator and fit. Writes fidelity.json and profile-serving.json under `out`."""
     from engine.errors import ConfigError
@@ -210,17 +215,19 @@ def offline(src: Path, out: Path, fit_rates) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = dict(rec, recorded_in=str(src), repredicted=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return _predict_and_write(result, plan, engine_profile, rec["calibration"]["raw"], kv_bytes, runs, slo, cores,
-                              fit_rates, out)
+                              fit_rates, out, load_terms)
 
 
-def _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, cores, fit_rates, out: Path) -> int:
+def _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, cores, fit_rates, out: Path,
+                       load_terms=None) -> int:
     from placement.latency_profile import save_profile
     pred = predict_runs(plan, engine_profile, cal, kv_bytes, plan.prefill.device == "cuda", runs, slo,
-                        cpu_cores=cores, fit_rates=fit_rates)
+                        cpu_cores=cores, fit_rates=fit_rates, load_terms=load_terms)
     for r in pred["runs"]:
         print(format_row(r))
     s = pred["summary"]
-    print(f"load terms {s['load_terms']} fitted on rates {s['fit_rates']}; rates up to the 50% point "
+    where = f"fitted on rates {s['fit_rates']}" if s["fit_rates"] else "from another recording"
+    print(f"load terms {s['load_terms']} {where}; rates up to the 50% point "
           f"{s['range_rates']}: all within target: {s['all_in_range_ok']}, the checked ones: {s['checked_in_range_ok']}")
     save_profile(pred["profile"], out / "profile-serving.json")
     result.update(fit=pred["fit"], summary=s, runs=pred["runs"])

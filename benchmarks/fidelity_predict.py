@@ -137,16 +137,37 @@ def split_rates(runs: list[dict], fit_rates: list[float] | None) -> tuple[list[d
     return fit, [r for r in runs if r not in fit]
 
 
+def load_terms_from(path) -> dict:
+    """The load terms of an earlier fit: a fidelity.json (its summary) or a calibrated profile
+    (its "serving" section)."""
+    import json
+    from pathlib import Path
+    from engine.errors import ConfigError
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--load-terms-from {p}: no such file (a fidelity.json or a profile-serving.json)")
+    d = json.loads(p.read_text())
+    if "summary" in d:
+        return dict(d["summary"]["load_terms"])
+    if isinstance(d.get("serving"), dict):
+        return {k: d["serving"][k] for k in LOAD_GRID if k in d["serving"]}
+    raise ConfigError(f"--load-terms-from {p}: neither a fidelity.json with a summary nor a profile with a serving section")
+
+
 def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: bool, runs: list[dict], slo,
-                 cpu_cores: float = 0.0, fit_rates: list[float] | None = None) -> dict:
+                 cpu_cores: float = 0.0, fit_rates: list[float] | None = None, load_terms: dict | None = None) -> dict:
     """Every run predicted three ways: the engine profile alone, the zero-load calibration, and
-    the zero-load calibration plus the load terms fitted on `fit` runs (checked on the others).
+    the zero-load calibration plus the load terms fitted on `fit` runs (checked on the others),
+    or `load_terms` fitted on another recording (every run then checks them).
     `runs`: dicts with "rate", "run" (bench JSON) and "cpu_cores" (what each part used)."""
     from benchmarks.fidelity_calibration import calibrated_profile, fit_calibration
     fit = fit_calibration(cal_raw, kv_bytes, gpu=gpu)
     zero = calibrated_profile(engine_profile, fit, cpu_cores=cpu_cores)
-    fit_runs, check_runs = split_rates(runs, fit_rates)
-    loaded, loss = fit_load_terms(plan, zero, fit_runs, slo, cpu=bool(cpu_cores)) if fit_runs else ({}, 0.0)
+    if load_terms is not None:
+        fit_runs, loaded, loss = [], dict(load_terms), float("nan")
+    else:
+        fit_runs, _ = split_rates(runs, fit_rates)
+        loaded, loss = fit_load_terms(plan, zero, fit_runs, slo, cpu=bool(cpu_cores)) if fit_runs else ({}, 0.0)
     share = loaded.get("other_share", 1.0) if cpu_cores else None
     full = dict(zero, serving={**zero["serving"], **{k: v for k, v in loaded.items() if k != "other_share"}})
     out = []
@@ -162,6 +183,7 @@ def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: 
                     "in_range": any(r is x for x in in_range(runs))})
     covered = [x for x in out if x["in_range"]]
     summary = {"fit_rates": [r["rate"] for r in fit_runs], "load_terms": loaded, "fit_loss": loss,
+               "load_terms_from": "this run's fit rates" if load_terms is None else "another recording",
                "range_rates": [x["rate"] for x in covered],
                "all_in_range_ok": all(x["verdict"]["calibrated"]["ok"] for x in covered),
                "checked_in_range_ok": all(x["verdict"]["calibrated"]["ok"] for x in covered if x["role"] == "check")}

@@ -44,3 +44,15 @@ def test_bad_fit_rates_are_refused(tmp_path, bad):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", "--from-dir", str(RECORDED), "--out",
                            str(tmp_path), "--fit-rates", bad], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--fit-rates" in proc.stderr
+
+
+def test_load_terms_from_another_fit_are_checked_on_every_rate(tmp_path):
+    # The committed serving profile's load terms (fitted on this recording's 16/32/64 req/s runs).
+    prof = REPO / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", "--from-dir", str(RECORDED), "--out", str(tmp_path),
+                           "--load-terms-from", str(prof)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "fidelity.json").read_text())
+    assert {r["role"] for r in res["runs"]} == {"check"} and res["summary"]["fit_rates"] == []
+    assert res["summary"]["load_terms"] == {k: json.loads(prof.read_text())["serving"][k]
+                                            for k in ("handover_s_per_stream", "step_host_s_per_stream")}
