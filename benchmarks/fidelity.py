@@ -226,7 +226,7 @@ def _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, c
     for r in pred["runs"]:
         print(format_row(r))
     s = pred["summary"]
-    where = f"fitted on rates {s['fit_rates']}" if s["fit_rates"] else "from another recording"
+    where = f"fitted on rates {s['fit_rates']}" if s["load_terms_from"] != "another recording" else "from another recording"
     print(f"load terms {s['load_terms']} {where}; rates up to the 50% point "
           f"{s['range_rates']}: all within target: {s['all_in_range_ok']}, the checked ones: {s['checked_in_range_ok']}")
     save_profile(pred["profile"], out / "profile-serving.json")

@@ -78,10 +78,11 @@ def _loss(meas: dict, pred: dict) -> float:
     return (v["attainment_pp"] / ATTAINMENT_PP) ** 2 + (v["ttft_p90_rel"] / REL) ** 2 + (v["tpot_p90_rel"] / REL) ** 2
 
 
-# On CPU: how much of the cores the other processes used on average (measured per run) they
-# take while our workers are busy (CFS shares cores between process groups, not processes, and
-# the neighbours' demand is not observable from here): fitted with the load terms.
-OTHER_SHARE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# On CPU: the other processes' demand while our workers are busy, as a multiple of the cores
+# they got on average during the run (measured per run). What they got is capped by what we
+# took; what they want is not observable from here (CFS shares cores between process groups
+# and the neighbours' runnable threads come and go): fitted with the load terms.
+OTHER_SHARE_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def run_overrides(run: dict, other_share: float | None) -> dict | None:

@@ -30,6 +30,7 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from engine.errors import ConfigError
@@ -55,8 +56,6 @@ class ServingTerms:
                     raise ConfigError(f"serving.shared_speeds must be two speeds in (0, 1], got {v}")
             elif not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"serving.{f.name} must be a number >= 0, got {v!r}")
-        if self.host_cores and self.host_cores <= self.other_cores:
-            raise ConfigError(f"serving.host_cores ({self.host_cores}) must exceed other_cores ({self.other_cores})")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ServingTerms | None":
@@ -141,7 +140,11 @@ class CoreShare:
         if state == self.state:
             return []
         self.state = state
-        demands = [1.0 if b else 0.0 for b in busy] + [front, self.terms.other_cores]
+        # The other processes are many threads, none wanting more than a core: their load
+        # competes as ceil(other_cores) tasks (one task of 1.5 cores would be capped at a fair share).
+        other = self.terms.other_cores
+        tasks = max(1, math.ceil(other - 1e-9)) if other > 0 else 0
+        demands = [1.0 if b else 0.0 for b in busy] + [front] + ([other / tasks] * tasks if tasks else [])
         shares = _water_fill(demands, self.terms.host_cores)
         events = []
         for inst, b, share in zip(self.instances, busy, shares):

@@ -68,9 +68,12 @@ def test_cpu_workers_share_the_cores():
     # Two cores, nobody else: nothing slows down.
     r = simulate(dep_with({"host_cores": 2}), wl)
     np.testing.assert_allclose(r.first_token_s, [1.0, 2.66])
-    # Two cores and the others using 1: each busy worker gets 2/3 of a core while both work.
+    # Two cores and the others wanting 1: each busy worker gets 2/3 of a core while both work;
+    # the others wanting 3 compete as 3 threads: 2/5 each.
     r = simulate(dep_with({"host_cores": 2, "other_cores": 1.0}), wl)
     assert r.first_token_s[1] > 2.66 and r.finish_s[0] > 2.11
+    crowded = simulate(dep_with({"host_cores": 2, "other_cores": 3.0}), wl)
+    np.testing.assert_allclose(crowded.first_token_s[0], 2.0)     # r0 alone: 4 tasks on 2 cores, half speed
     # Streaming tokens costs the frontend CPU, which the workers then lack.
     busy = simulate(dep_with({"host_cores": 1.2, "frontend_cpu_s_per_token": 0.05}), wl)
     idle = simulate(dep_with({"host_cores": 1.2}), wl)
@@ -92,5 +95,3 @@ def test_serving_section_is_validated_and_round_trips():
         ProfiledModel(dict(profile(), serving={"handover_ms": 1}))
     with pytest.raises(ConfigError, match="dispatch_s"):
         ServingTerms(dispatch_s=-1)
-    with pytest.raises(ConfigError, match="host_cores"):
-        ServingTerms(host_cores=1, other_cores=1.5)
