@@ -4,7 +4,8 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
 
     "serving": {"dispatch_s": 0.004,              // arrival -> prefill queue (gRPC, routing, Ray hop)
                 "return_s": 0.003,                // first token -> client
-                "handover_s": 0.002,              // controller hops after each KV copy
+                "handover_s": 0.005,              // controller hops after each KV copy
+                "handover_serial": true,          // ... which hold the link (FIFO per link)
                 "handover_s_per_stream": 2e-05,   // ... slower with every request in flight
                 "step_host_s_per_stream": 1e-05,  // decode step: host time per request in flight
                 "shared_speeds": [0.54, 0.53],    // shared GPU: speeds while both are busy
@@ -16,9 +17,14 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
   GPU), and the controller then makes 3-4 awaited hops per request (receive_kv returns,
   first token seen, release, start_decode: cluster/transfers.py). In the simulator the copies
   on one prefill -> decode link go one at a time in FIFO order (link latency + bytes /
-  bandwidth; the link is free again when the copy ends), and the hops after each copy take
-  `handover_s + handover_s_per_stream * requests in flight`: they wait their turn in the
-  controller's event loop, which also fans every decode step's tokens out to the streams.
+  bandwidth), and the hops after each copy take `handover_s + handover_s_per_stream *
+  requests in flight`: they wait their turn in the controller's event loop, which also fans
+  every decode step's tokens out to the streams. With `handover_serial` (the default) the hops
+  hold the link, so the next request's hand-over waits for them: a request's receive on the
+  decode side completes only after the one numbered before it (the channel's order), so the
+  hand-over is one FIFO queue per link whose service time grows with load. Measured on the
+  H200 the hand-over grows like a queue near saturation (mean 12, 46, 136, 359 ms at 16, 48,
+  64, 80 req/s), which a pure delay cannot follow.
 - Host time per decode step that grows with load: the profile's `decode.c` is per running
   request (scheduling, sampling, output processing, the step's event); the worker's step also
   waits for the GIL it shares with the KV receive threads and the streaming generator, which
@@ -42,6 +48,7 @@ class ServingTerms:
     return_s: float = 0.0
     handover_s: float = 0.0
     handover_s_per_stream: float = 0.0
+    handover_serial: bool = True        # the hops hold the link: the next copy waits for them
     step_host_s_per_stream: float = 0.0
     shared_speeds: tuple[float, float] | None = None
     host_cores: float = 0.0
@@ -54,6 +61,9 @@ class ServingTerms:
             if f.name == "shared_speeds":
                 if v is not None and (len(v) != 2 or not all(0 < s <= 1 for s in v)):
                     raise ConfigError(f"serving.shared_speeds must be two speeds in (0, 1], got {v}")
+            elif f.name == "handover_serial":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"serving.handover_serial must be true or false, got {v!r}")
             elif not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"serving.{f.name} must be a number >= 0, got {v!r}")
 

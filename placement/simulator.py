@@ -284,9 +284,15 @@ class Simulator:
         link = self._links.get(key) or self._links.setdefault(key, self.dep.link(*key))
         start = max(now, self.link_free_s.get(key, 0.0))
         end = start + p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
-        self.link_free_s[key] = end             # the link is free once the copy is done ...
-        if self.serving:                        # ... the controller's hops after it take longer
-            end += self.serving.handover_delay(self.in_flight)
+        if self.serving:                        # the controller's hops after the copy
+            hops = self.serving.handover_delay(self.in_flight)
+            if self.serving.handover_serial:    # ... in the channel's order: the link waits
+                end += hops
+                self.link_free_s[key] = end
+                return [(end, self._transfer_done, (p, req))]
+            self.link_free_s[key] = end
+            return [(end + hops, self._transfer_done, (p, req))]
+        self.link_free_s[key] = end             # the link is free once the copy is done
         return [(end, self._transfer_done, (p, req))]
 
     def _transfer_done(self, now, arg):

@@ -28,12 +28,16 @@ def test_handover_is_a_queue_per_link_and_its_hops_slow_with_requests_in_flight(
     r = simulate(dep_with(None, link_bw=5e4), wl)
     np.testing.assert_allclose(r.first_token_s, [1.0, 2.0])
     np.testing.assert_allclose(r.transfer_end_s, [3.01, 5.02])
-    # The controller's hops after each copy (0.05 s) do not hold the link: each lands 0.05 later.
+    # The controller's hops after each copy (0.05 s) hold the link (the channel's order): r0
+    # lands at 3.06, r1's copy waits for that: 3.06-5.07, then its hops: 5.12.
     r = simulate(dep_with({"handover_s": 0.05}, link_bw=5e4), wl)
+    np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.12])
+    # Hops as a pure delay (not the runtime's structure): the link is free after each copy.
+    r = simulate(dep_with({"handover_s": 0.05, "handover_serial": False}, link_bw=5e4), wl)
     np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.07])
-    # 0.01 s more per request in flight (both are, until they finish).
+    # 0.01 s more per request in flight (both are, until they finish): 0.07 of hops each.
     r = simulate(dep_with({"handover_s": 0.05, "handover_s_per_stream": 0.01}, link_bw=5e4), wl)
-    np.testing.assert_allclose(r.transfer_end_s, [3.08, 5.09])
+    np.testing.assert_allclose(r.transfer_end_s, [3.08, 5.16])
 
 
 def test_decode_host_time_grows_with_requests_in_flight():
@@ -95,3 +99,5 @@ def test_serving_section_is_validated_and_round_trips():
         ProfiledModel(dict(profile(), serving={"handover_ms": 1}))
     with pytest.raises(ConfigError, match="dispatch_s"):
         ServingTerms(dispatch_s=-1)
+    with pytest.raises(ConfigError, match="handover_serial"):
+        ServingTerms.from_dict({"handover_serial": 1})
