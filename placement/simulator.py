@@ -19,6 +19,11 @@ event the simulator looks at whether each pair is busy, and while both are, each
 share of `Deployment.shared_speeds` (a prefill batch in flight is stretched by its remaining work; a
 decode run is cut after its step in progress and continues at the new speed).
 
+A calibrated profile's serving terms (placement/serving.py) add what serving costs beyond the
+engine: arrivals reach the controller `dispatch_s` late, the controller's hops after each KV
+copy (fixed + per request in flight) hold the link, decode steps cost more per request in
+flight, and on CPU the workers share the cores with the frontend and the other processes.
+
 `phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
 them: prefill-only requests end at their first token; decode-only requests arrive with their
 KV already in place.
