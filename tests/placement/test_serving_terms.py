@@ -101,3 +101,19 @@ def test_serving_section_is_validated_and_round_trips():
         ServingTerms(dispatch_s=-1)
     with pytest.raises(ConfigError, match="handover_serial"):
         ServingTerms.from_dict({"handover_serial": 1})
+
+
+def test_a_plan_sharing_a_gpu_takes_the_measured_split_from_a_serving_profile():
+    # What `disagg simulate --plan ... --latency-model PROFILE` builds.
+    from pathlib import Path
+
+    from engine.plan import Plan
+    from placement.deployment import deployment_from_plan
+    repo = Path(__file__).resolve().parents[2]
+    plan = Plan.load(repo / "benchmarks" / "plans" / "h200_1p1d_llama3_8b.json")
+    served = deployment_from_plan(plan, latency=str(repo / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json"))
+    assert served.shared == [(0, 0)]
+    assert served.shared_speeds == served.decode.latency.serving.shared_speeds != (0.5, 0.5)
+    assert served.decode.latency.serving.step_host_s_per_stream > 0
+    plain = deployment_from_plan(plan, latency=str(repo / "placement" / "profiles" / "H200_llama-3-8b.json"))
+    assert plain.shared_speeds == (0.5, 0.5) and plain.decode.latency.serving is None
