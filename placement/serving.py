@@ -3,10 +3,10 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
 `"serving"` section, so `disagg simulate`/`place --latency-model PROFILE` use them too.
 
     "serving": {"dispatch_s": 0.004,              // arrival -> prefill queue (gRPC, routing, Ray hop)
-                "return_s": 0.003,                // first token -> client
+                "return_s": 0.0,                  // first token -> client (the fit puts it all in dispatch_s)
                 "handover_s": 0.005,              // controller hops after each KV copy
                 "handover_serial": true,          // ... which hold the link (FIFO per link)
-                "handover_s_per_stream": 2e-05,   // ... slower with every request in flight
+                "handover_s_per_stream": 1e-04,   // ... slower with every request in flight
                 "step_host_s_per_stream": 1e-05,  // decode step: host time per request in flight
                 "shared_speeds": [0.54, 0.53],    // shared GPU: speeds while both are busy
                 "host_cores": 2, "other_cores": 0.3, "frontend_cpu_s_per_token": 0.0009}
@@ -31,8 +31,8 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
   grows with the requests in flight: `step_host_s_per_stream`.
 - On CPU the device IS the cores (`host_cores` > 0): the prefill and decode workers (one
   thread each), the frontend and client (`frontend_cpu_s_per_token` of CPU per streamed
-  token) and everyone else on the machine (`other_cores`, measured) share them; each busy
-  worker runs at its max-min fair share of a core (processor sharing).
+  token) and everyone else on the machine (`other_cores`, measured, as threads of at most a
+  core each) share them; each busy worker runs at its max-min fair share (processor sharing).
 """
 from __future__ import annotations
 
@@ -85,11 +85,6 @@ class ServingTerms:
         if d["shared_speeds"] is not None:
             d["shared_speeds"] = list(d["shared_speeds"])
         return d
-
-    @property
-    def has_load_terms(self) -> bool:
-        """Whether any term needs the simulator to count requests in flight."""
-        return bool(self.handover_s_per_stream or self.step_host_s_per_stream)
 
     def handover_delay(self, in_flight: int) -> float:
         return self.handover_s + self.handover_s_per_stream * in_flight
