@@ -56,6 +56,8 @@ class Admission:
                 del self.charges[wid]       # charged to the instance this one replaces
         elif inst.role == "decode":
             self.decode_free[inst.instance_id] = inst.num_blocks
+        if inst.role != "prefill":
+            self.router.forget(inst.instance_id)     # a former prefill instance's cache is no target now
 
     def on_load(self, inst: Instance, free_blocks: int) -> None:
         if inst.role == "decode":
@@ -122,9 +124,9 @@ class Admission:
 
     async def dispatch(self, t: Tracked, from_submit: bool = False, front: bool = False) -> None:
         """Hand the current attempt to the least loaded route, or park it."""
-        live_c = [i for i in self.pool("colocated") if i.alive]
-        live_p = [i for i in self.pool("prefill") if i.alive]
-        live_d = [i for i in self.pool("decode") if i.alive]
+        live_c = [i for i in self.pool("colocated") if i.routable]
+        live_p = [i for i in self.pool("prefill") if i.routable]
+        live_d = [i for i in self.pool("decode") if i.routable]
         pd = bool(live_p and live_d)
         if not live_c and not pd:
             if self.can_serve():
