@@ -59,6 +59,8 @@ def _serve_one_at_a_time(routing):
         srv.close()
 
 
+# Two cluster start-ups (one per routing): 67 s at load average ~20 on the shared 2-core machine.
+@pytest.mark.slow
 def test_prefix_routing_sends_turns_to_their_history_and_hits_more_than_load(ray_session, reference):
     tok_p, cached_p, st_p, gauge_p = _serve_one_at_a_time("prefix")
     tok_l, cached_l, st_l, _ = _serve_one_at_a_time("load")
