@@ -165,9 +165,8 @@ def disaggregated_choices(opt: Optimizer, progress) -> list[tuple[str, Choice]]:
 
 
 def _kind_search(spec: PlaceSpec, kind: str, say) -> tuple[dict, list, str | None]:
-    """One kind's whole search: its phases' configurations, its best candidate(s), and their
-    scores on the scoring workload. Returns (rows per phase, [(algorithm, choice, numbers)],
-    why the kind is unavailable or None)."""
+    """One kind's search: its phases' configurations and its best candidate(s). Returns (rows
+    per phase, [(algorithm, choice)], why the kind is unavailable or None)."""
     opt = Optimizer(spec, say)
     try:
         if kind == "disaggregated":
@@ -181,7 +180,7 @@ def _kind_search(spec: PlaceSpec, kind: str, say) -> tuple[dict, list, str | Non
             options = [(None, choice)]
     except ConfigError as e:
         return opt.scored, [], str(e)
-    return opt.scored, [(name, *score_for_rate(spec, choice, say)) for name, choice in options], None
+    return opt.scored, options, None
 
 
 def place(spec: PlaceSpec, progress=None) -> Plan:
@@ -192,18 +191,23 @@ def place(spec: PlaceSpec, progress=None) -> Plan:
     finalists: dict[str, tuple[object, dict]] = {}
     unavailable: dict[str, str] = {}
     alternatives: dict[str, dict] = {}
-    # The kinds' searches are independent of each other: each runs whole (its phases, then its
-    # finalists on the scoring workload) on a core of its own, the longest (chunked: its
-    # replays take the most time) first.
+    # The kinds' searches are independent of each other, and so are the finalists' scores on
+    # the scoring workload: each runs on a core of its own, the longest (chunked: its replays
+    # take the most time) first.
     kinds = [k for k in ORDER if k in spec.kinds]
     results = dict(zip(kinds, run_all([lambda kind=kind: _kind_search(spec, kind, say) for kind in kinds])))
     scored_rows: dict[str, list[Scored]] = {}
+    jobs = []
+    for kind in kinds:
+        jobs += [(kind, name, choice) for name, choice in results[kind][1]]
+    scores = dict(zip([id(j) for j in jobs],
+                      run_all([lambda c=c: score_for_rate(spec, c, say) for _, _, c in jobs])))
     for kind in (k for k in KINDS if k in results):
-        rows, options, why = results[kind]
-        scored_rows.update(rows)
-        if why is not None:
-            unavailable[kind] = why
-        for name, c, numbers in options:
+        scored_rows.update(results[kind][0])
+        if results[kind][2] is not None:
+            unavailable[kind] = results[kind][2]
+        for job in (j for j in jobs if j[0] == kind):
+            name, (c, numbers) = job[1], scores[id(job)]
             if name is None:
                 finalists[kind] = (c, numbers)
                 continue
