@@ -32,12 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._launch import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor, is_interpreted, jit, tl, use_triton
-
-try:        # Hopper grid-dependency control; absent in old Triton builds
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except Exception:  # noqa: BLE001 - without it PDL variants are simply unavailable
-    gdc_launch_dependents = gdc_wait = None
+from kernels._launch import (FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor, gdc_launch_dependents, gdc_wait,
+                             is_interpreted, jit, tl, use_triton)
 
 PRO_NONE, PRO_NORM = 0, 1
 EPI_STORE, EPI_RESIDUAL, EPI_ROPE_KV, EPI_SILU = 0, 1, 2, 3

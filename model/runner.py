@@ -67,6 +67,15 @@ def _skinny_gemv_from_env() -> bool:
     return os.environ.get("DISAGG_SKINNY_GEMV", "1").lower() not in ("0", "false", "no")
 
 
+def _flag_from_env(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def _eager_from_env() -> bool:
     return os.environ.get("DISAGG_ENFORCE_EAGER", "").lower() in ("1", "true", "yes")
 
@@ -100,6 +109,7 @@ class ModelRunner:
         if self.device.type == "cuda" and _skinny_gemv_from_env():
             from kernels.gemv import tune_skinny
             self.gemv_report = tune_skinny(model.skinny_layers())
+        self.fused_report = self._setup_fused_decode() if self.device.type == "cuda" else []
         if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
@@ -110,6 +120,22 @@ class ModelRunner:
                                                     min(max_prefill_graph_tokens, max_len), pool=pool)
         if self.device.type == "cuda":
             self.warmup()
+
+    def _setup_fused_decode(self) -> list[dict]:
+        """Decode steps of <= 8 rows take the fused kernels (model/fused_decode.py) unless
+        DISAGG_FUSED_DECODE=0 or the model does not fit them; DISAGG_PDL=1 launches them with
+        programmatic dependent launch, DISAGG_PDL_PREFETCH=<columns> adds the L2 prefetch.
+        Their tile configs are tuned first, on this model's weights."""
+        from kernels.fused_tune import tune_fused
+        from model.fused_decode import FusedDecode, unsupported
+        self.model.fused_decode = None
+        if not _flag_from_env("DISAGG_FUSED_DECODE", True) or unsupported(self.model):
+            return []
+        pdl = _flag_from_env("DISAGG_PDL", False)
+        prefetch = int(os.environ.get("DISAGG_PDL_PREFETCH", "0") or 0) if pdl else 0
+        report = tune_fused(self.model.skinny_layers(), pdl=pdl, prefetch=prefetch)
+        self.model.fused_decode = FusedDecode(pdl=pdl, prefetch=prefetch)
+        return report
 
     def warmup(self) -> None:
         """Compile every kernel variant serving uses (prefill with and without a cached prefix,

@@ -1,0 +1,94 @@
+"""The decode forward pass with fused kernels (issue 18): per layer four fused GEMVs and the
+attention, instead of four matmuls and seven small kernels.
+
+    qkv   = gemv(norm(residual; ssq), W_qkv) -> RoPE on q, k; k, v into the paged cache
+    o     = decode attention(q)
+    residual += gemv(o, W_o)                 (and ssq of the new residual, for the next norm)
+    act   = silu_and_mul(gemv(norm(residual; ssq), W_gate_up))
+    residual += gemv(act, W_down)            (and ssq)
+
+Numerics are the unfused path's (model/llama.py with HF rounding): every intermediate is
+rounded to the activation dtype where the unfused path stores it. The per-row sums of squares
+that RMSNorm needs are accumulated by the kernel that writes the residual (one zeroed fp32
+buffer per step), so a norm costs no pass of its own. Used for decode steps of at most
+MAX_FUSED_ROWS rows on CUDA at tensor-parallel size 1 (an all-reduce would sit between the
+matmul and the residual add); anything else takes the unfused path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.decode_attention import paged_decode_attention
+from kernels.fused_gemv import check_config, fused_gemv, DEFAULT_CONFIG
+from kernels.fused_tune import config_for
+from kernels.rmsnorm import rmsnorm
+
+MAX_FUSED_ROWS = 8
+
+
+@dataclass(frozen=True)
+class FusedDecode:
+    """How the fused path launches: pdl (programmatic dependent launch between the kernels of a
+    step, Hopper), prefetch (with pdl: columns of each weight row asked of L2 before waiting
+    for the previous kernel), impl (None: Triton on CUDA; "triton" runs the kernels in the
+    interpreter on CPU, for tests)."""
+    pdl: bool = False
+    prefetch: int = 0
+    impl: str | None = None
+
+
+def unsupported(model) -> str | None:
+    """Why the fused path cannot run this model (None: it can)."""
+    if model.tp.size != 1:
+        return "tensor parallelism > 1 (an all-reduce sits between each matmul and the residual add)"
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    for name, w, off in (("qkv", attn.qkv_proj.weight, attn.head_dim // 2), ("o", attn.o_proj.weight, None),
+                         ("gate_up", mlp.gate_up_proj.weight, mlp.inter), ("down", mlp.down_proj.weight, None)):
+        why = check_config(DEFAULT_CONFIG, w.shape[0], w.shape[1], off)
+        if why:
+            return f"{name} projection {tuple(w.shape)}: {why}"
+    if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+        return "o/down projections with a bias"
+    return None
+
+
+def applies(model, input_ids: torch.Tensor, meta) -> bool:
+    fused = getattr(model, "fused_decode", None)
+    return (fused is not None and meta.kind == "decode" and input_ids.shape[0] <= MAX_FUSED_ROWS
+            and (input_ids.is_cuda or fused.impl == "triton"))
+
+
+def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> torch.Tensor:
+    """Hidden states after the final norm, [T, hidden]; same contract as LlamaModel.forward."""
+    fused: FusedDecode = model.fused_decode
+    kw = dict(pdl=fused.pdl, prefetch=fused.prefetch, impl=fused.impl)
+    T = input_ids.shape[0]
+    residual = model.embed_tokens(input_ids)
+    ssq = torch.zeros((2 * len(model.layers), T), dtype=torch.float32, device=residual.device)
+    ssq_in = residual.float().square().sum(-1)
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        k_cache, v_cache = kv_cache[i][0], kv_cache[i][1]
+        w = attn.qkv_proj.weight
+        qkv = fused_gemv(residual, w, attn.qkv_proj.bias, norm=(ssq_in, ln1.weight, ln1.eps),
+                         rope_kv=(positions, model.cos_sin, k_cache, v_cache, meta.slot_mapping,
+                                  attn.num_heads, attn.num_kv_heads),
+                         config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2), **kw)
+        q = qkv[:, :attn.q_size].view(T, attn.num_heads, attn.head_dim)
+        o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, attn.scale,
+                                   trigger_dependents=fused.pdl)
+        w = attn.o_proj.weight
+        fused_gemv(o.view(T, attn.q_size), w, residual=(residual, ssq[2 * i]),
+                   config=config_for(w, fused.pdl, fused.prefetch), **kw)
+        w = mlp.gate_up_proj.weight
+        act = fused_gemv(residual, w, norm=(ssq[2 * i], ln2.weight, ln2.eps), silu=True,
+                         config=config_for(w, fused.pdl, fused.prefetch, mlp.inter), **kw)
+        w = mlp.down_proj.weight
+        fused_gemv(act, w, residual=(residual, ssq[2 * i + 1]), config=config_for(w, fused.pdl, fused.prefetch), **kw)
+        ssq_in = ssq[2 * i + 1]
+        if layer_hook is not None:
+            layer_hook(i)
+    return rmsnorm(residual, model.norm.weight, model.norm.eps)
