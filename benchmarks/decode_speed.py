@@ -1,9 +1,19 @@
-"""Decode at batch 1-8 (issue 18): the engine's step with the tuned skinny-matmul table
-(kernels/gemv.py) against cuBLAS only, same model, same KV, same process, judged against the
-streaming-read ceiling measured in the run. Prints the tuning table (per shape and row count:
-cuBLAS vs the best GEMV config, µs and GB/s), tok/s and % of read per batch for both, the
-per-kernel breakdown of one batch-1 step with each, and whether greedy tokens agree.
-Usage: python -m benchmarks.decode_speed --out decode_speed.json
+"""Decode at batch 1-8 (issue 18): the engine's decode step in several variants, same model, same
+KV, same process, judged against the streaming-read ceiling measured in the same run.
+
+Variants (each a fresh ModelRunner with its own CUDA graphs, chosen by environment variables):
+  cublas         every matmul through cuBLAS, unfused kernels (DISAGG_SKINNY_GEMV=0, DISAGG_FUSED_DECODE=0)
+  tuned          the skinny-GEMV table of round 1, unfused kernels: the "before" of this round
+  fused          model/fused_decode.py: 4 fused GEMVs + attention per layer (configs tuned here)
+  fused+pdl      the same launched with programmatic dependent launch (DISAGG_PDL=1)
+  fused+pdl+pfN  and an L2 prefetch of the first N columns of each weight row before the wait
+
+Prints per variant: the fused tuning table (every candidate config's µs per shape), decode
+tok/s and % of read at batch 1/2/4/8 (ctx 512) and 1/8 (ctx 2048), wall step and GPU-only
+time, greedy tokens of an 8-row step against the first variant, a per-kernel breakdown of one
+batch-1 step (torch.profiler), and the cost of each fused epilogue against a plain GEMV of the
+same shape. Ends with a before/after table and the best variant.
+Usage: python -m benchmarks.decode_speed --out decode_speed.json [--variants a,b,...]
 """
 from __future__ import annotations
 
@@ -11,77 +21,211 @@ import argparse
 import datetime
 import json
 import os
+import time
 
 import torch
 
+from benchmarks.engine import BS, Engine, kernel_breakdown
+
 BATCHES = (1, 2, 4, 8)
+VARIANTS = {
+    "cublas": {"DISAGG_SKINNY_GEMV": "0", "DISAGG_FUSED_DECODE": "0", "DISAGG_PDL": "0"},
+    "tuned": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "0", "DISAGG_PDL": "0"},
+    "fused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "0"},
+    "fused+pdl": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1", "DISAGG_PDL_PREFETCH": "0"},
+    "fused+pdl+pf512": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
+                        "DISAGG_PDL_PREFETCH": "512"},
+    "fused+pdl+pf2048": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
+                         "DISAGG_PDL_PREFETCH": "2048"},
+}
+KV_TOKENS = 64 * 1024
+
+
+class Bench(Engine):
+    """benchmarks.engine.Engine's model and decode timing, with a smaller KV cache and a runner
+    rebuilt per variant (graphs for batch <= 8 only, no prefill graphs: quick to capture)."""
+
+    def __init__(self):     # noqa: D107 - Engine.__init__ would capture 256-row graphs
+        from model.kv_cache import allocate_kv_cache
+        from model.loader import build_model
+        from model.sampler import Sampler
+        t0 = time.perf_counter()
+        self.model = build_model("llama-3-8b", device="cuda", dtype="bfloat16", max_positions=8192)
+        self.cfg = cfg = self.model.cfg
+        self.num_blocks = KV_TOKENS // BS + 1
+        self.kv = allocate_kv_cache(cfg.num_layers, self.num_blocks, BS, cfg.num_kv_heads, cfg.head_dim,
+                                    torch.bfloat16, "cuda")
+        self.kv.normal_()
+        self.build_s = time.perf_counter() - t0
+        self.sampler = Sampler("cuda", 0)
+        params = list(self.model.named_parameters())
+        embed = self.model.embed_tokens.weight
+        self.matrix_bytes = sum(p.numel() * p.element_size() for _, p in params) - embed.numel() * embed.element_size()
+        self.runner = None
+
+    def use(self, env: dict) -> float:
+        from kernels import gemv
+        from model.runner import ModelRunner
+        self.runner = None
+        torch.cuda.empty_cache()
+        os.environ.update(env)
+        if env.get("DISAGG_SKINNY_GEMV") == "0":
+            gemv.reset()        # skinny_linear reads the table whatever the environment says
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(self.model, self.kv, BS, max_batch_size=max(BATCHES), max_model_len=8192,
+                                  max_prefill_graph_tokens=0)
+        return time.perf_counter() - t0
 
 
 @torch.inference_mode()
-def measure(eng, label: str, contexts, log) -> dict:
-    from benchmarks.engine import kernel_breakdown
+def epilogue_costs(model, fused, log) -> list[dict]:
+    """µs per call (graph over the 32 layers) of each fused mode against the plain GEMV with the
+    same config: what folding the norm, RoPE + KV write, residual and SiLU into it costs."""
+    from kernels.fused_gemv import fused_gemv
+    from kernels.fused_tune import _graph_us, config_for
+    L = model.layers
+    a0, m0 = L[0].self_attn, L[0].mlp
+    dev, dt, T = a0.qkv_proj.weight.device, a0.qkv_proj.weight.dtype, 1
+    h = model.cfg.hidden_size
+    kw = dict(pdl=fused.pdl, prefetch=fused.prefetch)
+    x = torch.randn(T, h, device=dev, dtype=dt)
+    ssq = x.float().square().sum(-1)
+    kc = torch.zeros(4, BS, a0.num_kv_heads, a0.head_dim, device=dev, dtype=dt)
+    pos = torch.tensor([100] * T, device=dev, dtype=torch.int32)
+    slots = torch.tensor([5] * T, device=dev, dtype=torch.int64)
+    o_in = torch.randn(T, a0.q_size, device=dev, dtype=dt)
+    act = torch.randn(T, m0.inter, device=dev, dtype=dt)
+    res = torch.randn(T, h, device=dev, dtype=dt)
+    ssq_out = torch.zeros(T, device=dev)
+    cases = {
+        "qkv plain": ([l.self_attn.qkv_proj for l in L], x, {}, None),
+        "qkv norm+rope+kv": ([l.self_attn.qkv_proj for l in L], x, dict(
+            norm=(ssq, L[0].input_layernorm.weight, 1e-5),
+            rope_kv=(pos, model.cos_sin, kc, kc, slots, a0.num_heads, a0.num_kv_heads)), a0.head_dim // 2),
+        "o plain": ([l.self_attn.o_proj for l in L], o_in, {}, None),
+        "o +residual": ([l.self_attn.o_proj for l in L], o_in, dict(residual=(res, ssq_out)), None),
+        "gate_up plain": ([l.mlp.gate_up_proj for l in L], x, {}, None),
+        "gate_up norm+silu": ([l.mlp.gate_up_proj for l in L], x, dict(
+            norm=(ssq, L[0].post_attention_layernorm.weight, 1e-5), silu=True), m0.inter),
+        "down plain": ([l.mlp.down_proj for l in L], act, {}, None),
+        "down +residual": ([l.mlp.down_proj for l in L], act, dict(residual=(res, ssq_out)), None),
+    }
+    rows = []
+    for name, (layers, xin, extra, off) in cases.items():
+        cfg = config_for(layers[0].weight, fused.pdl, fused.prefetch, off)
+        us = _graph_us(lambda: [fused_gemv(xin, lay.weight, lay.bias, config=cfg, **extra, **kw) for lay in layers],
+                       len(layers))
+        w = layers[0].weight
+        gbps = w.numel() * w.element_size() / us / 1e3
+        rows.append({"case": name, "config": list(cfg), "us": us, "GBps": gbps})
+        log(f"  {name:<20} {str(cfg):<24} {us:7.2f} us  {gbps:6.0f} GB/s")
+    return rows
+
+
+@torch.inference_mode()
+def measure(bench: Bench, label: str, contexts, read: float, log) -> dict:
     from model.runner import StepInput
     rows = []
     for c in contexts:
-        for b in BATCHES:
-            r = eng.decode_point(b, c, steps=20)
+        for b in (BATCHES if c == contexts[0] else (1, 8)):
+            r = bench.decode_point(b, c, steps=20)
             rows.append(r)
-            log(f"{label:>6} b={b} ctx={c:>5}: {r['step_ms']:6.2f} ms/step ({r['gpu_ms']:5.2f} GPU) "
-                f"{r['tokens_per_s']:6.0f} tok/s {r['GBps']:6.0f} GB/s")
-    graphs = eng.runner.graphs
-    eng.decode_point(1, 512, steps=1)
+            log(f"{label:>18} b={b} ctx={c:>5}: {r['step_ms']:6.3f} ms/step ({r['gpu_ms']:6.3f} GPU) "
+                f"{r['tokens_per_s']:6.0f} tok/s, {r['GBps'] / read:5.1%} of read ({r['gpu_GBps'] / read:5.1%} GPU only)")
+    graphs = bench.runner.graphs
+    bench.decode_point(1, 512, steps=1)
     out1 = graphs.outputs[1][:1]
-    brk = kernel_breakdown(lambda: (graphs.graphs[1].replay(), eng.model.compute_logits(out1)), top=20)
+    brk = kernel_breakdown(lambda: (graphs.graphs[1].replay(), bench.model.compute_logits(out1)), top=16)
+    kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(brk["by_kind_ms"].items(), key=lambda kv: -kv[1]))
+    log(f"{label:>18} b=1 breakdown: wall {brk['wall_ms']:.3f} ms, kernels {brk['kernel_ms']:.3f} ms ({kinds})")
+    for t in brk["top"]:
+        log(f"{'':>20}{t['ms'] * 1e3:8.1f} us  x{t['calls']:<4} {t['kernel']}")
     torch.manual_seed(7)
-    seqs = [(t, 300, tb) for t, tb in zip(torch.randint(0, eng.cfg.vocab_size, (8,)).tolist(), eng.tables(8, 301))]
-    greedy = eng.runner.execute(StepInput(decode=seqs)).argmax(-1).tolist()
-    return {"decode": rows, "breakdown_b1": brk, "greedy": greedy, "seqs": seqs}
+    seqs = [(t, 300, tb) for t, tb in zip(torch.randint(0, bench.cfg.vocab_size, (8,)).tolist(), bench.tables(8, 301))]
+    greedy = bench.runner.execute(StepInput(decode=seqs)).argmax(-1).tolist()
+    return {"decode": rows, "breakdown_b1": brk, "greedy": greedy}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="decode_speed.json")
     ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.decode_speed: needs a CUDA GPU", flush=True)
         return 2
     from benchmarks import ceilings
-    from benchmarks.engine import BS, Engine
-    from kernels import gemv
-    from model.runner import ModelRunner
+    from kernels import fused_gemv, fused_tune, gemv
 
     def log(s):
         print(s, flush=True)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if not fused_gemv.pdl_available:
+        log("PDL unavailable in this Triton (no triton.language.extra.cuda.gdc_wait): pdl variants skipped")
+        names = [v for v in names if "pdl" not in v]
     contexts = [int(x) for x in args.contexts.split(",")]
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "ceilings": ceilings.measure()}
+           "ceilings": ceilings.measure(), "variants": {}}
     read = res["ceilings"]["read_GBps"]
     log(f"ceilings: {res['ceilings']}")
-    os.environ["DISAGG_SKINNY_GEMV"] = "1"
-    gemv.reset()
-    eng = Engine(max_model_len=8192)
-    res["gemv_table"] = eng.runner.gemv_report
-    for r in eng.runner.gemv_report:
-        log(f"gemv {r['N']:>6}x{r['K']:<6} rows={r['rows']}: cuBLAS {r['cublas_us']:6.1f} us "
-            f"({r['GBps_cublas']:5.0f} GB/s), chosen {r['chosen']} {r['best_us']:6.1f} us ({r['GBps_best']:5.0f} GB/s)")
-    res["tuned"] = measure(eng, "tuned", contexts, log)
-    gemv.reset()
-    os.environ["DISAGG_SKINNY_GEMV"] = "0"
-    kv = eng.runner.kv_cache
-    del eng.runner
-    torch.cuda.empty_cache()
-    eng.runner = ModelRunner(eng.model, kv, BS, max_batch_size=256, max_model_len=8192)
-    res["cublas"] = measure(eng, "cublas", contexts, log)
-    a, b = res["tuned"]["greedy"], res["cublas"]["greedy"]
-    res["greedy_agree"] = sum(x == y for x, y in zip(a, b)) / len(a)
-    log(f"greedy tokens, tuned vs cuBLAS: {res['greedy_agree']:.0%} of 8 agree")
-    log("batch ctx   cuBLAS tok/s  %read   tuned tok/s  %read")
-    for r0, r1 in zip(res["cublas"]["decode"], res["tuned"]["decode"]):
-        log(f"{r0['batch']:>5} {r0['context']:>5} {r0['tokens_per_s']:12.0f} {r0['GBps'] / read:6.0%} "
-            f"{r1['tokens_per_s']:13.0f} {r1['GBps'] / read:6.0%}")
+    bench = Bench()
+    log(f"model built in {bench.build_s:.1f} s")
+    for name in names:
+        t0 = time.perf_counter()
+        pre = []
+        try:
+            prefetch = int(VARIANTS[name].get("DISAGG_PDL_PREFETCH", "0"))
+            if prefetch and "fused+pdl" in res["variants"] and "fused_table" in res["variants"]["fused+pdl"]:
+                # Only the 3 best configs of each shape without prefetch: compiling every
+                # candidate again per prefetch size would not fit the call.
+                top = {tuple(json.loads(c.replace("(", "[").replace(")", "]")))
+                       for row in res["variants"]["fused+pdl"]["fused_table"] for c in list(row["all_us"])[:3]}
+                pre = fused_tune.tune_fused(bench.model.skinny_layers(), pdl=True, prefetch=prefetch,
+                                            candidates=sorted(top), log=log)
+            setup_s = bench.use(VARIANTS[name])
+            r = {"setup_s": setup_s, "gemv_table": bench.runner.gemv_report, "fused_table": bench.runner.fused_report or pre}
+            log(f"== {name}: runner (tuning + capture) {setup_s:.1f} s; fused={bench.model.fused_decode}")
+            for row in r["fused_table"]:
+                log(f"  fused {row['N']}x{row['K']}: {row['chosen']} {row['best_us']:.2f} us ({row['GBps']:.0f} GB/s); "
+                    + ", ".join(f"{c} {t:.1f}" for c, t in list(row["all_us"].items())[:6]))
+            if bench.model.fused_decode is not None:
+                r["epilogues"] = epilogue_costs(bench.model, bench.model.fused_decode, log)
+            r.update(measure(bench, name, contexts, read, log))
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            import traceback
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {e}"}
+            log(f"== {name}: FAILED {r['error']}")
+        r["wall_s"] = time.perf_counter() - t0
+        res["variants"][name] = r
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    ok = {n: r for n, r in res["variants"].items() if "decode" in r}
+    if not ok:
+        return 1
+    first = next(iter(ok))
+    log(f"\nstreaming read {read:.0f} GB/s, copy {res['ceilings']['copy_GBps']:.0f} GB/s (measured in this run)")
+    head = "batch ctx  " + "".join(f"{n:>20}" for n in ok)
+    log(head + "   (tok/s, % of read; wall step)")
+    for i, r0 in enumerate(ok[first]["decode"]):
+        cells = "".join(f"{ok[n]['decode'][i]['tokens_per_s']:>12.0f} {ok[n]['decode'][i]['GBps'] / read:6.1%} "
+                        for n in ok)
+        log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
+    for n, r in ok.items():
+        agree = sum(a == b for a, b in zip(r["greedy"], ok[first]["greedy"]))
+        log(f"greedy tokens of an 8-row step, {n} vs {first}: {agree}/8 agree")
+    best = max(ok, key=lambda n: ok[n]["decode"][0]["tokens_per_s"])
+    res["best"] = best
+    log(f"best at b=1: {best} ({ok[best]['decode'][0]['tokens_per_s']:.0f} tok/s, "
+        f"{ok[best]['decode'][0]['GBps'] / read:.1%} of read; target 85%)")
     with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(res, f, indent=1, default=str)
+    gemv.reset()
+    fused_tune.reset()
     return 0
 
 
