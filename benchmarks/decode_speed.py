@@ -178,14 +178,18 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pre = []
         try:
-            prefetch = int(VARIANTS[name].get("DISAGG_PDL_PREFETCH", "0"))
-            if prefetch and "fused+pdl" in res["variants"] and "fused_table" in res["variants"]["fused+pdl"]:
+            env = VARIANTS[name]
+            prefetch = int(env.get("DISAGG_PDL_PREFETCH", "0"))
+            candidates = fused_tune.CANDIDATES
+            if prefetch and "fused+pdl" in res["variants"] and res["variants"]["fused+pdl"].get("fused_table"):
                 # Only the 3 best configs of each shape without prefetch: compiling every
                 # candidate again per prefetch size would not fit the call.
-                top = {tuple(json.loads(c.replace("(", "[").replace(")", "]")))
-                       for row in res["variants"]["fused+pdl"]["fused_table"] for c in list(row["all_us"])[:3]}
-                pre = fused_tune.tune_fused(bench.model.skinny_layers(), pdl=True, prefetch=prefetch,
-                                            candidates=sorted(top), log=log)
+                candidates = sorted({tuple(json.loads(c.replace("(", "[").replace(")", "]")))
+                                     for row in res["variants"]["fused+pdl"]["fused_table"]
+                                     for c in list(row["all_us"])[:3]})
+            if env.get("DISAGG_FUSED_DECODE") == "1":   # tuned here, with its log; the runner reuses it
+                pre = fused_tune.tune_fused(bench.model.skinny_layers(), pdl=env.get("DISAGG_PDL") == "1",
+                                            prefetch=prefetch, candidates=candidates, log=log)
             setup_s = bench.use(VARIANTS[name])
             r = {"setup_s": setup_s, "gemv_table": bench.runner.gemv_report, "fused_table": bench.runner.fused_report or pre}
             log(f"== {name}: runner (tuning + capture) {setup_s:.1f} s; fused={bench.model.fused_decode}")

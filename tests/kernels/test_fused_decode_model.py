@@ -64,8 +64,9 @@ def test_fused_decode_matches_unfused(target, gen, bias, batch):
             got = model(ids, pos, kv_fused, meta)
             assert_close(got, want, target, f"hidden states, {fused}")
             assert_close(kv_fused, kv, target, f"KV cache, {fused}")
-            logits_want, logits_got = model.compute_logits(want), model.compute_logits(got)
-            assert (logits_got.argmax(-1) == logits_want.argmax(-1)).all(), fused
+            if target.dtype == torch.float32:   # bf16 rounding may flip near-ties: hidden states suffice
+                logits_want, logits_got = model.compute_logits(want), model.compute_logits(got)
+                assert (logits_got.argmax(-1) == logits_want.argmax(-1)).all(), fused
 
 
 def test_fused_decode_declines_what_it_cannot_run(target):
