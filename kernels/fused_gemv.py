@@ -130,7 +130,7 @@ def _epilogue(acc1, acc2, base, cols, rm, m_mask, BIAS, OUT, stride_o, RES, stri
         tl.store(OUT + rm[:, None] * stride_o + cols[None, :], act.to(dt), mask=mask)
 
 
-@jit
+@jit(do_not_specialize=["M"])     # one compiled variant for every batch size
 def _fused_gemv_kernel(X, W, BIAS, OUT, M, N, K, stride_x, stride_o,
                        SSQ_IN, NORM_W, eps, RES, stride_r, SSQ_OUT,
                        POS, CS, stride_cs, KC, VC, SLOTS, slot_stride, q_size, kv_size,

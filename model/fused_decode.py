@@ -54,6 +54,46 @@ def unsupported(model) -> str | None:
     return None
 
 
+@torch.inference_mode()
+def self_check(model, fused: FusedDecode) -> str | None:
+    """Run each fused kernel mode once on layer 0's weights (one row, scratch KV) against its
+    reference; the reason it failed, or None. A kernel that does not build or does not agree
+    on this GPU then costs the fused path, never a serving step."""
+    from kernels.fused_gemv import fused_gemv_ref
+    attn, mlp, ln = model.layers[0].self_attn, model.layers[0].mlp, model.layers[0].input_layernorm
+    w = attn.qkv_proj.weight
+    dev, dt = w.device, w.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn((1, w.shape[1]), generator=gen, device=dev, dtype=dt)
+    norm = (x.float().square().sum(-1), ln.weight, ln.eps)
+    pos = torch.zeros(1, dtype=torch.int32, device=dev)
+    slots = torch.zeros(1, dtype=torch.int64, device=dev)
+    kw = dict(pdl=fused.pdl, prefetch=fused.prefetch, impl=fused.impl)
+    res = torch.randn((1, attn.o_proj.out_features), generator=gen, device=dev, dtype=dt)
+    o_in = torch.randn((1, attn.q_size), generator=gen, device=dev, dtype=dt)
+    act = torch.randn((1, mlp.inter), generator=gen, device=dev, dtype=dt)
+    for name, lin, xin, extra, off in (
+            ("qkv", attn.qkv_proj, x, "rope", attn.head_dim // 2), ("o", attn.o_proj, o_in, "residual", None),
+            ("gate_up", mlp.gate_up_proj, x, "silu", mlp.inter), ("down", mlp.down_proj, act, "residual", None)):
+        outs = []
+        for fn in (fused_gemv, fused_gemv_ref):
+            caches = [torch.zeros((1, 1, attn.num_kv_heads, attn.head_dim), device=dev, dtype=dt) for _ in range(2)]
+            mode = {"rope": dict(norm=norm, rope_kv=(pos, model.cos_sin, *caches, slots, attn.num_heads,
+                                                     attn.num_kv_heads)),
+                    "residual": dict(residual=(res.clone(), torch.zeros(1, device=dev))),
+                    "silu": dict(norm=norm, silu=True)}[extra]
+            more = dict(config=config_for(lin.weight, fused.pdl, fused.prefetch, off), **kw) if fn is fused_gemv else {}
+            try:
+                outs.append(torch.cat([fn(xin, lin.weight, lin.bias, **mode, **more).float().flatten()]
+                                      + [c.float().flatten() for c in caches]))
+            except Exception as e:  # noqa: BLE001 - reported, and the unfused path serves
+                return f"{name}: {type(e).__name__}: {str(e)[:300]}"
+        err = float((outs[0] - outs[1]).norm() / outs[1].norm().clamp_min(1e-30))
+        if not err < 2e-2:
+            return f"{name}: relative error {err:.1e} against the unfused reference"
+    return None
+
+
 def applies(model, input_ids: torch.Tensor, meta) -> bool:
     fused = getattr(model, "fused_decode", None)
     return (fused is not None and meta.kind == "decode" and input_ids.shape[0] <= MAX_FUSED_ROWS

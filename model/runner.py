@@ -16,7 +16,10 @@ for debugging.
 
 On CUDA, before capture, kernels.gemv.tune_skinny times cuBLAS against a GEMV-shaped Triton
 kernel for each decode matmul shape at 1-8 rows on this model's weights and keeps the faster
-(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning).
+(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning). Decode steps of <= 8 rows then take the fused
+kernels (model/fused_decode.py: norm, RoPE, KV write, SiLU and the residual add folded into four
+GEMVs per layer; configs tuned the same way, each mode checked once against its reference),
+unless DISAGG_FUSED_DECODE=0; DISAGG_PDL=1 adds programmatic dependent launch between them.
 
 A step with both prefill chunks and decode tokens (chunked prefill) runs as one forward pass
 over all their rows (`mixed`): the weights are read once, and only the attention is launched
@@ -26,6 +29,7 @@ that graph and the decode graph instead, which costs less host time than one eag
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -127,14 +131,19 @@ class ModelRunner:
         programmatic dependent launch, DISAGG_PDL_PREFETCH=<columns> adds the L2 prefetch.
         Their tile configs are tuned first, on this model's weights."""
         from kernels.fused_tune import tune_fused
-        from model.fused_decode import FusedDecode, unsupported
+        from model.fused_decode import FusedDecode, self_check, unsupported
         self.model.fused_decode = None
         if not _flag_from_env("DISAGG_FUSED_DECODE", True) or unsupported(self.model):
             return []
         pdl = _flag_from_env("DISAGG_PDL", False)
         prefetch = int(os.environ.get("DISAGG_PDL_PREFETCH", "0") or 0) if pdl else 0
         report = tune_fused(self.model.skinny_layers(), pdl=pdl, prefetch=prefetch)
-        self.model.fused_decode = FusedDecode(pdl=pdl, prefetch=prefetch)
+        fused = FusedDecode(pdl=pdl, prefetch=prefetch)
+        why = self_check(self.model, fused)
+        if why:
+            logging.getLogger(__name__).warning("fused decode kernels off: %s", why)
+            return report
+        self.model.fused_decode = fused
         return report
 
     def warmup(self) -> None:
