@@ -68,6 +68,7 @@ class Bench(Engine):
         from model.runner import ModelRunner
         self.runner = None
         torch.cuda.empty_cache()
+        os.environ.update({"DISAGG_PDL_PREFETCH": "0", "DISAGG_DECODE_SPLIT_TOKENS": "256"})
         os.environ.update(env)
         if env.get("DISAGG_SKINNY_GEMV") == "0":
             gemv.reset()        # skinny_linear reads the table whatever the environment says

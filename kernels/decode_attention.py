@@ -142,14 +142,15 @@ def _config(head_dim: int, interpreted: bool) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
+                    min_split_tokens: int = 256) -> int:
     """No split once there are two programs per multiprocessor; below that, about four programs
     per multiprocessor (rounded down: on H100, 16 x 8 heads x 16k ran 2.88 TB/s with 4 splits
     but 2.62 with 5, whose 640 programs fill the last wave unevenly), each split >= 256 tokens."""
     programs = batch * num_kv_heads
     if programs >= 2 * num_sms:
         return 1
-    return max(1, min(4 * num_sms // programs, max_context // 256, 64))
+    return max(1, min(4 * num_sms // programs, max_context // min_split_tokens, 64))
 
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None, out=None,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.decode_attention import paged_decode_attention
+from kernels._launch import device_sms
+from kernels.decode_attention import auto_num_splits, paged_decode_attention
 from kernels.fused_gemv import check_config, fused_gemv, DEFAULT_CONFIG
 from kernels.fused_tune import config_for
 from kernels.rmsnorm import rmsnorm
@@ -37,6 +38,7 @@ class FusedDecode:
     pdl: bool = False
     prefetch: int = 0
     impl: str | None = None
+    split_tokens: int = 256     # decode attention: fewest context tokens per split
 
 
 def unsupported(model) -> str | None:
@@ -105,6 +107,10 @@ def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> tor
     fused: FusedDecode = model.fused_decode
     kw = dict(pdl=fused.pdl, prefetch=fused.prefetch, impl=fused.impl)
     T = input_ids.shape[0]
+    k0 = kv_cache[0][0]
+    # More, shorter splits than the throughput default at batch <= 8: the step waits on latency
+    num_splits = auto_num_splits(T, k0.shape[2], meta.block_tables.shape[1] * k0.shape[1], device_sms(k0),
+                                 fused.split_tokens)
     residual = model.embed_tokens(input_ids)
     ssq = torch.zeros((2 * len(model.layers), T), dtype=torch.float32, device=residual.device)
     ssq_in = residual.float().square().sum(-1)
@@ -119,7 +125,7 @@ def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> tor
                          config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2), **kw)
         q = qkv[:, :attn.q_size].view(T, attn.num_heads, attn.head_dim)
         o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, attn.scale,
-                                   trigger_dependents=fused.pdl)
+                                   num_splits=num_splits, trigger_dependents=fused.pdl)
         w = attn.o_proj.weight
         fused_gemv(o.view(T, attn.q_size), w, residual=(residual, ssq[2 * i]),
                    config=config_for(w, fused.pdl, fused.prefetch), **kw)
