@@ -112,6 +112,18 @@ def epilogue_costs(model, fused, log) -> list[dict]:
         "down +residual": ([l.mlp.down_proj for l in L], act, dict(residual=(res, ssq_out)), None),
     }
     rows = []
+    from benchmarks.ceilings import _read_kernel
+    for name in ("qkv", "o", "gate_up", "down"):
+        # The floor for a kernel of this size in this launch pattern: a pure streaming read of
+        # each layer's weight, one launch per layer in one graph.
+        ws = [getattr(l.self_attn if name in ("qkv", "o") else l.mlp, f"{name}_proj").weight for l in L]
+        per = 1 << 16
+        sink = torch.empty(-(-ws[0].numel() // per), device=dev)
+        us = _graph_us(lambda: [_read_kernel[(sink.numel(),)](w, sink, w.numel(), PER_PROGRAM=per, BLOCK=4096,
+                                                              num_warps=8) for w in ws], len(ws))
+        gbps = ws[0].numel() * ws[0].element_size() / us / 1e3
+        rows.append({"case": f"{name} read only", "us": us, "GBps": gbps})
+        log(f"  {name + ' read only':<20} {'':<24} {us:7.2f} us  {gbps:6.0f} GB/s")
     for name, (layers, xin, extra, off) in cases.items():
         cfg = config_for(layers[0].weight, fused.pdl, fused.prefetch, off)
         us = _graph_us(lambda: [fused_gemv(xin, lay.weight, lay.bias, config=cfg, **extra, **kw) for lay in layers],
