@@ -96,3 +96,17 @@ def test_fused_gemv_checks_inputs(target, gen):
         t = _table(8, 32, target.device)
         c = target.randn(2, 4, 1, 32, gen=gen)
         FG.fused_gemv(x, w, rope_kv=(x[:, 0].long(), t, c, c, x[:, 0].long(), 4, 1), impl="triton")
+
+
+def test_tuned_config_is_used_only_where_its_tiles_fit():
+    from kernels import fused_tune as FT
+    w = torch.empty(256, 64)
+    FT.reset()
+    try:
+        assert FT.config_for(w) == FG.DEFAULT_CONFIG                # untuned
+        FT._CHOICE[FT._key(w, False, 0)] = (32, 256, 4, 4, 1)
+        assert FT.config_for(w) == (32, 256, 4, 4, 1)
+        assert FT.config_for(w, off=16) == FG.DEFAULT_CONFIG        # RoPE halves of 16 < 32 rows
+        assert FT.config_for(w, pdl=True) == FG.DEFAULT_CONFIG      # tuned per launch flags
+    finally:
+        FT.reset()
