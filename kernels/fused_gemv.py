@@ -157,7 +157,7 @@ def _fused_gemv_kernel(X, W, BIAS, OUT, M, N, K, stride_x, stride_o,
         if PREFETCH > 0:
             # One L2 prefetch per 128-byte line of the first PREFETCH columns of both tiles: the
             # weights do not depend on the kernel still running before this one.
-            lines = k_start + tl.arange(0, PREFETCH // 64) * 64
+            lines = tl.minimum(k_start + tl.arange(0, PREFETCH // 64) * 64, K - 1)     # inside the row
             p1 = w1_ptr + lines[None, :]
             tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [p1], dtype=tl.int32,
                                       is_pure=False, pack=1)
