@@ -68,7 +68,7 @@ def self_check(model, fused: FusedDecode) -> str | None:
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn((1, w.shape[1]), generator=gen, device=dev, dtype=dt)
     norm = (x.float().square().sum(-1), ln.weight, ln.eps)
-    pos = torch.zeros(1, dtype=torch.int32, device=dev)
+    pos = torch.full((1,), 3, dtype=torch.int32, device=dev)   # a real rotation
     slots = torch.zeros(1, dtype=torch.int64, device=dev)
     kw = dict(pdl=fused.pdl, prefetch=fused.prefetch, impl=fused.impl)
     res = torch.randn((1, attn.o_proj.out_features), generator=gen, device=dev, dtype=dt)
