@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels._launch import (FLOAT_DTYPES, output_like, check_shape, check_tensor, device_sms, gdc_launch_dependents,
-                             is_interpreted, jit, next_pow2, tl, use_triton)
+                             gdc_wait, is_interpreted, jit, next_pow2, tl, use_triton)
 
 LOG2E = 1.4426950408889634
 
@@ -45,9 +45,10 @@ def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                          WRITE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         TRIGGER: tl.constexpr = False):
-    if TRIGGER:     # let a PDL-launched successor start (it waits for this grid before reading)
+                         PDL: tl.constexpr = False):
+    if PDL:     # launched with PDL: let the successor start, wait for the predecessor's writes
         gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,9 +110,10 @@ def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
 @jit(do_not_specialize=['num_splits'])
 def _decode_reduce_kernel(PART_O, PART_LSE, OUT, stride_ob, stride_oh, num_heads, num_splits,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                          TRIGGER: tl.constexpr = False):
-    if TRIGGER:
+                          PDL: tl.constexpr = False):
+    if PDL:
         gdc_launch_dependents()
+        gdc_wait()
     # Combine the splits of one (sequence, query head): weights 2^(lse_s - max lse).
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -154,7 +156,7 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None, out=None,
-            trigger_dependents=False):
+            pdl=False):
     op = "paged_decode_attention"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     B, Hq, D = q.shape
@@ -183,7 +185,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         num_splits = auto_num_splits(B, Hk, block_tables.shape[1] * page, device_sms(q))
     group = Hq // Hk
     partial = num_splits > 1
-    trigger = bool(trigger_dependents) and not interpreted and gdc_launch_dependents is not None
+    pdl = bool(pdl) and not interpreted and gdc_wait is not None
+    extra = {"launch_pdl": True} if pdl else {}
     part_o = torch.empty((B, Hq, num_splits, D) if partial else (1,), dtype=torch.float32, device=dev)
     part_lse = torch.empty((B, Hq, num_splits) if partial else (1,), dtype=torch.float32, device=dev)
     block_d = next_pow2(D)
@@ -193,28 +196,29 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=cfg["BLOCK_N"], PAGE=page, WRITE_PARTIAL=partial, UPCAST=interpreted,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TRIGGER=trigger,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     if partial:
         _decode_reduce_kernel[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq,
                                        num_splits, HEAD_DIM=D, BLOCK_D=block_d,
-                                       BLOCK_S=max(2, next_pow2(num_splits)), TRIGGER=trigger, num_warps=4)
+                                       BLOCK_S=max(2, next_pow2(num_splits)), PDL=pdl, num_warps=4, **extra)
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                            num_splits: int | None = None, impl: str | None = None, out=None,
-                           trigger_dependents: bool = False):
+                           pdl: bool = False):
     """Attention of one query token per sequence over its paged KV (shapes as in the reference).
     num_splits: how many parts each context is split into (flash-decoding); None picks from the
     batch size, KV heads and the block table width. impl: None (Triton on CUDA, reference on
     CPU), "triton" or "torch". out: an optional [B, Hq, D] tensor (rows may be strided) written
-    in place and returned. trigger_dependents: let a kernel launched after it with programmatic
-    dependent launch (kernels/fused_gemv.py, pdl=True) start early."""
+    in place and returned. pdl: launch with programmatic dependent launch (Hopper): each kernel
+    lets its successor start early and waits for its predecessor before reading (the fused
+    decode path's chain, kernels/fused_gemv.py)."""
     if not use_triton("paged_decode_attention", impl, _decode_split_kernel, q, k_cache, v_cache,
                       block_tables, context_lens):
         ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                          num_splits)
         return ref if out is None else output_like("paged_decode_attention", out, q).copy_(ref)
     return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out=out,
-                   trigger_dependents=trigger_dependents)
+                   pdl=pdl)
