@@ -39,6 +39,7 @@ class FusedDecode:
     prefetch: int = 0
     impl: str | None = None
     split_tokens: int = 256     # decode attention: fewest context tokens per split
+    combine: bool = False       # decode attention: the last split combines (no reduce kernel)
 
 
 def unsupported(model) -> str | None:
@@ -125,7 +126,7 @@ def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> tor
                          config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2), **kw)
         q = qkv[:, :attn.q_size].view(T, attn.num_heads, attn.head_dim)
         o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, attn.scale,
-                                   num_splits=num_splits, pdl=fused.pdl)
+                                   num_splits=num_splits, pdl=fused.pdl, combine=fused.combine)
         w = attn.o_proj.weight
         fused_gemv(o.view(T, attn.q_size), w, residual=(residual, ssq[2 * i]),
                    config=config_for(w, fused.pdl, fused.prefetch), **kw)

@@ -129,7 +129,8 @@ class ModelRunner:
         """Decode steps of <= 8 rows take the fused kernels (model/fused_decode.py) unless
         DISAGG_FUSED_DECODE=0 or the model does not fit them; DISAGG_PDL=1 launches them with
         programmatic dependent launch, DISAGG_PDL_PREFETCH=<columns> adds the L2 prefetch;
-        DISAGG_DECODE_SPLIT_TOKENS sets the attention's fewest tokens per split (256).
+        DISAGG_DECODE_SPLIT_TOKENS sets the attention's fewest tokens per split (256), and
+        DISAGG_DECODE_COMBINE=1 has its last split combine the others (no reduce kernel).
         Their tile configs are tuned first, on this model's weights."""
         from kernels.fused_tune import tune_fused
         from model.fused_decode import FusedDecode, self_check, unsupported
@@ -140,7 +141,8 @@ class ModelRunner:
         prefetch = int(os.environ.get("DISAGG_PDL_PREFETCH", "0") or 0) if pdl else 0
         report = tune_fused(self.model.skinny_layers(), pdl=pdl, prefetch=prefetch)
         fused = FusedDecode(pdl=pdl, prefetch=prefetch,
-                            split_tokens=int(os.environ.get("DISAGG_DECODE_SPLIT_TOKENS", "256") or 256))
+                            split_tokens=int(os.environ.get("DISAGG_DECODE_SPLIT_TOKENS", "256") or 256),
+                            combine=_flag_from_env("DISAGG_DECODE_COMBINE", False))
         why = self_check(self.model, fused)
         if why:
             logging.getLogger(__name__).warning("fused decode kernels off: %s", why)
