@@ -15,9 +15,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFL
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 if [ -z "$SKIP_TESTS" ]; then
-  timeout ${TEST_TIMEOUT_S:-150} python3 -m pytest -m gpu tests/kernels -q -rs --durations=8 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
+  timeout ${TEST_TIMEOUT_S:-170} python3 -m pytest -m gpu tests/kernels -q -rs --durations=8 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
 fi
-timeout ${DECODE_TIMEOUT_S:-270} python3 -m benchmarks.decode_speed --out "$OUT/decode_speed.json" \
+timeout ${DECODE_TIMEOUT_S:-250} python3 -m benchmarks.decode_speed --out "$OUT/decode_speed.json" \
   ${VARIANTS:+--variants $VARIANTS} 2>&1 | tee "$OUT/decode_speed.log"
 if [ -z "$SKIP_PREFILL" ]; then
   timeout ${PREFILL_TIMEOUT_S:-60} python3 -m benchmarks.prefill_sweep --out "$OUT/prefill_sweep.json" 2>&1 | tee "$OUT/prefill_sweep.log"
