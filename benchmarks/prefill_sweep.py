@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="prefill_sweep.json")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.prefill_sweep: needs a CUDA GPU", flush=True)
+        return 2
     from torch.nn.attention import SDPBackend
 
     from benchmarks.kernels import D, HQ, bench_ms, prefill_inputs, sdpa_ms
