@@ -4,8 +4,10 @@ KV, same process, judged against the streaming-read ceiling measured in the same
 Variants (each a fresh ModelRunner with its own CUDA graphs, chosen by environment variables):
   cublas         every matmul through cuBLAS, unfused kernels (DISAGG_SKINNY_GEMV=0, DISAGG_FUSED_DECODE=0)
   tuned          the skinny-GEMV table of round 1, unfused kernels: the "before" of this round
-  fused          model/fused_decode.py: 4 fused GEMVs + attention per layer (configs tuned here)
+  fused          model/fused_decode.py: 4 fused GEMVs + attention per layer (configs tuned here;
+                 qkv / gate_up stay unfused where the tuners measured that faster: DISAGG_FUSED_UNFUSE=auto)
   fused+pdl      the same launched with programmatic dependent launch (DISAGG_PDL=1)
+  fused+pdl+allfused  every projection fused, whatever the tuners measured (DISAGG_FUSED_UNFUSE=none)
   fused+pdl+combine  the attention's last split combines the others (no reduce kernel)
   fused+pdl+pfN  and an L2 prefetch of the first N columns of each weight row before the wait
 
@@ -34,6 +36,8 @@ VARIANTS = {      # in the order they run: the most informative first, should th
     "tuned": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "0", "DISAGG_PDL": "0"},
     "fused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "0"},
     "fused+pdl": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1", "DISAGG_PDL_PREFETCH": "0"},
+    "fused+pdl+allfused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
+                           "DISAGG_PDL_PREFETCH": "0", "DISAGG_FUSED_UNFUSE": "none"},
     "fused+pdl+combine": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
                           "DISAGG_PDL_PREFETCH": "0", "DISAGG_DECODE_COMBINE": "1"},
     "fused+pdl+pf512": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
@@ -74,7 +78,7 @@ class Bench(Engine):
         gc.collect()            # the last runner's graphs and their memory pool
         torch.cuda.empty_cache()
         os.environ.update({"DISAGG_PDL_PREFETCH": "0", "DISAGG_DECODE_SPLIT_TOKENS": "256",
-                           "DISAGG_DECODE_COMBINE": "0"})
+                           "DISAGG_DECODE_COMBINE": "0", "DISAGG_FUSED_UNFUSE": "auto"})
         os.environ.update(env)
         if env.get("DISAGG_SKINNY_GEMV") == "0":
             gemv.reset()        # skinny_linear reads the table whatever the environment says

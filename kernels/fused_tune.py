@@ -24,6 +24,7 @@ CANDIDATES = (
 )
 TUNE_MIN_BYTES = 4 << 20
 _CHOICE: dict[tuple, tuple] = {}        # (device, dtype, N, K, pdl, prefetch) -> config
+_TIMES: dict[tuple, float] = {}         # same key -> µs per call of the chosen config
 
 
 def _key(w: torch.Tensor, pdl: bool, prefetch: int) -> tuple:
@@ -83,6 +84,7 @@ def tune_fused(layers: list[torch.nn.Linear], pdl: bool = False, prefetch: int =
             continue
         best = min(times, key=times.get)
         _CHOICE[key] = best
+        _TIMES[key] = times[best]
         nbytes = n * k * w0.element_size()
         row = {"N": n, "K": k, "rows": rows, "layers": len(group), "pdl": pdl, "prefetch": prefetch,
                "chosen": list(best), "best_us": times[best], "GBps": nbytes / times[best] / 1e3,
@@ -95,5 +97,11 @@ def tune_fused(layers: list[torch.nn.Linear], pdl: bool = False, prefetch: int =
     return report
 
 
+def tuned_us(w: torch.Tensor, pdl: bool = False, prefetch: int = 0) -> float | None:
+    """µs per call of the chosen config for w under these flags (None: not timed)."""
+    return _TIMES.get(_key(w, pdl, prefetch))
+
+
 def reset() -> None:
     _CHOICE.clear()
+    _TIMES.clear()

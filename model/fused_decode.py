@@ -24,7 +24,11 @@ from kernels._launch import device_sms
 from kernels.decode_attention import auto_num_splits, paged_decode_attention
 from kernels.fused_gemv import check_config, fused_gemv, DEFAULT_CONFIG
 from kernels.fused_tune import config_for
+from kernels.gemv import skinny_linear
+from kernels.kv_cache_write import write_kv_cache
 from kernels.rmsnorm import rmsnorm
+from kernels.rope import apply_rope
+from kernels.silu_and_mul import silu_and_mul
 
 MAX_FUSED_ROWS = 8
 
@@ -40,6 +44,9 @@ class FusedDecode:
     impl: str | None = None
     split_tokens: int = 256     # decode attention: fewest context tokens per split
     combine: bool = False       # decode attention: the last split combines (no reduce kernel)
+    # Projections ("qkv", "gate_up") run unfused (norm kernel, kernels/gemv.py's skinny matmul,
+    # RoPE + KV write or SiLU kernels) where that measured faster: see choose_unfused.
+    unfused: frozenset = frozenset()
 
 
 def unsupported(model) -> str | None:
@@ -97,6 +104,36 @@ def self_check(model, fused: FusedDecode) -> str | None:
     return None
 
 
+EXTRA_KERNEL_US = 2.0      # what each small kernel of the unfused path costs in a graph (H200 breakdown)
+
+
+def choose_unfused(model, fused: FusedDecode) -> frozenset:
+    """The norm-prologue projections whose fused GEMV measured slower than the unfused path's
+    matmul plus its extra small kernels (qkv: norm, RoPE, KV write; gate_up: norm, SiLU), from
+    the two tuners' timings at one row. Without timings, none."""
+    from kernels.fused_tune import tuned_us
+    from kernels.gemv import tuned_us as skinny_us
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    out = set()
+    for name, w, extra in (("qkv", attn.qkv_proj.weight, 3), ("gate_up", mlp.gate_up_proj.weight, 2)):
+        f, u = tuned_us(w, fused.pdl, fused.prefetch), skinny_us(w, 1)
+        if f is not None and u is not None and f > u + extra * EXTRA_KERNEL_US:
+            out.add(name)
+    return frozenset(out)
+
+
+def _unfused_qkv(model, attn, ln, residual, positions, k_cache, v_cache, meta):
+    """The unfused path's front half of attention (model/llama.py), on the residual stream."""
+    T = residual.shape[0]
+    qkv = skinny_linear(rmsnorm(residual, ln.weight, ln.eps), attn.qkv_proj)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = q.view(T, attn.num_heads, attn.head_dim)
+    k = k.view(T, attn.num_kv_heads, attn.head_dim)
+    apply_rope(q, k, positions, model.cos_sin)
+    write_kv_cache(k, v.view(T, attn.num_kv_heads, attn.head_dim), k_cache, v_cache, meta.slot_mapping)
+    return qkv
+
+
 def applies(model, input_ids: torch.Tensor, meta) -> bool:
     fused = getattr(model, "fused_decode", None)
     return (fused is not None and meta.kind == "decode" and input_ids.shape[0] <= MAX_FUSED_ROWS
@@ -120,10 +157,13 @@ def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> tor
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         k_cache, v_cache = kv_cache[i][0], kv_cache[i][1]
         w = attn.qkv_proj.weight
-        qkv = fused_gemv(residual, w, attn.qkv_proj.bias, norm=(ssq_in, ln1.weight, ln1.eps),
-                         rope_kv=(positions, model.cos_sin, k_cache, v_cache, meta.slot_mapping,
-                                  attn.num_heads, attn.num_kv_heads),
-                         config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2), **kw)
+        if "qkv" in fused.unfused:
+            qkv = _unfused_qkv(model, attn, ln1, residual, positions, k_cache, v_cache, meta)
+        else:
+            qkv = fused_gemv(residual, w, attn.qkv_proj.bias, norm=(ssq_in, ln1.weight, ln1.eps),
+                             rope_kv=(positions, model.cos_sin, k_cache, v_cache, meta.slot_mapping,
+                                      attn.num_heads, attn.num_kv_heads),
+                             config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2), **kw)
         q = qkv[:, :attn.q_size].view(T, attn.num_heads, attn.head_dim)
         o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, attn.scale,
                                    num_splits=num_splits, pdl=fused.pdl, combine=fused.combine)
@@ -131,8 +171,11 @@ def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> tor
         fused_gemv(o.view(T, attn.q_size), w, residual=(residual, ssq[2 * i]),
                    config=config_for(w, fused.pdl, fused.prefetch), **kw)
         w = mlp.gate_up_proj.weight
-        act = fused_gemv(residual, w, norm=(ssq[2 * i], ln2.weight, ln2.eps), silu=True,
-                         config=config_for(w, fused.pdl, fused.prefetch, mlp.inter), **kw)
+        if "gate_up" in fused.unfused:
+            act = silu_and_mul(skinny_linear(rmsnorm(residual, ln2.weight, ln2.eps), mlp.gate_up_proj))
+        else:
+            act = fused_gemv(residual, w, norm=(ssq[2 * i], ln2.weight, ln2.eps), silu=True,
+                             config=config_for(w, fused.pdl, fused.prefetch, mlp.inter), **kw)
         w = mlp.down_proj.weight
         fused_gemv(act, w, residual=(residual, ssq[2 * i + 1]), config=config_for(w, fused.pdl, fused.prefetch), **kw)
         ssq_in = ssq[2 * i + 1]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -131,9 +131,11 @@ class ModelRunner:
         programmatic dependent launch, DISAGG_PDL_PREFETCH=<columns> adds the L2 prefetch;
         DISAGG_DECODE_SPLIT_TOKENS sets the attention's fewest tokens per split (256), and
         DISAGG_DECODE_COMBINE=1 has its last split combine the others (no reduce kernel).
+        DISAGG_FUSED_UNFUSE: auto (default: qkv / gate_up stay unfused where the tuners measured
+        that faster), none, or a list of qkv, gate_up.
         Their tile configs are tuned first, on this model's weights."""
         from kernels.fused_tune import tune_fused
-        from model.fused_decode import FusedDecode, self_check, unsupported
+        from model.fused_decode import FusedDecode, choose_unfused, self_check, unsupported
         self.model.fused_decode = None
         if not _flag_from_env("DISAGG_FUSED_DECODE", True) or unsupported(self.model):
             return []
@@ -143,6 +145,14 @@ class ModelRunner:
         fused = FusedDecode(pdl=pdl, prefetch=prefetch,
                             split_tokens=int(os.environ.get("DISAGG_DECODE_SPLIT_TOKENS", "256") or 256),
                             combine=_flag_from_env("DISAGG_DECODE_COMBINE", False))
+        unfuse = os.environ.get("DISAGG_FUSED_UNFUSE", "auto").strip().lower()
+        if unfuse == "auto":
+            fused = replace(fused, unfused=choose_unfused(self.model, fused))
+        elif unfuse not in ("", "none"):
+            names = frozenset(n.strip() for n in unfuse.split(","))
+            if not names <= {"qkv", "gate_up"}:
+                raise ValueError(f"DISAGG_FUSED_UNFUSE must be auto, none or a list of qkv, gate_up; got {unfuse!r}")
+            fused = replace(fused, unfused=names)
         why = self_check(self.model, fused)
         if why:
             logging.getLogger(__name__).warning("fused decode kernels off: %s", why)

@@ -57,9 +57,11 @@ def test_fused_decode_matches_unfused(target, gen, bias, batch):
         want = model(ids, pos, kv, meta)
         variants = [FusedDecode(impl="triton")]
         if target.device == "cuda" and FG.pdl_available:
-            variants += [FusedDecode(pdl=True), FusedDecode(pdl=True, prefetch=256, combine=True)]
+            variants += [FusedDecode(pdl=True), FusedDecode(pdl=True, prefetch=256, combine=True),
+                         FusedDecode(pdl=True, unfused=frozenset({"qkv", "gate_up"}))]
         else:
-            variants += [FusedDecode(impl="triton", combine=True)]
+            variants += [FusedDecode(impl="triton", combine=True),
+                         FusedDecode(impl="triton", unfused=frozenset({"qkv", "gate_up"}))]
         for fused in variants:
             model.fused_decode = fused
             kv_fused.copy_(kv)      # the fused pass must write the same KV rows the unfused one did
