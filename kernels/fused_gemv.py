@@ -198,14 +198,16 @@ def _fused_gemv_kernel(X, W, BIAS, OUT, M, N, K, stride_x, stride_o,
     else:
         wmask = m_mask[:, None] & (cols < N)[None, :]
         ws = WS + rm[:, None] * N + cols[None, :]
-        tl.atomic_add(ws, acc1, mask=wmask)
-        tl.atomic_add(ws + OFF, acc2, mask=wmask)
+        # Relaxed: per-element acq_rel atomics serialise (split-K measured slower than none on
+        # the H200 with them); the barrier and the counter's acq_rel atomic order them instead.
+        tl.atomic_add(ws, acc1, mask=wmask, sem="relaxed")
+        tl.atomic_add(ws + OFF, acc2, mask=wmask, sem="relaxed")
         tl.debug_barrier()                 # every thread's partials are in before the count
         arrived = tl.atomic_add(CNT + pid, 1)
         if arrived == SPLIT_K - 1:         # the last split of this tile: sum, reset, epilogue
             # Read the sums at L2 (an atomic add of zero: never a stale L1 line), then clear them.
-            acc1 = tl.where(wmask, tl.atomic_add(ws, tl.zeros_like(acc1), mask=wmask), 0.0)
-            acc2 = tl.where(wmask, tl.atomic_add(ws + OFF, tl.zeros_like(acc2), mask=wmask), 0.0)
+            acc1 = tl.where(wmask, tl.atomic_add(ws, tl.zeros_like(acc1), mask=wmask, sem="relaxed"), 0.0)
+            acc2 = tl.where(wmask, tl.atomic_add(ws + OFF, tl.zeros_like(acc2), mask=wmask, sem="relaxed"), 0.0)
             tl.store(ws, tl.zeros_like(acc1), mask=wmask)
             tl.store(ws + OFF, tl.zeros_like(acc2), mask=wmask)
             tl.store(CNT + pid, 0)
