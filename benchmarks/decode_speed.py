@@ -2,20 +2,21 @@
 KV, same process, judged against the streaming-read ceiling measured in the same run.
 
 Variants (each a fresh ModelRunner with its own CUDA graphs, chosen by environment variables):
-  cublas         every matmul through cuBLAS, unfused kernels (DISAGG_SKINNY_GEMV=0, DISAGG_FUSED_DECODE=0)
-  tuned          the skinny-GEMV table of round 1, unfused kernels: the "before" of this round
-  fused          model/fused_decode.py: 4 fused GEMVs + attention per layer (configs tuned here;
-                 qkv / gate_up stay unfused where the tuners measured that faster: DISAGG_FUSED_UNFUSE=auto)
-  fused+pdl      the same launched with programmatic dependent launch (DISAGG_PDL=1)
-  fused+pdl+allfused  every projection fused, whatever the tuners measured (DISAGG_FUSED_UNFUSE=none)
-  fused+pdl+combine  the attention's last split combines the others (no reduce kernel)
-  fused+pdl+pfN  and an L2 prefetch of the first N columns of each weight row before the wait
+  tuned           the skinny-GEMV table of round 1, unfused kernels: the "before" of this round
+  fused           model/fused_decode.py: fused GEMVs + attention per layer, configs tuned per
+                  projection and mode, the plan (norm folded in / apart / unfused) chosen from
+                  the timings (DISAGG_FUSED_PLAN=auto, the default)
+  fused+combine   and the attention's last split combines the others (DISAGG_DECODE_COMBINE=1)
+  fused+allfused  every norm folded into its GEMV whatever the timings (DISAGG_FUSED_PLAN=fused)
+  fused+pdl       programmatic dependent launch between the kernels (DISAGG_PDL=1; slower in the
+                  first H200 run, kept for the record)
+  cublas          every matmul through cuBLAS, unfused kernels (DISAGG_SKINNY_GEMV=0, DISAGG_FUSED_DECODE=0)
 
-Prints per variant: the fused tuning table (every candidate config's µs per shape), decode
-tok/s and % of read at batch 1/2/4/8 (ctx 512) and 1/8 (ctx 2048), wall step and GPU-only
-time, greedy tokens of an 8-row step against the first variant, a per-kernel breakdown of one
-batch-1 step (torch.profiler), and the cost of each fused epilogue against a plain GEMV of the
-same shape. Ends with a before/after table and the best variant.
+Prints per variant: the tuning tables (every candidate config's µs per projection and mode),
+decode tok/s and % of read at batch 1/2/4/8 (ctx 512) and 1/8 (ctx 2048), wall step and
+GPU-only time, greedy tokens of an 8-row step against the first variant, and a per-kernel
+breakdown of one batch-1 step (torch.profiler). Ends with a before/after table (wall and
+GPU-only) and the best variant.
 Usage: python -m benchmarks.decode_speed --out decode_speed.json [--variants a,b,...]
 """
 from __future__ import annotations
@@ -33,18 +34,12 @@ from benchmarks.engine import BS, Engine, kernel_breakdown
 
 BATCHES = (1, 2, 4, 8)
 VARIANTS = {      # in the order they run: the most informative first, should the call run out
-    "tuned": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "0", "DISAGG_PDL": "0"},
-    "fused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "0"},
-    "fused+pdl": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1", "DISAGG_PDL_PREFETCH": "0"},
-    "fused+pdl+allfused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
-                           "DISAGG_PDL_PREFETCH": "0", "DISAGG_FUSED_UNFUSE": "none"},
-    "fused+pdl+combine": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
-                          "DISAGG_PDL_PREFETCH": "0", "DISAGG_DECODE_COMBINE": "1"},
-    "fused+pdl+pf512": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
-                        "DISAGG_PDL_PREFETCH": "512"},
-    "fused+pdl+pf2048": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1",
-                         "DISAGG_PDL_PREFETCH": "2048"},
-    "cublas": {"DISAGG_SKINNY_GEMV": "0", "DISAGG_FUSED_DECODE": "0", "DISAGG_PDL": "0"},
+    "tuned": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "0"},
+    "fused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1"},
+    "fused+combine": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_DECODE_COMBINE": "1"},
+    "fused+allfused": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_FUSED_PLAN": "fused"},
+    "fused+pdl": {"DISAGG_SKINNY_GEMV": "1", "DISAGG_FUSED_DECODE": "1", "DISAGG_PDL": "1"},
+    "cublas": {"DISAGG_SKINNY_GEMV": "0", "DISAGG_FUSED_DECODE": "0"},
 }
 KV_TOKENS = 64 * 1024
 
@@ -77,8 +72,8 @@ class Bench(Engine):
         self.runner = None
         gc.collect()            # the last runner's graphs and their memory pool
         torch.cuda.empty_cache()
-        os.environ.update({"DISAGG_PDL_PREFETCH": "0", "DISAGG_DECODE_SPLIT_TOKENS": "256",
-                           "DISAGG_DECODE_COMBINE": "0", "DISAGG_FUSED_UNFUSE": "auto"})
+        os.environ.update({"DISAGG_PDL": "0", "DISAGG_PDL_PREFETCH": "0", "DISAGG_DECODE_SPLIT_TOKENS": "256",
+                           "DISAGG_DECODE_COMBINE": "0", "DISAGG_FUSED_PLAN": "auto"})
         os.environ.update(env)
         if env.get("DISAGG_SKINNY_GEMV") == "0":
             gemv.reset()        # skinny_linear reads the table whatever the environment says
@@ -86,63 +81,6 @@ class Bench(Engine):
         self.runner = ModelRunner(self.model, self.kv, BS, max_batch_size=max(BATCHES), max_model_len=8192,
                                   max_prefill_graph_tokens=0)
         return time.perf_counter() - t0
-
-
-@torch.inference_mode()
-def epilogue_costs(model, fused, log) -> list[dict]:
-    """µs per call (graph over the 32 layers) of each fused mode against the plain GEMV with the
-    same config: what folding the norm, RoPE + KV write, residual and SiLU into it costs."""
-    from kernels.fused_gemv import fused_gemv
-    from kernels.fused_tune import _graph_us, config_for
-    L = model.layers
-    a0, m0 = L[0].self_attn, L[0].mlp
-    dev, dt, T = a0.qkv_proj.weight.device, a0.qkv_proj.weight.dtype, 1
-    h = model.cfg.hidden_size
-    kw = dict(pdl=fused.pdl, prefetch=fused.prefetch)
-    x = torch.randn(T, h, device=dev, dtype=dt)
-    ssq = x.float().square().sum(-1)
-    kc = torch.zeros(4, BS, a0.num_kv_heads, a0.head_dim, device=dev, dtype=dt)
-    pos = torch.tensor([100] * T, device=dev, dtype=torch.int32)
-    slots = torch.tensor([5] * T, device=dev, dtype=torch.int64)
-    o_in = torch.randn(T, a0.q_size, device=dev, dtype=dt)
-    act = torch.randn(T, m0.inter, device=dev, dtype=dt)
-    res = torch.randn(T, h, device=dev, dtype=dt)
-    ssq_out = torch.zeros(T, device=dev)
-    cases = {
-        "qkv plain": ([l.self_attn.qkv_proj for l in L], x, {}, None),
-        "qkv norm+rope+kv": ([l.self_attn.qkv_proj for l in L], x, dict(
-            norm=(ssq, L[0].input_layernorm.weight, 1e-5),
-            rope_kv=(pos, model.cos_sin, kc, kc, slots, a0.num_heads, a0.num_kv_heads)), a0.head_dim // 2),
-        "o plain": ([l.self_attn.o_proj for l in L], o_in, {}, None),
-        "o +residual": ([l.self_attn.o_proj for l in L], o_in, dict(residual=(res, ssq_out)), None),
-        "gate_up plain": ([l.mlp.gate_up_proj for l in L], x, {}, None),
-        "gate_up norm+silu": ([l.mlp.gate_up_proj for l in L], x, dict(
-            norm=(ssq, L[0].post_attention_layernorm.weight, 1e-5), silu=True), m0.inter),
-        "down plain": ([l.mlp.down_proj for l in L], act, {}, None),
-        "down +residual": ([l.mlp.down_proj for l in L], act, dict(residual=(res, ssq_out)), None),
-    }
-    rows = []
-    from benchmarks.ceilings import _read_kernel
-    for name in ("qkv", "o", "gate_up", "down"):
-        # The floor for a kernel of this size in this launch pattern: a pure streaming read of
-        # each layer's weight, one launch per layer in one graph.
-        ws = [getattr(l.self_attn if name in ("qkv", "o") else l.mlp, f"{name}_proj").weight for l in L]
-        per = 1 << 16
-        sink = torch.empty(-(-ws[0].numel() // per), device=dev)
-        us = _graph_us(lambda: [_read_kernel[(sink.numel(),)](w, sink, w.numel(), PER_PROGRAM=per, BLOCK=4096,
-                                                              num_warps=8) for w in ws], len(ws))
-        gbps = ws[0].numel() * ws[0].element_size() / us / 1e3
-        rows.append({"case": f"{name} read only", "us": us, "GBps": gbps})
-        log(f"  {name + ' read only':<20} {'':<24} {us:7.2f} us  {gbps:6.0f} GB/s")
-    for name, (layers, xin, extra, off) in cases.items():
-        cfg = config_for(layers[0].weight, fused.pdl, fused.prefetch, off)
-        us = _graph_us(lambda: [fused_gemv(xin, lay.weight, lay.bias, config=cfg, **extra, **kw) for lay in layers],
-                       len(layers))
-        w = layers[0].weight
-        gbps = w.numel() * w.element_size() / us / 1e3
-        rows.append({"case": name, "config": list(cfg), "us": us, "GBps": gbps})
-        log(f"  {name:<20} {str(cfg):<24} {us:7.2f} us  {gbps:6.0f} GB/s")
-    return rows
 
 
 @torch.inference_mode()
@@ -202,25 +140,15 @@ def main(argv=None) -> int:
         pre = []
         try:
             env = VARIANTS[name]
-            prefetch = int(env.get("DISAGG_PDL_PREFETCH", "0"))
-            candidates = fused_tune.CANDIDATES
-            if prefetch and "fused+pdl" in res["variants"] and res["variants"]["fused+pdl"].get("fused_table"):
-                # Only the 3 best configs of each shape without prefetch: compiling every
-                # candidate again per prefetch size would not fit the call.
-                candidates = sorted({tuple(json.loads(c.replace("(", "[").replace(")", "]")))
-                                     for row in res["variants"]["fused+pdl"]["fused_table"]
-                                     for c in list(row["all_us"])[:3]})
             if env.get("DISAGG_FUSED_DECODE") == "1":   # tuned here, with its log; the runner reuses it
-                pre = fused_tune.tune_fused(bench.model.skinny_layers(), pdl=env.get("DISAGG_PDL") == "1",
-                                            prefetch=prefetch, candidates=candidates, log=log)
-            setup_s = bench.use(VARIANTS[name])
+                from model.fused_plan import tuning_cases
+                pre = fused_tune.tune_fused(tuning_cases(bench.model), pdl=env.get("DISAGG_PDL") == "1", log=log)
+            setup_s = bench.use(env)
             r = {"setup_s": setup_s, "gemv_table": bench.runner.gemv_report, "fused_table": bench.runner.fused_report or pre}
             log(f"== {name}: runner (tuning + capture) {setup_s:.1f} s; fused={bench.model.fused_decode}")
-            for row in r["fused_table"]:
-                log(f"  fused {row['N']}x{row['K']}: {row['chosen']} {row['best_us']:.2f} us ({row['GBps']:.0f} GB/s); "
-                    + ", ".join(f"{c} {t:.1f}" for c, t in list(row["all_us"].items())[:6]))
-            if bench.model.fused_decode is not None:
-                r["epilogues"] = epilogue_costs(bench.model, bench.model.fused_decode, log)
+            for row in r["gemv_table"]:
+                log(f"  gemv {row['N']}x{row['K']} rows={row['rows']}: cuBLAS {row['cublas_us']:.2f} us, "
+                    f"chosen {row['chosen']} {row['best_us']:.2f} us ({row['GBps_best']:.0f} GB/s)")
             r.update(measure(bench, name, contexts, read, log))
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
             import traceback
@@ -242,13 +170,21 @@ def main(argv=None) -> int:
         cells = "".join(f"{ok[n]['decode'][i]['tokens_per_s']:>12.0f} {ok[n]['decode'][i]['GBps'] / read:6.1%} "
                         for n in ok)
         log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
+    log("batch ctx  " + "".join(f"{n:>20}" for n in ok) + "   (GPU-only ms per step: replay + logits, % of read)")
+    for i, r0 in enumerate(ok[first]["decode"]):
+        cells = "".join(f"{ok[n]['decode'][i]['gpu_ms']:>12.3f} {ok[n]['decode'][i]['gpu_GBps'] / read:6.1%} "
+                        for n in ok)
+        log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
     for n, r in ok.items():
         agree = sum(a == b for a, b in zip(r["greedy"], ok[first]["greedy"]))
         log(f"greedy tokens of an 8-row step, {n} vs {first}: {agree}/8 agree")
     best = max(ok, key=lambda n: ok[n]["decode"][0]["tokens_per_s"])
-    res["best"] = best
-    log(f"best at b=1: {best} ({ok[best]['decode'][0]['tokens_per_s']:.0f} tok/s, "
+    best_gpu = min(ok, key=lambda n: ok[n]["decode"][0]["gpu_ms"])
+    res["best"], res["best_gpu"] = best, best_gpu
+    log(f"best at b=1, wall: {best} ({ok[best]['decode'][0]['tokens_per_s']:.0f} tok/s, "
         f"{ok[best]['decode'][0]['GBps'] / read:.1%} of read; target 85%)")
+    log(f"best at b=1, GPU only: {best_gpu} ({ok[best_gpu]['decode'][0]['gpu_ms']:.3f} ms, "
+        f"{ok[best_gpu]['decode'][0]['gpu_GBps'] / read:.1%} of read)")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1, default=str)
     gemv.reset()

@@ -44,9 +44,14 @@ class FusedDecode:
     impl: str | None = None
     split_tokens: int = 256     # decode attention: fewest context tokens per split
     combine: bool = False       # decode attention: the last split combines (no reduce kernel)
-    # Projections ("qkv", "gate_up") run unfused (norm kernel, kernels/gemv.py's skinny matmul,
-    # RoPE + KV write or SiLU kernels) where that measured faster: see choose_unfused.
-    unfused: frozenset = frozenset()
+    # How the norm-prologue projections ("qkv", "gate_up") run, as (name, how) pairs: "fused"
+    # (norm in the GEMV's prologue, the default), "apart" (an RMSNorm kernel, then the fused
+    # GEMV with its epilogue) or "unfused" (the unfused path's kernels); model/fused_plan.py
+    # picks from the tuners' timings.
+    plan: tuple = ()
+
+    def how(self, name: str) -> str:
+        return dict(self.plan).get(name, "fused")
 
 
 def unsupported(model) -> str | None:
@@ -64,64 +69,6 @@ def unsupported(model) -> str | None:
     return None
 
 
-@torch.inference_mode()
-def self_check(model, fused: FusedDecode) -> str | None:
-    """Run each fused kernel mode once on layer 0's weights (one row, scratch KV) against its
-    reference; the reason it failed, or None. A kernel that does not build or does not agree
-    on this GPU then costs the fused path, never a serving step."""
-    from kernels.fused_gemv import fused_gemv_ref
-    attn, mlp, ln = model.layers[0].self_attn, model.layers[0].mlp, model.layers[0].input_layernorm
-    w = attn.qkv_proj.weight
-    dev, dt = w.device, w.dtype
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn((1, w.shape[1]), generator=gen, device=dev, dtype=dt)
-    norm = (x.float().square().sum(-1), ln.weight, ln.eps)
-    pos = torch.full((1,), 3, dtype=torch.int32, device=dev)   # a real rotation
-    slots = torch.zeros(1, dtype=torch.int64, device=dev)
-    kw = dict(pdl=fused.pdl, prefetch=fused.prefetch, impl=fused.impl)
-    res = torch.randn((1, attn.o_proj.out_features), generator=gen, device=dev, dtype=dt)
-    o_in = torch.randn((1, attn.q_size), generator=gen, device=dev, dtype=dt)
-    act = torch.randn((1, mlp.inter), generator=gen, device=dev, dtype=dt)
-    for name, lin, xin, extra, off in (
-            ("qkv", attn.qkv_proj, x, "rope", attn.head_dim // 2), ("o", attn.o_proj, o_in, "residual", None),
-            ("gate_up", mlp.gate_up_proj, x, "silu", mlp.inter), ("down", mlp.down_proj, act, "residual", None)):
-        outs = []
-        for fn in (fused_gemv, fused_gemv_ref):
-            caches = [torch.zeros((1, 1, attn.num_kv_heads, attn.head_dim), device=dev, dtype=dt) for _ in range(2)]
-            mode = {"rope": dict(norm=norm, rope_kv=(pos, model.cos_sin, *caches, slots, attn.num_heads,
-                                                     attn.num_kv_heads)),
-                    "residual": dict(residual=(res.clone(), torch.zeros(1, device=dev))),
-                    "silu": dict(norm=norm, silu=True)}[extra]
-            more = dict(config=config_for(lin.weight, fused.pdl, fused.prefetch, off), **kw) if fn is fused_gemv else {}
-            try:
-                outs.append(torch.cat([fn(xin, lin.weight, lin.bias, **mode, **more).float().flatten()]
-                                      + [c.float().flatten() for c in caches]))
-            except Exception as e:  # noqa: BLE001 - reported, and the unfused path serves
-                return f"{name}: {type(e).__name__}: {str(e)[:300]}"
-        err = float((outs[0] - outs[1]).norm() / outs[1].norm().clamp_min(1e-30))
-        if not err < 2e-2:
-            return f"{name}: relative error {err:.1e} against the unfused reference"
-    return None
-
-
-EXTRA_KERNEL_US = 2.0      # what each small kernel of the unfused path costs in a graph (H200 breakdown)
-
-
-def choose_unfused(model, fused: FusedDecode) -> frozenset:
-    """The norm-prologue projections whose fused GEMV measured slower than the unfused path's
-    matmul plus its extra small kernels (qkv: norm, RoPE, KV write; gate_up: norm, SiLU), from
-    the two tuners' timings at one row. Without timings, none."""
-    from kernels.fused_tune import tuned_us
-    from kernels.gemv import tuned_us as skinny_us
-    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    out = set()
-    for name, w, extra in (("qkv", attn.qkv_proj.weight, 3), ("gate_up", mlp.gate_up_proj.weight, 2)):
-        f, u = tuned_us(w, fused.pdl, fused.prefetch), skinny_us(w, 1)
-        if f is not None and u is not None and f > u + extra * EXTRA_KERNEL_US:
-            out.add(name)
-    return frozenset(out)
-
-
 def _unfused_qkv(model, attn, ln, residual, positions, k_cache, v_cache, meta):
     """The unfused path's front half of attention (model/llama.py), on the residual stream."""
     T = residual.shape[0]
@@ -132,6 +79,14 @@ def _unfused_qkv(model, attn, ln, residual, positions, k_cache, v_cache, meta):
     apply_rope(q, k, positions, model.cos_sin)
     write_kv_cache(k, v.view(T, attn.num_kv_heads, attn.head_dim), k_cache, v_cache, meta.slot_mapping)
     return qkv
+
+
+def _norm_input(how: str, residual, ssq, ln, epilogue: str):
+    """(GEMV input, its norm argument, tuning mode): the raw residual with the norm folded into
+    the prologue, or the output of a separate RMSNorm kernel."""
+    if how == "fused":
+        return residual, (ssq, ln.weight, ln.eps), "norm+" + epilogue
+    return rmsnorm(residual, ln.weight, ln.eps), None, epilogue
 
 
 def applies(model, input_ids: torch.Tensor, meta) -> bool:
@@ -157,27 +112,30 @@ def forward(model, input_ids, positions, kv_cache, meta, layer_hook=None) -> tor
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         k_cache, v_cache = kv_cache[i][0], kv_cache[i][1]
         w = attn.qkv_proj.weight
-        if "qkv" in fused.unfused:
+        if fused.how("qkv") == "unfused":
             qkv = _unfused_qkv(model, attn, ln1, residual, positions, k_cache, v_cache, meta)
         else:
-            qkv = fused_gemv(residual, w, attn.qkv_proj.bias, norm=(ssq_in, ln1.weight, ln1.eps),
+            x, norm, mode = _norm_input(fused.how("qkv"), residual, ssq_in, ln1, "rope")
+            qkv = fused_gemv(x, w, attn.qkv_proj.bias, norm=norm,
                              rope_kv=(positions, model.cos_sin, k_cache, v_cache, meta.slot_mapping,
                                       attn.num_heads, attn.num_kv_heads),
-                             config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2), **kw)
+                             config=config_for(w, fused.pdl, fused.prefetch, attn.head_dim // 2, mode), **kw)
         q = qkv[:, :attn.q_size].view(T, attn.num_heads, attn.head_dim)
         o = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, attn.scale,
                                    num_splits=num_splits, pdl=fused.pdl, combine=fused.combine)
         w = attn.o_proj.weight
         fused_gemv(o.view(T, attn.q_size), w, residual=(residual, ssq[2 * i]),
-                   config=config_for(w, fused.pdl, fused.prefetch), **kw)
+                   config=config_for(w, fused.pdl, fused.prefetch, None, "residual"), **kw)
         w = mlp.gate_up_proj.weight
-        if "gate_up" in fused.unfused:
+        if fused.how("gate_up") == "unfused":
             act = silu_and_mul(skinny_linear(rmsnorm(residual, ln2.weight, ln2.eps), mlp.gate_up_proj))
         else:
-            act = fused_gemv(residual, w, norm=(ssq[2 * i], ln2.weight, ln2.eps), silu=True,
-                             config=config_for(w, fused.pdl, fused.prefetch, mlp.inter), **kw)
+            x, norm, mode = _norm_input(fused.how("gate_up"), residual, ssq[2 * i], ln2, "silu")
+            act = fused_gemv(x, w, norm=norm, silu=True,
+                             config=config_for(w, fused.pdl, fused.prefetch, mlp.inter, mode), **kw)
         w = mlp.down_proj.weight
-        fused_gemv(act, w, residual=(residual, ssq[2 * i + 1]), config=config_for(w, fused.pdl, fused.prefetch), **kw)
+        fused_gemv(act, w, residual=(residual, ssq[2 * i + 1]),
+                   config=config_for(w, fused.pdl, fused.prefetch, None, "residual"), **kw)
         ssq_in = ssq[2 * i + 1]
         if layer_hook is not None:
             layer_hook(i)

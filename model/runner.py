@@ -19,7 +19,7 @@ kernel for each decode matmul shape at 1-8 rows on this model's weights and keep
 (DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning). Decode steps of <= 8 rows then take the fused
 kernels (model/fused_decode.py: norm, RoPE, KV write, SiLU and the residual add folded into four
 GEMVs per layer; configs tuned the same way, each mode checked once against its reference),
-unless DISAGG_FUSED_DECODE=0; DISAGG_PDL=1 adds programmatic dependent launch between them.
+unless DISAGG_FUSED_DECODE=0 (model/fused_plan.py: setup lists the other switches).
 
 A step with both prefill chunks and decode tokens (chunked prefill) runs as one forward pass
 over all their rows (`mixed`): the weights are read once, and only the attention is launched
@@ -29,9 +29,8 @@ that graph and the decode graph instead, which costs less host time than one eag
 """
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,15 +68,6 @@ def _pad_tables(tables: list[list[int]]) -> list[list[int]]:
 def _skinny_gemv_from_env() -> bool:
     """DISAGG_SKINNY_GEMV=0 keeps cuBLAS for every decode matmul (no tuning at startup)."""
     return os.environ.get("DISAGG_SKINNY_GEMV", "1").lower() not in ("0", "false", "no")
-
-
-def _flag_from_env(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value not in ("0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value in ("1", "true", "yes")
 
 
 def _eager_from_env() -> bool:
@@ -126,38 +116,11 @@ class ModelRunner:
             self.warmup()
 
     def _setup_fused_decode(self) -> list[dict]:
-        """Decode steps of <= 8 rows take the fused kernels (model/fused_decode.py) unless
-        DISAGG_FUSED_DECODE=0 or the model does not fit them; DISAGG_PDL=1 launches them with
-        programmatic dependent launch, DISAGG_PDL_PREFETCH=<columns> adds the L2 prefetch;
-        DISAGG_DECODE_SPLIT_TOKENS sets the attention's fewest tokens per split (256), and
-        DISAGG_DECODE_COMBINE=1 has its last split combine the others (no reduce kernel).
-        DISAGG_FUSED_UNFUSE: auto (default: qkv / gate_up stay unfused where the tuners measured
-        that faster), none, or a list of qkv, gate_up.
-        Their tile configs are tuned first, on this model's weights."""
-        from kernels.fused_tune import tune_fused
-        from model.fused_decode import FusedDecode, choose_unfused, self_check, unsupported
-        self.model.fused_decode = None
-        if not _flag_from_env("DISAGG_FUSED_DECODE", True) or unsupported(self.model):
-            return []
-        pdl = _flag_from_env("DISAGG_PDL", False)
-        prefetch = int(os.environ.get("DISAGG_PDL_PREFETCH", "0") or 0) if pdl else 0
-        report = tune_fused(self.model.skinny_layers(), pdl=pdl, prefetch=prefetch)
-        fused = FusedDecode(pdl=pdl, prefetch=prefetch,
-                            split_tokens=int(os.environ.get("DISAGG_DECODE_SPLIT_TOKENS", "256") or 256),
-                            combine=_flag_from_env("DISAGG_DECODE_COMBINE", False))
-        unfuse = os.environ.get("DISAGG_FUSED_UNFUSE", "auto").strip().lower()
-        if unfuse == "auto":
-            fused = replace(fused, unfused=choose_unfused(self.model, fused))
-        elif unfuse not in ("", "none"):
-            names = frozenset(n.strip() for n in unfuse.split(","))
-            if not names <= {"qkv", "gate_up"}:
-                raise ValueError(f"DISAGG_FUSED_UNFUSE must be auto, none or a list of qkv, gate_up; got {unfuse!r}")
-            fused = replace(fused, unfused=names)
-        why = self_check(self.model, fused)
-        if why:
-            logging.getLogger(__name__).warning("fused decode kernels off: %s", why)
-            return report
-        self.model.fused_decode = fused
+        """Decode steps of <= 8 rows take the fused kernels (model/fused_decode.py), tuned and
+        checked on this model first, unless DISAGG_FUSED_DECODE=0 or the model does not fit
+        them (model/fused_plan.py: setup, and the other switches)."""
+        from model.fused_plan import setup
+        self.model.fused_decode, report = setup(self.model)
         return report
 
     def warmup(self) -> None:

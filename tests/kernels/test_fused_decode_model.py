@@ -56,12 +56,12 @@ def test_fused_decode_matches_unfused(target, gen, bias, batch):
         model.fused_decode = None
         want = model(ids, pos, kv, meta)
         variants = [FusedDecode(impl="triton")]
+        impl = "triton" if target.device == "cpu" else None
+        variants += [FusedDecode(impl=impl, combine=True),
+                     FusedDecode(impl=impl, plan=(("qkv", "apart"), ("gate_up", "apart"))),
+                     FusedDecode(impl=impl, plan=(("qkv", "unfused"), ("gate_up", "unfused")))]
         if target.device == "cuda" and FG.pdl_available:
-            variants += [FusedDecode(pdl=True), FusedDecode(pdl=True, prefetch=256, combine=True),
-                         FusedDecode(pdl=True, unfused=frozenset({"qkv", "gate_up"}))]
-        else:
-            variants += [FusedDecode(impl="triton", combine=True),
-                         FusedDecode(impl="triton", unfused=frozenset({"qkv", "gate_up"}))]
+            variants += [FusedDecode(pdl=True), FusedDecode(pdl=True, prefetch=256, combine=True)]
         for fused in variants:
             model.fused_decode = fused
             kv_fused.copy_(kv)      # the fused pass must write the same KV rows the unfused one did
@@ -71,6 +71,19 @@ def test_fused_decode_matches_unfused(target, gen, bias, batch):
             if target.dtype == torch.float32:   # bf16 rounding may flip near-ties: hidden states suffice
                 logits_want, logits_got = model.compute_logits(want), model.compute_logits(got)
                 assert (logits_got.argmax(-1) == logits_want.argmax(-1)).all(), fused
+
+
+def test_plan_from_env_and_self_check(target, gen):
+    from model.fused_plan import parse_plan, self_check
+    assert parse_plan("auto") is None
+    assert parse_plan("fused") == (("qkv", "fused"), ("gate_up", "fused"))
+    assert parse_plan("qkv=apart, gate_up=unfused") == (("qkv", "apart"), ("gate_up", "unfused"))
+    with pytest.raises(ValueError, match="DISAGG_FUSED_PLAN"):
+        parse_plan("qkv=sideways")
+    model = _model(target)
+    impl = "triton" if target.device == "cpu" else None
+    assert self_check(model, FusedDecode(impl=impl)) is None
+    assert self_check(model, FusedDecode(impl=impl, plan=(("qkv", "apart"), ("gate_up", "unfused")))) is None
 
 
 def test_fused_decode_declines_what_it_cannot_run(target):

@@ -104,9 +104,10 @@ def test_tuned_config_is_used_only_where_its_tiles_fit():
     FT.reset()
     try:
         assert FT.config_for(w) == FG.DEFAULT_CONFIG                # untuned
-        FT._CHOICE[FT._key(w, False, 0)] = (32, 256, 4, 4, 1)
-        assert FT.config_for(w) == (32, 256, 4, 4, 1)
-        assert FT.config_for(w, off=16) == FG.DEFAULT_CONFIG        # RoPE halves of 16 < 32 rows
-        assert FT.config_for(w, pdl=True) == FG.DEFAULT_CONFIG      # tuned per launch flags
+        FT._CHOICE[FT._key(w, False, 0, "rope")] = (32, 256, 4, 4, 1)
+        assert FT.config_for(w, mode="rope") == (32, 256, 4, 4, 1)
+        assert FT.config_for(w, off=16, mode="rope") == FG.DEFAULT_CONFIG     # RoPE halves of 16 < 32 rows
+        assert FT.config_for(w, pdl=True, mode="rope") == FG.DEFAULT_CONFIG   # tuned per launch flags
+        assert FT.config_for(w, mode="norm+rope") == FG.DEFAULT_CONFIG        # and per mode
     finally:
         FT.reset()
