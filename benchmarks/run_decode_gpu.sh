@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 18, decode speed, in one device call (<= 8 minutes on an H200, by the timeouts below):
 # the GPU tests of the kernels (bf16 on CUDA, fused decode path = unfused, greedy tokens of the
-# GPU path = CPU path), benchmarks.decode_speed (ceilings, every variant, breakdowns, best), then
-# benchmarks.prefill_sweep (prefill attention tiles vs cuDNN per length). Everything goes to
-# $OUT. VARIANTS=a,b,... narrows the variants; SKIP_TESTS=1 / SKIP_PREFILL=1 leave parts out.
+# GPU path = CPU path), benchmarks.decode_speed (ceilings, every variant, breakdowns, best), and
+# with PREFILL=1 benchmarks.prefill_sweep (prefill attention tiles vs cuDNN per length).
+# Everything goes to $OUT. VARIANTS=a,b,... narrows the variants; SKIP_TESTS=1 leaves the tests out.
 set -o pipefail
 OUT=${OUT:-/tmp/decode_gpu}
 mkdir -p "$OUT"
@@ -19,7 +19,7 @@ if [ -z "$SKIP_TESTS" ]; then
 fi
 timeout ${DECODE_TIMEOUT_S:-250} python3 -m benchmarks.decode_speed --out "$OUT/decode_speed.json" \
   ${VARIANTS:+--variants $VARIANTS} 2>&1 | tee "$OUT/decode_speed.log"
-if [ -z "$SKIP_PREFILL" ]; then
+if [ -n "$PREFILL" ]; then
   timeout ${PREFILL_TIMEOUT_S:-60} python3 -m benchmarks.prefill_sweep --out "$OUT/prefill_sweep.json" 2>&1 | tee "$OUT/prefill_sweep.log"
 fi
 date -u
