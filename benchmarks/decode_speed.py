@@ -26,6 +26,7 @@ import datetime
 import gc
 import json
 import os
+import signal
 import time
 
 import torch
@@ -107,6 +108,38 @@ def measure(bench: Bench, label: str, contexts, read: float, log) -> dict:
     return {"decode": rows, "breakdown_b1": brk, "greedy": greedy}
 
 
+def summarize(res: dict, read: float, log, out: str) -> None:
+    """The before/after tables over the variants measured so far, and the best; writes `out`."""
+    ok = {n: r for n, r in res["variants"].items() if "decode" in r}
+    if not ok:
+        return
+    first = next(iter(ok))
+    log(f"\nstreaming read {read:.0f} GB/s, copy {res['ceilings']['copy_GBps']:.0f} GB/s (measured in this run)")
+    head = "batch ctx  " + "".join(f"{n:>20}" for n in ok)
+    log(head + "   (tok/s, % of read; wall step)")
+    for i, r0 in enumerate(ok[first]["decode"]):
+        cells = "".join(f"{ok[n]['decode'][i]['tokens_per_s']:>12.0f} {ok[n]['decode'][i]['GBps'] / read:6.1%} "
+                        for n in ok)
+        log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
+    log("batch ctx  " + "".join(f"{n:>20}" for n in ok) + "   (GPU-only ms per step: replay + logits, % of read)")
+    for i, r0 in enumerate(ok[first]["decode"]):
+        cells = "".join(f"{ok[n]['decode'][i]['gpu_ms']:>12.3f} {ok[n]['decode'][i]['gpu_GBps'] / read:6.1%} "
+                        for n in ok)
+        log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
+    for n, r in ok.items():
+        agree = sum(a == b for a, b in zip(r["greedy"], ok[first]["greedy"]))
+        log(f"greedy tokens of an 8-row step, {n} vs {first}: {agree}/8 agree")
+    best = max(ok, key=lambda n: ok[n]["decode"][0]["tokens_per_s"])
+    best_gpu = min(ok, key=lambda n: ok[n]["decode"][0]["gpu_ms"])
+    res["best"], res["best_gpu"] = best, best_gpu
+    log(f"best at b=1, wall: {best} ({ok[best]['decode'][0]['tokens_per_s']:.0f} tok/s, "
+        f"{ok[best]['decode'][0]['GBps'] / read:.1%} of read; target 85%)")
+    log(f"best at b=1, GPU only: {best_gpu} ({ok[best_gpu]['decode'][0]['gpu_ms']:.3f} ms, "
+        f"{ok[best_gpu]['decode'][0]['gpu_GBps'] / read:.1%} of read)")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="decode_speed.json")
@@ -136,6 +169,11 @@ def main(argv=None) -> int:
     log(f"ceilings: {res['ceilings']}")
     bench = Bench()
     log(f"model built in {bench.build_s:.1f} s")
+
+    def stop(signum, frame):    # `timeout` sends SIGTERM: summarise what was measured, then exit
+        summarize(res, read, log, args.out)
+        raise SystemExit(124)
+    signal.signal(signal.SIGTERM, stop)
     for name in names:
         t0 = time.perf_counter()
         pre = []
@@ -160,34 +198,7 @@ def main(argv=None) -> int:
         res["variants"][name] = r
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1, default=str)
-    ok = {n: r for n, r in res["variants"].items() if "decode" in r}
-    if not ok:
-        return 1
-    first = next(iter(ok))
-    log(f"\nstreaming read {read:.0f} GB/s, copy {res['ceilings']['copy_GBps']:.0f} GB/s (measured in this run)")
-    head = "batch ctx  " + "".join(f"{n:>20}" for n in ok)
-    log(head + "   (tok/s, % of read; wall step)")
-    for i, r0 in enumerate(ok[first]["decode"]):
-        cells = "".join(f"{ok[n]['decode'][i]['tokens_per_s']:>12.0f} {ok[n]['decode'][i]['GBps'] / read:6.1%} "
-                        for n in ok)
-        log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
-    log("batch ctx  " + "".join(f"{n:>20}" for n in ok) + "   (GPU-only ms per step: replay + logits, % of read)")
-    for i, r0 in enumerate(ok[first]["decode"]):
-        cells = "".join(f"{ok[n]['decode'][i]['gpu_ms']:>12.3f} {ok[n]['decode'][i]['gpu_GBps'] / read:6.1%} "
-                        for n in ok)
-        log(f"{r0['batch']:>5} {r0['context']:>5}  {cells}")
-    for n, r in ok.items():
-        agree = sum(a == b for a, b in zip(r["greedy"], ok[first]["greedy"]))
-        log(f"greedy tokens of an 8-row step, {n} vs {first}: {agree}/8 agree")
-    best = max(ok, key=lambda n: ok[n]["decode"][0]["tokens_per_s"])
-    best_gpu = min(ok, key=lambda n: ok[n]["decode"][0]["gpu_ms"])
-    res["best"], res["best_gpu"] = best, best_gpu
-    log(f"best at b=1, wall: {best} ({ok[best]['decode'][0]['tokens_per_s']:.0f} tok/s, "
-        f"{ok[best]['decode'][0]['GBps'] / read:.1%} of read; target 85%)")
-    log(f"best at b=1, GPU only: {best_gpu} ({ok[best_gpu]['decode'][0]['gpu_ms']:.3f} ms, "
-        f"{ok[best_gpu]['decode'][0]['gpu_GBps'] / read:.1%} of read)")
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    summarize(res, read, log, args.out)
     gemv.reset()
     fused_tune.reset()
     return 0
