@@ -89,3 +89,24 @@ def test_plan_from_env_and_self_check(target, gen):
 def test_fused_decode_declines_what_it_cannot_run(target):
     model = _model(target, head_dim=16)     # RoPE halves of 8 columns: under the 16-row tile
     assert "qkv projection" in unsupported(model)
+
+
+def test_plan_keeps_untimed_shapes_fused(target):
+    # Test-sized weights are never tuned: the plan must not let a timed unfused path win alone.
+    from kernels import fused_tune, gemv
+    from model.fused_plan import choose_plan
+    model = _model(target)
+    w = model.layers[0].mlp.gate_up_proj.weight
+    gemv.reset()
+    fused_tune.reset()
+    try:
+        gemv._TIMES[gemv._key(w, w.shape[0], w.shape[1], 1)] = {"best_us": 0.001}
+        assert choose_plan(model, FusedDecode()) == (("qkv", "fused"), ("gate_up", "fused"))
+        fused_tune._TIMES[fused_tune._key(w, False, 0, "norm+silu")] = 50.0
+        fused_tune._TIMES[fused_tune._key(w, False, 0, "silu")] = 40.0
+        assert dict(choose_plan(model, FusedDecode()))["gate_up"] == "unfused"
+        gemv.reset()
+        assert dict(choose_plan(model, FusedDecode()))["gate_up"] == "apart"     # 40 + 2.2 < 50
+    finally:
+        gemv.reset()
+        fused_tune.reset()
