@@ -23,15 +23,16 @@ from kernels.fused_gemv import DEFAULT_CONFIG, check_config, fused_gemv
 # for every shape (at one program per multiprocessor: 96 for qkv, 64 for o and down); split-K
 # (now with relaxed partial sums) and 64-row tiles are the new tries.
 CANDIDATES = (
-    (32, 256, 4, 4, 1), (32, 128, 4, 5, 1), (32, 256, 4, 3, 1), (32, 512, 4, 3, 1), (32, 128, 4, 6, 1),
-    (64, 128, 4, 4, 1), (32, 256, 8, 3, 1), (32, 256, 4, 4, 2), (32, 128, 4, 5, 2),
-    (32, 256, 4, 4, 4), (32, 128, 4, 5, 4), (16, 256, 4, 4, 2), (16, 256, 4, 4, 4),
+    (32, 256, 4, 4, 1), (32, 128, 4, 5, 1), (32, 512, 4, 3, 1), (64, 128, 4, 4, 1), (32, 256, 8, 3, 1),
+    (32, 256, 4, 4, 2), (32, 128, 4, 5, 2), (32, 256, 4, 4, 4), (16, 256, 4, 4, 4),
     # two programs per multiprocessor fit (<= ~100 KB of stages): split-K without a second wave
     (32, 128, 4, 4, 2), (32, 128, 4, 4, 4), (16, 128, 4, 6, 4),
 )
+REFINE_TOP = 3      # a case with "refine": only the best configs of that mode are timed again
 TUNE_MIN_BYTES = 4 << 20
 _CHOICE: dict[tuple, tuple] = {}        # (device, dtype, N, K, pdl, prefetch, mode) -> config
 _TIMES: dict[tuple, float] = {}         # same key -> µs per call of the chosen config
+_RANKED: dict[tuple, list] = {}         # same key -> every timed config, fastest first
 
 
 def _key(w: torch.Tensor, pdl: bool, prefetch: int, mode: str) -> tuple:
@@ -69,7 +70,9 @@ def _check(x, w, bias, cfg) -> None:
 def tune_fused(cases: list[dict], pdl: bool = False, prefetch: int = 0, candidates=CANDIDATES,
                log=None) -> list[dict]:
     """cases: [{name, mode, layers [nn.Linear], x [rows, K], kwargs (the mode's fused_gemv
-    arguments), off (tile distance the mode needs, or None)}]. Times each candidate that suits
+    arguments), off (tile distance the mode needs, or None), refine (optional: a mode of the
+    same weight tuned earlier in `cases`, whose REFINE_TOP best configs are the only ones timed,
+    which keeps startup compiles down)}]. Times each candidate that suits
     the mode over all layers; keeps the fastest. CUDA only; idempotent per shape, mode and
     flags. Returns one row per case: every candidate's µs, the choice and its GB/s."""
     report = []
@@ -85,7 +88,10 @@ def tune_fused(cases: list[dict], pdl: bool = False, prefetch: int = 0, candidat
         if n * k * w0.element_size() < TUNE_MIN_BYTES:
             continue
         times = {}
-        for cfg in candidates:
+        todo = candidates
+        if case.get("refine"):      # the prologue variant of a mode: only its best configs again
+            todo = _RANKED.get(_key(w0, pdl, prefetch, case["refine"]), [])[:REFINE_TOP] or candidates
+        for cfg in todo:
             if check_config(cfg, n, k, off):
                 continue
             try:
@@ -102,6 +108,7 @@ def tune_fused(cases: list[dict], pdl: bool = False, prefetch: int = 0, candidat
             continue
         best = min(times, key=times.get)
         _CHOICE[key], _TIMES[key] = best, times[best]
+        _RANKED[key] = sorted(times, key=times.get)
         nbytes = n * k * w0.element_size()
         row = {"name": case["name"], "mode": case["mode"], "N": n, "K": k, "layers": len(layers), "pdl": pdl,
                "prefetch": prefetch, "chosen": list(best), "best_us": times[best], "GBps": nbytes / times[best] / 1e3,
@@ -117,3 +124,4 @@ def tune_fused(cases: list[dict], pdl: bool = False, prefetch: int = 0, candidat
 def reset() -> None:
     _CHOICE.clear()
     _TIMES.clear()
+    _RANKED.clear()

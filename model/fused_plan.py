@@ -50,12 +50,15 @@ def tuning_cases(model) -> list[dict]:
     qkv, o = [l.self_attn.qkv_proj for l in L], [l.self_attn.o_proj for l in L]
     gu, down = [l.mlp.gate_up_proj for l in L], [l.mlp.down_proj for l in L]
     half, inter = attn.head_dim // 2, mlp.inter
+    # The norm-prologue modes time only the best few configs of their plain counterparts.
     return [
-        dict(name="qkv", mode="norm+rope", layers=qkv, x=x, kwargs=dict(norm=norm, rope_kv=rope), off=half),
         dict(name="qkv", mode="rope", layers=qkv, x=x, kwargs=dict(rope_kv=rope), off=half),
+        dict(name="qkv", mode="norm+rope", layers=qkv, x=x, kwargs=dict(norm=norm, rope_kv=rope), off=half,
+             refine="rope"),
         dict(name="o", mode="residual", layers=o, x=row(attn.q_size), kwargs=dict(residual=res), off=None),
-        dict(name="gate_up", mode="norm+silu", layers=gu, x=x, kwargs=dict(norm=norm, silu=True), off=inter),
         dict(name="gate_up", mode="silu", layers=gu, x=x, kwargs=dict(silu=True), off=inter),
+        dict(name="gate_up", mode="norm+silu", layers=gu, x=x, kwargs=dict(norm=norm, silu=True), off=inter,
+             refine="silu"),
         dict(name="down", mode="residual", layers=down, x=row(inter), kwargs=dict(residual=res), off=None),
     ]
 
