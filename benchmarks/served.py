@@ -27,10 +27,10 @@ from pathlib import Path
 SERVED_MODES = ("served_colocated", "served_1p1d")
 
 
-def served_plan(mode: str, args) -> dict:
+def served_plan(mode: str, args, async_on: bool | None = None) -> dict:
     cuda = args.device == "cuda"
     common = {"device": args.device, "max_batch_size": args.max_batch_size,
-              "gpu_memory_utilization": args.gpu_memory_utilization}
+              "gpu_memory_utilization": args.gpu_memory_utilization, "async_scheduling": async_on}
     plan = {"model": args.model, "dtype": "bfloat16" if cuda else "auto", "max_model_len": args.max_len,
             "enable_prefix_caching": False}
     if mode == "served_colocated":
@@ -118,7 +118,7 @@ def run_served(mode: str, prompts, outputs, args, salt: int, log, async_on: bool
     folder = Path(tempfile.mkdtemp(prefix=f"served_{tag}_"))
     profile = str(Path(args.profile_dir) / f"{tag}.prof") if args.profile_dir else None
     t0 = time.perf_counter()
-    proc, ready = start_serve(served_plan(mode, args), folder, async_on, profile)
+    proc, ready = start_serve(served_plan(mode, args, async_on), folder, async_on, profile)
     start_s = time.perf_counter() - t0
     try:
         got = asyncio.run(send_all(f"{ready['host']}:{ready['port']}", reqs, log))

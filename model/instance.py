@@ -285,6 +285,9 @@ class ColocatedWorker(StepLoop):
             out = {"role": self.role, "instance_id": self.cfg.instance_id, **dataclasses.asdict(self.load()),
                    "used_blocks": self.bm.num_used_blocks, "num_blocks": self.bm.num_blocks,
                    "num_steps": self.num_steps, "num_decoded_tokens": self.num_decoded_tokens,
-                   "num_preemptions": self.num_preemptions, "prefix_hit_tokens": self.bm.num_prefix_hit_tokens}
+                   "num_preemptions": self.num_preemptions, "prefix_hit_tokens": self.bm.num_prefix_hit_tokens,
+                   "async_scheduling": self.async_steps is not None}
+            if self.async_steps is not None:
+                out["num_overlapped_steps"] = self.async_steps.num_overlapped
         out.update(self.rt.stats())
         return out
