@@ -57,21 +57,21 @@ def test_stop_token_ends_without_an_extra_token():
 
 
 def test_penalties_and_logprobs_run_in_step_and_match():
-    sp = [SamplingParams(max_tokens=10, ignore_eos=True, **kw) for kw in
+    sp = [SamplingParams(max_tokens=6, ignore_eos=True, **kw) for kw in
           ({"repetition_penalty": 1.3}, {"logprobs": 2}, {}, {"presence_penalty": 0.5, "temperature": 0.7, "seed": 3},
            {}, {}, {"frequency_penalty": 0.4}, {})]
     llm, on, off = _same(PROMPTS, sp)
     assert [o.logprobs for o in on] == [o.logprobs for o in off]
     assert llm.core.async_steps.num_overlapped == 0     # every step finished before the next
     # Once they are done, the plain requests overlap again.
-    mixed = sp[:2] + [SamplingParams(max_tokens=30, ignore_eos=True)] * 6
-    llm, _, _ = _same(PROMPTS, mixed)
+    mixed = [SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1)] + [SamplingParams(max_tokens=10, ignore_eos=True)] * 3
+    llm, _, _ = _same(PROMPTS[:4], mixed)
     assert llm.core.async_steps.num_overlapped > 0
 
 
 def test_preemption_drains_and_tokens_match():
-    sp = SamplingParams(max_tokens=24, ignore_eos=True)
-    llm, _, _ = _same(PROMPTS, sp, num_kv_blocks=24, block_size=4)
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    llm, _, _ = _same(PROMPTS[:5], sp, num_kv_blocks=24, block_size=4)
     assert llm.core.num_preemptions > 0 and llm.core.async_steps.num_drains > 0
 
 
@@ -87,7 +87,7 @@ def test_step_isolation_with_async():
 
 
 def test_cancel_mid_stream():
-    sp = SamplingParams(max_tokens=20, ignore_eos=True)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
     want = [o.token_ids for o in _run(PROMPTS, sp, False)[1]]
     llm = LLM(MODEL, async_scheduling=True)
     ids = [llm.add_request(p, sp) for p in PROMPTS]
@@ -104,7 +104,7 @@ def test_cancel_mid_stream():
     for k, (o, w) in enumerate(zip(outs, want)):
         assert streamed[ids[k]] == o.token_ids
         if k in (2, 5):
-            assert o.finish_reason == "cancelled" and 0 < len(o.token_ids) < 20 and o.token_ids == w[:len(o.token_ids)]
+            assert o.finish_reason == "cancelled" and 0 < len(o.token_ids) < 12 and o.token_ids == w[:len(o.token_ids)]
         else:
             assert o.token_ids == w and o.finish_reason == "length"
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
