@@ -14,10 +14,11 @@ How tokens stay exactly those of the sync loop:
   it gets: N+1 leaves it out. One that ends at N on a stop token runs once more in N+1; that work
   is discarded (N+1's postprocess skips requests no longer live), and its blocks were freed by
   N's postprocess: later steps reuse them only after N+1 on the same stream (CPU: in order).
-- Whatever needs N's tokens on the host before N+1 is scheduled drains first (N is finished,
-  then N+1 runs as a sync step would): a decode step that would preempt (a preempted request is
-  recomputed from its tokens), and requests with penalties or logprobs (their sampling reads
-  the token history and values on the host).
+- A decode step that would preempt drains first (N is finished, then N+1 runs as a sync step
+  would): a preempted request is recomputed from its tokens, which must all be known.
+- Requests with penalties or logprobs sample on the host (their sampling reads the token
+  history and values there): a step holding one is finished right after its launch, so the
+  step in flight never holds one and their history is always real.
 - Cancels and failures: a request cancelled while its step is in flight is released at once,
   and its in-flight token dropped (it is not live any more); a request that makes step N fail
   is found while N is launched (model/step_isolation.py) and dropped before N+1 is scheduled.

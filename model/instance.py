@@ -26,7 +26,7 @@ from engine.errors import InvalidRequestError, OverloadedError
 from engine.events import Load, LoadChanged, RequestFailed, StepTokens, WorkerEvent
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
-from model.async_step import AsyncStepper, async_scheduling_enabled, attach_feed, needs_host_history
+from model.async_step import AsyncStepper, async_scheduling_enabled, attach_feed
 from model.rank_runtime import RankRuntime, WorkerConfig
 from model.runner import StepInput
 from model.step_isolation import StepIsolation, StepOutcome
@@ -234,9 +234,10 @@ class ColocatedWorker(StepLoop):
         self._cancelled.clear()
 
     def can_run_ahead(self) -> bool:
-        # No preemption (it recomputes from the tokens) and no sampling that reads the history.
-        return (self.policy.decode.blocks_needed(1) <= self.bm.num_free_blocks
-                and not any(map(needs_host_history, self.requests.values())))
+        # No preemption: it recomputes a request from its tokens, which must all be known. (A
+        # step with requests whose sampling reads the history is finished as soon as it is
+        # launched, so the step in flight never holds one.)
+        return self.policy.decode.blocks_needed(1) <= self.bm.num_free_blocks
 
     def schedule(self, now: float, exclude: frozenset[int] = frozenset()) -> Scheduled | None:
         """exclude: id() of running requests to leave out (async: they end in the step in flight)."""

@@ -56,13 +56,12 @@ def test_stop_token_ends_without_an_extra_token():
         assert o.finish_reason == "stop" and o.token_ids == t[:t.index(t[3]) + 1]
 
 
-def test_penalties_and_logprobs_run_in_step_and_match():
+def test_penalties_and_logprobs_match():
     sp = [SamplingParams(max_tokens=6, ignore_eos=True, **kw) for kw in
           ({"repetition_penalty": 1.3}, {"logprobs": 2}, {}, {"presence_penalty": 0.5, "temperature": 0.7, "seed": 3},
            {}, {}, {"frequency_penalty": 0.4}, {})]
     llm, on, off = _same(PROMPTS, sp)
     assert [o.logprobs for o in on] == [o.logprobs for o in off]
-    assert llm.core.async_steps.num_overlapped == 0     # every step finished before the next
     # Once they are done, the plain requests overlap again.
     mixed = [SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1)] + [SamplingParams(max_tokens=10, ignore_eos=True)] * 3
     llm, _, _ = _same(PROMPTS[:4], mixed)
