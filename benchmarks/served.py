@@ -5,8 +5,8 @@ beside the in-process engine's.
 Plans (one device):
 - `served_colocated`: one colocated instance with the in-process run's schedule, batch limits
   and chunk size;
-- `served_1p1d`: one prefill and one decode instance sharing the device (half of it each,
-  CUDA IPC for the KV on a GPU).
+- `served_1p1d`: one prefill and one decode instance sharing the device (`--prefill-gpu-share`
+  of its memory to the prefill instance, the rest to decode; CUDA IPC for the KV on a GPU).
 
 The client is one grpc.aio channel with every request's stream open at once (token-id prompts,
 greedy, ignore_eos, max_tokens = the table's output length); the figure is the wall time from
@@ -38,11 +38,15 @@ def served_plan(mode: str, args, async_on: bool | None = None) -> dict:
         plan["colocated"] = {**common, "schedule": args.served_schedule, "chunk_tokens": args.chunk_tokens,
                              "max_batch_tokens": args.max_batch_tokens, "num_gpus_per_rank": 1.0 if cuda else 0.0}
     else:
-        half = {"num_gpus_per_rank": 0.5} if cuda else {}
+        # The GPU's memory split by Ray's GPU fractions: the prefill side holds a prompt's KV only
+        # until it has moved, the decode side every running request's.
+        share = args.prefill_gpu_share
         plan["mode"] = "disaggregated"
         plan["kv_transport"] = "cuda_ipc" if cuda else "auto"
-        plan["prefill"] = {**common, **half, "max_batch_tokens": args.max_batch_tokens}
-        plan["decode"] = {**common, **half, "max_batch_tokens": args.max_batch_tokens}
+        plan["prefill"] = {**common, "max_batch_tokens": args.max_batch_tokens,
+                           **({"num_gpus_per_rank": share} if cuda else {})}
+        plan["decode"] = {**common, "max_batch_tokens": args.max_batch_tokens,
+                          **({"num_gpus_per_rank": round(1.0 - share, 3)} if cuda else {})}
     if args.num_kv_blocks:
         for phase in ("colocated", "prefill", "decode"):
             if phase in plan:

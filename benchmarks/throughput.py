@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--served-schedule", default="chunked", choices=["chunked", "prefill_first"],
                     help="the colocated served plan's schedule (its in-process twin is the baseline)")
     ap.add_argument("--profile-dir", default=None, help="served modes: cProfile of each serve process here")
+    ap.add_argument("--prefill-gpu-share", type=float, default=0.25,
+                    help="served_1p1d on a GPU: the prefill instance's share of it (the decode instance gets the rest)")
     args = ap.parse_args(argv)
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
