@@ -187,9 +187,11 @@ class DecodePolicy:
                 hi = mid
         return lo
 
-    def blocks_needed(self, num_steps: int) -> int:
-        """KV blocks the current batch still has to take for its next `num_steps` steps."""
-        return self._blocks_needed(self.running[:self.max_batch_size], num_steps)
+    def blocks_needed(self, num_steps: int, exclude: frozenset[int] = frozenset()) -> int:
+        """KV blocks the current batch (as `schedule(now, exclude)` forms it) still has to take
+        for its next `num_steps` steps."""
+        running = [r for r in self.running if id(r) not in exclude] if exclude else self.running
+        return self._blocks_needed(running[:self.max_batch_size], num_steps)
 
     def _blocks_needed(self, batch: list[Request], num_steps: int) -> int:
         # Step k (0-based) must hold num_tokens + k tokens: the step's input token included.

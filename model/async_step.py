@@ -94,15 +94,19 @@ class AsyncStepper:
     def step(self) -> bool:
         loop, prev = self.loop, self.inflight
         try:
+            ending = prev.ending if prev is not None else frozenset()
             with loop._lock:
-                ahead = prev is None or loop.can_run_ahead()
-                sched = loop.schedule(time.monotonic(), prev.ending if prev else frozenset()) if ahead else None
+                ahead = prev is None or loop.can_run_ahead(ending)
+                sched = loop.schedule(time.monotonic(), ending) if ahead else None
             if not ahead:
                 self.num_drains += 1
                 self.flush()
                 prev = None
                 with loop._lock:
                     sched = loop.schedule(time.monotonic(), frozenset())
+            if sched is not None and any(r.output_token_ids and r.output_token_ids[-1] == PLACEHOLDER
+                                         for r in sched.batch.preempted):
+                raise RuntimeError("async scheduling preempted a request whose last token is not known yet")
             if sched is None:
                 if prev is None:
                     return False

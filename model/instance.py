@@ -134,9 +134,9 @@ class StepLoop:
         if self.async_steps is not None:
             self.async_steps.flush()
 
-    def can_run_ahead(self) -> bool:
-        """Whether the next step may be scheduled before the one in flight is postprocessed
-        (under the lock)."""
+    def can_run_ahead(self, exclude: frozenset[int] = frozenset()) -> bool:
+        """Whether the next step (leaving out `exclude`) may be scheduled before the one in
+        flight is postprocessed (under the lock)."""
         return False
 
     def drop_failed(self, req: Request, why: str, now: float) -> RequestFailed:
@@ -233,11 +233,12 @@ class ColocatedWorker(StepLoop):
                     finish(req, FinishReason.CANCELLED, now)
         self._cancelled.clear()
 
-    def can_run_ahead(self) -> bool:
-        # No preemption: it recomputes a request from its tokens, which must all be known. (A
-        # step with requests whose sampling reads the history is finished as soon as it is
-        # launched, so the step in flight never holds one.)
-        return self.policy.decode.blocks_needed(1) <= self.bm.num_free_blocks
+    def can_run_ahead(self, exclude: frozenset[int] = frozenset()) -> bool:
+        # No preemption: it recomputes a request from its tokens, which must all be known. The
+        # blocks are counted for exactly the requests the schedule will take. (A step with
+        # requests whose sampling reads the history is finished as soon as it is launched, so
+        # the step in flight never holds one.)
+        return self.policy.decode.blocks_needed(1, exclude) <= self.bm.num_free_blocks
 
     def schedule(self, now: float, exclude: frozenset[int] = frozenset()) -> Scheduled | None:
         """exclude: id() of running requests to leave out (async: they end in the step in flight)."""
