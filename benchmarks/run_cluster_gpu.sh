@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runtime on one GPU, in one device call: GPU tests (kernels, model, the cluster with a
 # prefill and a decode actor sharing the GPU over CUDA IPC), the engine benchmark, and the KV
-# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|tests-fidelity|fidelity pick other parts.
+# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|tests-fidelity|fidelity|role-change pick other parts.
 # Needs Ray: build .whl/ with ../shared/tools/gpu-wheels and carry it.
 set -o pipefail
 OUT=${OUT:-/tmp/cluster_gpu}
@@ -20,12 +20,14 @@ kv_bench() {    # $1: timeout (s)
   timeout "$1" python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
 }
-fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate; GPU=H100|H200 (default H100)
+# fidelity: GPU=H100|H200 (default H100); LOAD_TERMS=PATH takes the load terms from an earlier fit
+# (a profile-serving.json or fidelity.json) instead of fitting them on this run's rates.
+fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate
   local gpu=${GPU:-H100}
   timeout "$1" python3 -m benchmarks.fidelity --plan "benchmarks/plans/${gpu,,}_1p1d_llama3_8b.json" --workload azure-conv \
     --rates "${RATES:-$2}" --num-requests "${NUM:-$3}" --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
     --profile "placement/profiles/${gpu}_llama-3-8b.json" --ray-worker-niceness 0 --out "$OUT/fidelity" \
-    2>&1 | grep -v "^(raylet)" | tail -40 | tee "$OUT/fidelity.log"
+    ${LOAD_TERMS:+--load-terms-from "$LOAD_TERMS"} 2>&1 | grep -v "^(raylet)" | tail -60 | tee "$OUT/fidelity.log"
 }
 case "${STAGE:-main}" in
   main)           # GPU tests, KV transfer and engine benchmarks
@@ -39,6 +41,10 @@ case "${STAGE:-main}" in
   fidelity-only)  fidelity 500 4,8,16,32,64,96,128 240 ;;
   final)          gpu_tests 220 8; kv_bench 120; fidelity 300 4,8,16,32 240 ;;
   tests-fidelity) gpu_tests 220 30; fidelity 270 8,16,32,64,96 160 ;;   # GPU=H200 on an H200
+  role-change)    # issue 19: role change durations under load beside an instance's cold start
+    timeout 420 python3 -m benchmarks.role_change --device cuda --model llama-3-8b --prompt-tokens 1024 \
+      --output-tokens 128 --rate 4 --out "$OUT/role_change.json" 2>&1 | grep -v "^(raylet)" | tail -16 \
+      | tee "$OUT/role_change.log" ;;
   *)              kv_bench 150; fidelity 420 4,8,16,32,64,96,128 240 ;;
 esac
 date -u

@@ -32,6 +32,7 @@ import time
 from cluster.admission import Admission
 from cluster.health import HealthMonitor
 from cluster.instances import Instance, Pools
+from cluster.roles import RoleChanger
 from cluster.streams import Streams
 from cluster.tracking import Tracked, split_wid
 from cluster.transfers import TransferCoordinator
@@ -58,10 +59,12 @@ class Controller:
         self.state = "starting"
         self.tracked: dict[str, Tracked] = {}
         self.streams = Streams(tokenizer, metrics, lambda: self.max_model_len)
-        self.admission = Admission(plan.block_size, self.pool, lambda: self.monitor.can_serve(), self.fail, self.drop)
+        self.admission = Admission(plan.block_size, self.pool, lambda: self.monitor.can_serve(), self.fail, self.drop,
+                                   routing=plan.routing)
         self._tasks: set[asyncio.Task] = set()
         self.monitor = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
+        self.roles = RoleChanger(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
                          "instance_failures": 0, "instance_restarts": 0, "rejected": 0,
                          "requests_failed_alone": 0}
@@ -105,13 +108,24 @@ class Controller:
 
     async def health(self) -> dict:
         """{"state": starting | serving | not_serving | draining, "roles": live instances per
-        role}. Serving: every role the plan needs has a live instance (a mixed plan serves when
-        its colocated pool or its prefill/decode pair is complete)."""
+        role, "instances": each instance's current role}. Serving: every role the plan needs
+        has a live instance (a mixed plan serves when its colocated pool or its prefill/decode
+        pair is complete)."""
         roles = {r: sum(i.alive for i in self.pool(r)) for r in ("prefill", "decode", "colocated")}
         state = self.state
         if state == "serving" and not (roles["colocated"] or (roles["prefill"] and roles["decode"])):
             state = "not_serving"
-        return {"state": state, "roles": roles}
+        return {"state": state, "roles": roles, "instances": {i.instance_id: i.role for i in self.instances}}
+
+    async def change_role(self, instance_id: str, role: str, reason: str = "") -> None:
+        """Make instance `instance_id` serve as `role` ("prefill", "decode" or "colocated")
+        without reloading its weights: stop routing to it, drain it (its requests finish or
+        are handed over, none lost), switch every rank's worker, rebuild its KV channels and
+        route to it again. The id stays; the role is reported beside it. One change at a time.
+        Raises ConfigError (cluster/roles.py RoleChangeError) naming why a change is refused:
+        unknown instance or role, the role it has already, an instance not alive, or a change
+        that would leave nothing able to serve. See cluster/roles.py."""
+        await self.roles.change(instance_id, role, reason)
 
     async def shutdown(self) -> None:
         self.state = "draining"
@@ -202,7 +216,9 @@ class Controller:
             t = self._current(ev.request_id)
             if t is not None and t.prefill is inst and t.state is PREFILLING:
                 t.move(TRANSFERRING)
-                self.admission.prefill_tokens[inst.instance_id] -= ev.num_tokens
+                self.admission.prefilled(inst, ev.request_id, ev.num_tokens, ev.num_cached_tokens)
+                if self.metrics:
+                    self.metrics.on_prefilled(inst.instance_id, ev.num_tokens, ev.num_cached_tokens)
                 t.num_cached_tokens = max(t.num_cached_tokens, ev.num_cached_tokens)
                 self.spawn(self.transfers.transfer(t, t.attempt, ev))
             else:
@@ -306,12 +322,16 @@ class Controller:
                    for i, s in zip(insts, per)}
         for i in insts:
             workers[i.instance_id]["alive"] = i.alive
+            workers[i.instance_id]["role"] = i.role         # the controller's view, also for a dead one
+            workers[i.instance_id]["draining"] = i.draining
         phases: dict[str, int] = {}
         for t in self.tracked.values():
             phases[t.state.value] = phases.get(t.state.value, 0) + 1
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.admission.pending),
                 "requests_by_state": phases, "counters": dict(self.counters),
-                "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()}}
+                "routing": self.plan.routing, "prefix_cache": self.admission.prefix_stats(),
+                "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()},
+                "role_changes": [dict(vars(r)) for r in self.roles.history]}
 
 
 def describe(t: Tracked) -> str:
