@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.routing import ROUTINGS
 
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "gloo", "nccl", "cuda_ipc")
@@ -39,6 +40,9 @@ class PhaseConfig:
     max_queue: int = 1024           # requests waiting in this phase before new ones are refused
     schedule: str = "prefill_first"  # colocated instances: "prefill_first" or "chunked"
     chunk_tokens: int = 512         # chunked schedule: prompt tokens per step beside the decodes
+    # Async scheduling of colocated and decode instances (model/async_step.py): true/false, or
+    # null for the default (DISAGG_ASYNC_SCHEDULING in the workers' environment, else on for CUDA).
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         _positive(self, "num_instances", "tp", "pp", "max_batch_tokens", "max_batch_size", "max_queue")
@@ -50,6 +54,8 @@ class PhaseConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         if self.chunk_tokens < 1:
             raise ConfigError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
         if self.num_gpus_per_rank < 0 or self.num_cpus_per_rank < 0 or self.torch_threads < 0:
@@ -86,6 +92,9 @@ class Plan:
     kv_transfer_timeout_s: float = 30.0
     layerwise_transfer: bool = True
     enable_prefix_caching: bool = True
+    # Prefill instance choice: "prefix" weighs the expected prefix-cache hit against queued
+    # tokens (engine/routing.py); "load" looks at queued tokens only.
+    routing: str = "prefix"
     # Restart budget of each instance: at most max_restarts restarts within any restart_window_s;
     # past it the instance is down until the window allows another. Restarts that fail and
     # repeated crashes wait restart_backoff_s, doubling each time (at most 60 s).
@@ -108,6 +117,8 @@ class Plan:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.kv_transport not in TRANSPORTS:
             raise ConfigError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
