@@ -16,7 +16,10 @@ for debugging.
 
 On CUDA, before capture, kernels.gemv.tune_skinny times cuBLAS against a GEMV-shaped Triton
 kernel for each decode matmul shape at 1-8 rows on this model's weights and keeps the faster
-(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning).
+(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning). Decode steps of <= 8 rows then take the fused
+kernels (model/fused_decode.py: norm, RoPE, KV write, SiLU and the residual add folded into four
+GEMVs per layer; configs tuned the same way, each mode checked once against its reference),
+unless DISAGG_FUSED_DECODE=0 (model/fused_plan.py: setup lists the other switches).
 
 A step with both prefill chunks and decode tokens (chunked prefill) runs as one forward pass
 over all their rows (`mixed`): the weights are read once, and only the attention is launched
@@ -44,6 +47,9 @@ class StepInput:
     decode: (token id, position, block table)."""
     prefill: list[tuple[list[int], int, list[int], bool]] = field(default_factory=list)
     decode: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    # Async scheduling: for each decode row, the index of its input token among the previous
+    # step's sampled tokens, still on the device (-1: the token id above is real). None: all real.
+    decode_src: list[int] | None = None
 
     @classmethod
     def from_batch(cls, batch: Batch) -> "StepInput":
@@ -100,6 +106,7 @@ class ModelRunner:
         if self.device.type == "cuda" and _skinny_gemv_from_env():
             from kernels.gemv import tune_skinny
             self.gemv_report = tune_skinny(model.skinny_layers())
+        self.fused_report = self._setup_fused_decode() if self.device.type == "cuda" else []
         if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
@@ -110,6 +117,14 @@ class ModelRunner:
                                                     min(max_prefill_graph_tokens, max_len), pool=pool)
         if self.device.type == "cuda":
             self.warmup()
+
+    def _setup_fused_decode(self) -> list[dict]:
+        """Decode steps of <= 8 rows take the fused kernels (model/fused_decode.py), tuned and
+        checked on this model first, unless DISAGG_FUSED_DECODE=0 or the model does not fit
+        them (model/fused_plan.py: setup, and the other switches)."""
+        from model.fused_plan import setup
+        self.model.fused_decode, report = setup(self.model)
+        return report
 
     def warmup(self) -> None:
         """Compile every kernel variant serving uses (prefill with and without a cached prefix,
@@ -191,29 +206,50 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden.index_select(0, field("want")))
 
+    def _feeder(self, src: list[int] | None, feed: torch.Tensor | None, offset: int = 0):
+        """A function that writes the previous step's sampled tokens (`feed`, on the device)
+        into the decode rows' input ids (async scheduling): no host round trip between steps."""
+        if src is None:
+            return None
+        if feed is None:
+            raise ValueError("a decode row takes its token from the previous step, but no tokens were fed")
+        rows = [i for i, s in enumerate(src) if s >= 0]
+        index = torch.tensor([[offset + i for i in rows], [src[i] for i in rows]], dtype=torch.int64)
+        index = index.to(self.device, non_blocking=True)
+
+        def write(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, index[0], feed.index_select(0, index[1]).to(ids.dtype))
+        return write
+
     @torch.inference_mode()
-    def decode(self, seqs) -> torch.Tensor | None:
+    def decode(self, seqs, feed=None) -> torch.Tensor | None:
+        """feed: `_feeder`'s function or None."""
         if self.graphs is not None and self.graphs.fits(seqs):
-            hidden = self.graphs.run(seqs)
+            hidden = self.graphs.run(seqs, feed)
             return self.model.compute_logits(hidden) if self.is_driver else None
         meta = AttentionMetadata(
             kind="decode",
             slot_mapping=self._tensor([self._slots(t, p, 1)[0] for _, p, t in seqs], torch.int64),
             block_tables=self._tensor(_pad_tables([t for _, _, t in seqs]), torch.int32),
             context_lens=self._tensor([p + 1 for _, p, _ in seqs], torch.int32))
-        hidden = self.model(self._tensor([s[0] for s in seqs], torch.int64),
-                            self._tensor([s[1] for s in seqs], torch.int64), self.kv_cache, meta)
+        ids = self._tensor([s[0] for s in seqs], torch.int64)
+        if feed is not None:
+            feed(ids)
+        hidden = self.model(ids, self._tensor([s[1] for s in seqs], torch.int64), self.kv_cache, meta)
         return self.model.compute_logits(hidden) if self.is_driver else None
 
     @torch.inference_mode()
-    def mixed(self, chunks, seqs) -> torch.Tensor | None:
+    def mixed(self, chunks, seqs, feed=None) -> torch.Tensor | None:
         """One forward pass over prefill `chunks` and decode `seqs` (StepInput's tuples); logits
-        of the chunks that want them, then of every decode row."""
+        of the chunks that want them, then of every decode row. feed: `_feeder`'s function, its
+        rows offset by the prefill tokens."""
         self.num_mixed_steps += 1
         packed, layout = pack_mixed(chunks, seqs, self.block_size)
         buf = torch.from_numpy(packed)
         buf = buf.to(self.device, non_blocking=True) if self.device.type == "cuda" else buf.long()
         ids, positions, meta, want = mixed_metadata(buf, layout)
+        if feed is not None:
+            feed(ids)
         hidden = self.model(ids, positions, self.kv_cache, meta)
         if not self.is_driver or not len(want):
             return None
@@ -224,16 +260,18 @@ class ModelRunner:
             return False
         return self.prefill_graphs is None or not self.prefill_graphs.fits(step.prefill)
 
-    def execute(self, step: StepInput, layer_hook=None) -> torch.Tensor | None:
+    def execute(self, step: StepInput, layer_hook=None, feed: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [num sampled, vocab] on rank 0 (prefill rows that want logits, then decode
-        rows: the order of Batch.sampled); None on other ranks or when nothing is sampled."""
+        rows: the order of Batch.sampled); None on other ranks or when nothing is sampled.
+        feed: the previous step's sampled tokens on the device, for rows in `step.decode_src`."""
         if self._use_mixed(step, layer_hook):
-            return self.mixed(step.prefill, step.decode)
+            offset = sum(len(c[0]) for c in step.prefill)
+            return self.mixed(step.prefill, step.decode, self._feeder(step.decode_src, feed, offset))
         parts = []
         if step.prefill:
             parts.append(self.prefill(step.prefill, layer_hook))
         if step.decode:
-            parts.append(self.decode(step.decode))
+            parts.append(self.decode(step.decode, self._feeder(step.decode_src, feed)))
         parts = [p for p in parts if p is not None]
         if not parts:
             return None
