@@ -8,6 +8,7 @@ per item (never one Ray message per token).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -73,6 +74,10 @@ class RankActor:
         self._thread = None
         self._tp_store = None
         self._beat = time.monotonic()
+        # New work (add_request, reserve) passes this gate; a role change closes it, so the
+        # check "nothing left here" and the loop's stop see the same worker state.
+        self._gate = threading.Lock()
+        self._paused = ""
 
     # Setup ----------------------------------------------------------------------------
     def open_tp(self) -> dict:
@@ -168,9 +173,64 @@ class RankActor:
         except Exception as e:  # noqa: BLE001 - the controller retries the request
             return False, f"{type(e).__name__}: {e}"
 
+    def drop_kv(self, peer: str) -> None:
+        """Close the channels with `peer` (it changed role or is gone)."""
+        kv = getattr(self.worker, "kv", None)
+        if kv is not None:
+            kv.close_peer(peer)
+
+    # Role change ------------------------------------------------------------------------
+    def pause(self) -> str:
+        """Rank 0, first step of a role change: refuse new work from now on and stop the step
+        loop (the followers' loops end with it), unless a request is still here. Returns ""
+        when paused, else what is still held (the controller drains on and asks again)."""
+        with self._gate:
+            busy = self.worker.busy()
+            if busy:
+                return busy
+            self._paused = "changing role"
+        self._stop_loop()
+        return ""
+
+    def change_role(self, role: str, settings: dict | None = None) -> dict:
+        """Every rank, after rank 0 paused: close the old role's KV channels and build `role`'s
+        worker over the same RankRuntime (weights, KV cache tensor, runner, sampler untouched;
+        a fresh block manager: the instance was drained), then start the loop again. `settings`
+        overrides WorkerConfig fields that only the scheduler reads (schedule, chunk_tokens)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        t0 = time.monotonic()
+        self._stop_loop()
+        old = self.worker
+        old.close()
+        self.cfg = dataclasses.replace(self.cfg, **(settings or {}))
+        self.worker = role_class(role)(self.cfg, emit=self._emit, rt=old.rt)
+        self.role = role
+        self._thread = None         # ping must not see the old, stopped thread with _stop cleared
+        self._stop.clear()
+        self.start_loop()
+        with self._gate:
+            self._paused = ""
+        return {"seconds": time.monotonic() - t0, **self.worker.rt.fingerprint()}
+
+    def fingerprint(self) -> dict:
+        return self.worker.rt.fingerprint()
+
+    def _stop_loop(self) -> None:
+        self._stop.set()
+        self.worker.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            if self._thread.is_alive():
+                raise RuntimeError(f"{self.cfg.instance_id} rank {self.cfg.rank}: the step loop did not stop")
+
     # Requests (rank 0) --------------------------------------------------------------------
     def add_request(self, spec) -> None:
-        self.worker.add(spec)
+        with self._gate:
+            if self._paused:
+                # Not an overload: the controller parks the request and routes it elsewhere.
+                raise RuntimeError(f"{self.cfg.instance_id} is {self._paused}")
+            self.worker.add(spec)
 
     def cancel(self, request_id: str) -> bool:
         return self.worker.cancel(request_id)
@@ -179,7 +239,10 @@ class RankActor:
         return self.worker.release(request_id)
 
     def reserve(self, request_id: str, num_tokens: int):
-        return self.worker.reserve(request_id, num_tokens)
+        with self._gate:
+            if self._paused:
+                return None         # no blocks here: the controller tries another decode instance
+            return self.worker.reserve(request_id, num_tokens)
 
     def start_decode(self, request_id, prompt_token_ids, output_token_ids, sampling, arrival_s=0.0) -> None:
         self.worker.start(request_id, prompt_token_ids, output_token_ids, sampling, arrival_s)

@@ -88,9 +88,9 @@ class Admission:
 
     async def dispatch(self, t: Tracked, from_submit: bool = False, front: bool = False) -> None:
         """Hand the current attempt to the least loaded route, or park it."""
-        live_c = [i for i in self.pool("colocated") if i.alive]
-        live_p = [i for i in self.pool("prefill") if i.alive]
-        live_d = [i for i in self.pool("decode") if i.alive]
+        live_c = [i for i in self.pool("colocated") if i.routable]
+        live_p = [i for i in self.pool("prefill") if i.routable]
+        live_d = [i for i in self.pool("decode") if i.routable]
         pd = bool(live_p and live_d)
         if not live_c and not pd:
             if self.can_serve():

@@ -32,6 +32,7 @@ import time
 from cluster.admission import Admission
 from cluster.health import HealthMonitor
 from cluster.instances import Instance, Pools
+from cluster.roles import RoleChanger
 from cluster.streams import Streams
 from cluster.tracking import Tracked, split_wid
 from cluster.transfers import TransferCoordinator
@@ -62,6 +63,7 @@ class Controller:
         self._tasks: set[asyncio.Task] = set()
         self.monitor = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
+        self.roles = RoleChanger(self)
         self.counters = {"kv_transfer_failures": 0, "retries": 0, "channel_rebuilds": 0,
                          "instance_failures": 0, "instance_restarts": 0, "rejected": 0,
                          "requests_failed_alone": 0}
@@ -105,13 +107,24 @@ class Controller:
 
     async def health(self) -> dict:
         """{"state": starting | serving | not_serving | draining, "roles": live instances per
-        role}. Serving: every role the plan needs has a live instance (a mixed plan serves when
-        its colocated pool or its prefill/decode pair is complete)."""
+        role, "instances": each instance's current role}. Serving: every role the plan needs
+        has a live instance (a mixed plan serves when its colocated pool or its prefill/decode
+        pair is complete)."""
         roles = {r: sum(i.alive for i in self.pool(r)) for r in ("prefill", "decode", "colocated")}
         state = self.state
         if state == "serving" and not (roles["colocated"] or (roles["prefill"] and roles["decode"])):
             state = "not_serving"
-        return {"state": state, "roles": roles}
+        return {"state": state, "roles": roles, "instances": {i.instance_id: i.role for i in self.instances}}
+
+    async def change_role(self, instance_id: str, role: str, reason: str = "") -> None:
+        """Make instance `instance_id` serve as `role` ("prefill", "decode" or "colocated")
+        without reloading its weights: stop routing to it, drain it (its requests finish or
+        are handed over, none lost), switch every rank's worker, rebuild its KV channels and
+        route to it again. The id stays; the role is reported beside it. One change at a time.
+        Raises ConfigError (cluster/roles.py RoleChangeError) naming why a change is refused:
+        unknown instance or role, the role it has already, an instance not alive, or a change
+        that would leave nothing able to serve. See cluster/roles.py."""
+        await self.roles.change(instance_id, role, reason)
 
     async def shutdown(self) -> None:
         self.state = "draining"
@@ -306,12 +319,15 @@ class Controller:
                    for i, s in zip(insts, per)}
         for i in insts:
             workers[i.instance_id]["alive"] = i.alive
+            workers[i.instance_id]["role"] = i.role         # the controller's view, also for a dead one
+            workers[i.instance_id]["draining"] = i.draining
         phases: dict[str, int] = {}
         for t in self.tracked.values():
             phases[t.state.value] = phases.get(t.state.value, 0) + 1
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.admission.pending),
                 "requests_by_state": phases, "counters": dict(self.counters),
-                "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()}}
+                "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()},
+                "role_changes": [dict(vars(r)) for r in self.roles.history]}
 
 
 def describe(t: Tracked) -> str:

@@ -143,7 +143,7 @@ class HealthMonitor:
         c, iid = self.c, inst.instance_id
         new = None
         try:
-            new = await c.pools.create(inst.role, int(iid.rsplit("-", 1)[1]))
+            new = await c.pools.create(inst.role, 0, instance_id=iid, phase=inst.phase)
             new.alive = False
             pool = c.pool(inst.role)
             pool[next(k for k, i in enumerate(pool) if i.instance_id == iid)] = new

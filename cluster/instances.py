@@ -31,6 +31,12 @@ class Instance:
     node_ids: list = field(default_factory=list)
     gpu_uuids: list = field(default_factory=list)
     alive: bool = True
+    draining: bool = False      # changing role: takes no new work (cluster/roles.py)
+
+    @property
+    def routable(self) -> bool:
+        """Admission may give it new work."""
+        return self.alive and not self.draining
 
     @property
     def driver(self):
@@ -51,14 +57,16 @@ def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -
 
 
 async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,
-                          num_kv_heads: int, actor_cls: type | None = None) -> Instance:
-    """Start one instance of `role` (its ranks as `actor_cls` actors, RankActor by default)."""
+                          num_kv_heads: int, actor_cls: type | None = None, instance_id: str | None = None) -> Instance:
+    """Start one instance of `role` (its ranks as `actor_cls` actors, RankActor by default),
+    named `role-index` unless `instance_id` is given (a restart keeps the id, which stays
+    the same across role changes)."""
     if phase.pp != 1:
         raise ConfigError(f"{role}: pipeline parallelism (pp={phase.pp}) is planned and simulated but not "
                           "run by the runtime yet; use pp=1")
     if num_kv_heads % phase.tp:
         raise ConfigError(f"{role}: tp={phase.tp} must divide the model's {num_kv_heads} KV heads")
-    inst = Instance(f"{role}-{index}", role, phase, Layout(phase.tp, phase.pp, num_layers, num_kv_heads))
+    inst = Instance(instance_id or f"{role}-{index}", role, phase, Layout(phase.tp, phase.pp, num_layers, num_kv_heads))
     world = phase.tp * phase.pp
     gpus = phase.num_gpus_per_rank if phase.device == "cuda" else 0
     cpus = max(phase.num_cpus_per_rank, 0.001)
@@ -149,10 +157,33 @@ class Pools:
         """The instances `inst` has KV channels with."""
         return {"prefill": self.of("decode"), "decode": self.of("prefill")}.get(inst.role, [])
 
-    async def create(self, role: str, index: int) -> Instance:
+    async def create(self, role: str, index: int, instance_id: str | None = None,
+                     phase: PhaseConfig | None = None) -> Instance:
+        """A new instance; a restart passes the old one's id and phase (after a role change
+        they are those it started with, not the ones its role's name suggests)."""
         mc = self.model_config
-        return await create_instance(self.plan, role, index, self.plan.phases[role], mc.num_layers,
-                                     mc.num_kv_heads, self.actor_cls)
+        return await create_instance(self.plan, role, index, phase or self.plan.phases[role], mc.num_layers,
+                                     mc.num_kv_heads, self.actor_cls, instance_id)
+
+    def move(self, inst: Instance, role: str) -> None:
+        """`inst` now serves `role` (its actors already switched)."""
+        self._by_role[inst.role].remove(inst)
+        inst.role = role
+        self._by_role[role].append(inst)
+
+    async def disconnect(self, inst: Instance) -> None:
+        """Close the peers' side of every channel with `inst` (which closes its own side itself)."""
+        peers = self.peers(inst)
+        for p in peers:
+            self.transports.pop((inst.instance_id, p.instance_id) if inst.role == "prefill"
+                                else (p.instance_id, inst.instance_id), None)
+        await asyncio.gather(*[r.drop_kv.remote(inst.instance_id) for p in peers if p.alive for r in p.ranks],
+                             return_exceptions=True)
+
+    async def connect_all(self, inst: Instance) -> None:
+        """Channels between `inst` and every live peer of its (new) role."""
+        await asyncio.gather(*[self.connect(inst, d) if inst.role == "prefill" else self.connect(d, inst)
+                               for d in self.peers(inst) if d.alive])
 
     async def start(self) -> None:
         """Every instance of the plan, and their channels; nothing left running on failure."""

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
 STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "decode_queue")
+ROLES = ("prefill", "decode", "colocated")
 
 
 class Metrics:
@@ -38,6 +39,12 @@ class Metrics:
         self.pending = Gauge("disagg_controller_pending_requests", "Requests waiting for decode capacity", registry=r)
         self.in_flight = Gauge("disagg_requests_in_flight", "Requests accepted and not finished", registry=r)
         self.retries = Gauge("disagg_controller_retries", "Requests recomputed after a failure (total)", registry=r)
+        self.instance_role = Gauge("disagg_instance_role", "1 for the role each instance serves now, 0 for the others",
+                                   ["instance", "role"], registry=r)
+        self.role_changes = Counter("disagg_role_changes", "Role changes of instances while serving",
+                                    ["from_role", "to_role"], registry=r)
+        self.role_change_seconds = Histogram("disagg_role_change_seconds", "Duration of a role change (drain + switch)",
+                                             buckets=_LAT, registry=r)
 
     # Hooks called by the controller -------------------------------------------------------
     def on_submit(self, t) -> None:
@@ -78,8 +85,19 @@ class Metrics:
             if v is not None:
                 self.stage.labels(stage).observe(v)
 
+    def set_role(self, instance: str, role: str) -> None:
+        for r in ROLES:
+            self.instance_role.labels(instance, r).set(1 if r == role else 0)
+
+    def on_role_change(self, instance: str, old: str, role: str, seconds: float) -> None:
+        self.set_role(instance, role)
+        self.role_changes.labels(old, role).inc()
+        self.role_change_seconds.observe(seconds)
+
     def update_from_stats(self, stats: dict) -> None:
         for name, w in stats.get("workers", {}).items():
+            if w.get("role") in ROLES:
+                self.set_role(name, w["role"])
             if "error" in w:
                 continue
             for q in ("num_waiting", "num_running", "num_held", "num_reserved"):

@@ -23,8 +23,8 @@ class DecodeWorker(ColocatedWorker):
     role = "decode"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[WorkerEvent]], None] | None = None):
-        super().__init__(cfg, tp_group, ctrl_group, emit, enable_prefix_caching=False)
+                 emit: Callable[[list[WorkerEvent]], None] | None = None, rt=None):
+        super().__init__(cfg, tp_group, ctrl_group, emit, enable_prefix_caching=False, rt=rt)
         self.kv = KVReceiver(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
         self.reservations: dict[str, list[int]] = {}
 
@@ -81,6 +81,11 @@ class DecodeWorker(ColocatedWorker):
 
     def close(self) -> None:
         self.kv.close()
+
+    def busy(self) -> str:
+        with self._lock:
+            n = len(self.requests) + len(self.reservations)
+            return f"{len(self.requests)} requests, {len(self.reservations)} reservations" if n else ""
 
     def stats(self) -> dict:
         out = super().stats()

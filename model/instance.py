@@ -147,6 +147,11 @@ class StepLoop:
     def close(self) -> None:
         """Release what the role holds beside the model (KV channels)."""
 
+    def busy(self) -> str:
+        """What this rank still holds for requests ("" when nothing): a role change waits for ""."""
+        with self._lock:
+            return f"{len(self.requests)} requests" if self.requests else ""
+
     def check_fits(self, req: Request, bm: BlockManager) -> None:
         if bm.blocks_for(req.num_tokens) > bm.num_blocks:
             raise InvalidRequestError("prompt", f"{req.num_tokens} tokens do not fit this instance's KV cache "
@@ -161,8 +166,9 @@ class ColocatedWorker(StepLoop):
     role = "colocated"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[WorkerEvent]], None] | None = None, enable_prefix_caching: bool | None = None):
-        super().__init__(cfg, tp_group, ctrl_group, emit)
+                 emit: Callable[[list[WorkerEvent]], None] | None = None, enable_prefix_caching: bool | None = None,
+                 rt: RankRuntime | None = None):
+        super().__init__(cfg, tp_group, ctrl_group, emit, rt)
         caching = cfg.enable_prefix_caching if enable_prefix_caching is None else enable_prefix_caching
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, caching)
         self.policy = ColocatedPolicy(self.bm, cfg.max_batch_tokens, cfg.max_batch_size, cfg.schedule,

@@ -90,8 +90,14 @@ class LayerProgress:
 
 
 class RankRuntime:
+    """One rank's model shard, KV cache, runner and sampler. A role change (cluster/actors.py
+    `RankActor.change_role`) builds the new role's worker over the same RankRuntime."""
+
+    num_built = 0       # runtimes built (weights loaded) in this process: a role change adds none
+
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None):
         from model.embedded import resolve_model_source
+        RankRuntime.num_built += 1
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if cfg.pp != 1:
@@ -145,6 +151,13 @@ class RankRuntime:
         box = [msg]
         dist.broadcast_object_list(box, src=0, group=self.ctrl_group)
         return box[0]
+
+    def fingerprint(self) -> dict:
+        """Where the weights and the KV cache live, and how many runtimes this process built:
+        equal before and after a role change when nothing was reloaded or reallocated."""
+        return {"num_built": RankRuntime.num_built, "runtime_id": id(self),
+                "weight_ptrs": [p.data_ptr() for p in self.model.parameters()],
+                "kv_cache_ptr": self.kv_cache.data_ptr(), "pid": os.getpid()}
 
     def stats(self) -> dict:
         out = {"rank": self.cfg.rank, "num_blocks": self.num_blocks, "device": str(self.device),

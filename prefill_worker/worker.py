@@ -37,8 +37,8 @@ class PrefillWorker(StepLoop):
     role = "prefill"
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
-                 emit: Callable[[list[WorkerEvent]], None] | None = None):
-        super().__init__(cfg, tp_group, ctrl_group, emit)
+                 emit: Callable[[list[WorkerEvent]], None] | None = None, rt=None):
+        super().__init__(cfg, tp_group, ctrl_group, emit, rt)
         self.kv = KVSender(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
         self.bm = BlockManager(self.rt.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.policy = PrefillPolicy(self.bm, cfg.max_batch_tokens, cfg.max_batch_size)
@@ -196,6 +196,11 @@ class PrefillWorker(StepLoop):
 
     def close(self) -> None:
         self.kv.close()
+
+    def busy(self) -> str:
+        with self._lock:
+            n = len(self.requests) + len(self.held)
+            return f"{len(self.requests)} requests, {len(self.held)} holding KV" if n else ""
 
     def stats(self) -> dict:
         with self._lock:

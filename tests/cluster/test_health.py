@@ -42,7 +42,8 @@ def test_health_follows_the_only_decode_instance(ray_session):
     try:
         assert _status(srv.port) == SERVING and _status(srv.port, "disagg.v1.Inference") == SERVING
         assert srv.run(srv.cluster.ahealth()) == {"state": "serving",
-                                                  "roles": {"prefill": 1, "decode": 1, "colocated": 0}}
+                                                  "roles": {"prefill": 1, "decode": 1, "colocated": 0},
+                                                  "instances": {"prefill-0": "prefill", "decode-0": "decode"}}
         victim = srv.cluster.controller.decodes[0]
         ray.kill(victim.driver, no_restart=True)
         down_s = _wait_status(srv.port, NOT_SERVING, 60)

@@ -73,7 +73,8 @@ def test_colocated_plan_serves_the_in_process_engine_tokens(colocated, reference
     assert set(steps) == {"colocated-0", "colocated-1"} and all(steps.values()), \
         f"both colocated instances should have served requests: {steps}"
     health = colocated.run(colocated.cluster.controller.health())
-    assert health == {"state": "serving", "roles": {"prefill": 0, "decode": 0, "colocated": 2}}
+    assert health == {"state": "serving", "roles": {"prefill": 0, "decode": 0, "colocated": 2},
+                      "instances": {"colocated-0": "colocated", "colocated-1": "colocated"}}
 
 
 def test_mixed_plan_routes_to_both_pools_with_identical_tokens(mixed, reference):
