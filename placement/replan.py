@@ -90,6 +90,7 @@ class ReplanConfig:
     min_dwell_s: float = 60.0       # seconds between two flips
     window_s: float = 60.0          # recent arrivals the policy looks at
     max_window_requests: int = 256  # the most recent ones of the window, for speed
+    repeat: int = 2                 # the forecast is the window sample this many times over
     min_window_requests: int = 16   # fewer: skip (nothing to judge)
     interval_s: float = 5.0         # how often the controller asks
 
@@ -101,6 +102,8 @@ class ReplanConfig:
         for name in ("min_dwell_s", "window_s", "interval_s"):
             if not getattr(self, name) >= 0 or (name != "min_dwell_s" and not getattr(self, name) > 0):
                 raise ConfigError(f"replan {name} must be > 0, got {getattr(self, name)}")
+        if self.repeat < 1:
+            raise ConfigError(f"replan repeat must be >= 1, got {self.repeat}")
         if self.max_window_requests < self.min_window_requests or self.min_window_requests < 1:
             raise ConfigError("replan needs 1 <= min_window_requests <= max_window_requests, got "
                               f"{self.min_window_requests} and {self.max_window_requests}")
@@ -120,15 +123,20 @@ class Window:
     def num_requests(self) -> int:
         return len(self.arrival_s)
 
-    def workload(self, max_requests: int, max_model_len: int = 0) -> Workload:
+    def workload(self, max_requests: int, max_model_len: int = 0, repeat: int = 1) -> Workload:
         """What the candidates are simulated on: the queued requests at t=0, then the most
         recent `max_requests` arrivals re-timed to start at t=0 (the next window, forecast as
-        the last)."""
+        the last), `repeat` times back to back: a split that keeps up for a few seconds but
+        whose queue or KV memory keeps growing shows it only over a longer horizon."""
         n = min(self.num_requests, max_requests)
         arr = np.asarray(self.arrival_s, dtype=np.float64)[-n:] if n else np.zeros(0)
         arr = arr - arr[0] if n else arr
         prompt = np.asarray(self.prompt_lens, dtype=np.int64)[-n:]
         output = np.asarray(self.output_lens, dtype=np.int64)[-n:]
+        if n > 1 and repeat > 1:
+            period = arr[-1] * n / (n - 1)          # the span plus one mean gap
+            arr = np.concatenate([arr + k * period for k in range(repeat)])
+            prompt, output = np.tile(prompt, repeat), np.tile(output, repeat)
         if self.queued:
             q = np.array(self.queued, dtype=np.int64).reshape(-1, 2)
             arr = np.concatenate([np.zeros(len(q)), arr])
@@ -282,7 +290,7 @@ class ReplanPolicy:
         if window.num_requests < self.config.min_window_requests:
             return None
         current = Split.of(roles.values())
-        wl = window.workload(self.config.max_window_requests, self.max_model_len)
+        wl = window.workload(self.config.max_window_requests, self.max_model_len, self.config.repeat)
         return current, self.candidates(current), wl
 
     def decide(self, roles: dict[str, str], window: Window, now_s: float,
