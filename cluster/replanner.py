@@ -27,7 +27,7 @@ from collections import deque
 import numpy as np
 
 from engine.errors import ConfigError
-from placement.replan import OUTCOMES, ReplanConfig, ReplanPolicy, Window, replan_roles, score_splits
+from placement.replan import OUTCOMES, ReplanConfig, ReplanPolicy, Window, replan_roles, score_splits, warm_up
 
 log = logging.getLogger("disagg.replan")
 MODES = ("auto", "off")
@@ -139,6 +139,9 @@ class Replanner:
         log.info("re-planner on: every %.1f s over the last %.0f s, margin %.0f%%, %d confirmations, dwell %.0f s, "
                  "roles %s, latency model %s", self.cfg.interval_s, self.cfg.window_s, 100 * self.cfg.margin,
                  self.cfg.confirmations, self.cfg.min_dwell_s, "/".join(self.policy.roles), self.policy.latency)
+        if self._use_process:
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            await asyncio.get_running_loop().run_in_executor(self._pool, warm_up)
         try:
             while True:
                 await asyncio.sleep(self.cfg.interval_s)

@@ -171,7 +171,8 @@ def replan_config_from_args(args):
     """The re-planner's knobs: ReplanConfig's defaults, overridden by the --replan-* flags given."""
     from placement.replan import ReplanConfig
     given = {"interval_s": args.replan_interval_s, "window_s": args.replan_window_s, "margin": args.replan_margin,
-             "confirmations": args.replan_confirmations, "min_dwell_s": args.replan_dwell_s}
+             "confirmations": args.replan_confirmations, "min_dwell_s": args.replan_dwell_s,
+             "min_window_requests": args.replan_min_requests}
     return ReplanConfig(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -216,6 +217,8 @@ def add_serve_args(p) -> None:
     p.add_argument("--replan-confirmations", type=int, default=None,
                    help="decisions in a row naming the same flip before it happens (default 2)")
     p.add_argument("--replan-dwell-s", type=float, default=None, help="seconds between two flips at least (default 60)")
+    p.add_argument("--replan-min-requests", type=int, default=None,
+                   help="fewer arrivals in the window: no decision (default 16)")
     p.add_argument("--replan-latency-model", default="auto",
                    help="auto (the committed profile of the plan's device and model, else roofline), roofline or a profile JSON")
     p.add_argument("--ready-file", default=None, help="write {host, port, metrics_port, http_port} here once serving")

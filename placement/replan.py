@@ -250,6 +250,12 @@ def score_splits(plan_dict: dict, splits: list[Split], workload: Workload, laten
     return out
 
 
+def warm_up() -> bool:
+    """Import the simulator (a worker process calls this once, so the first decision is fast)."""
+    import placement.simulator  # noqa: F401
+    return True
+
+
 def _p90(x) -> float | None:
     v = float(np.percentile(x, 90)) if len(x) else 0.0
     return round(v, 4) if math.isfinite(v) else None
