@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runtime on one GPU, in one device call: GPU tests (kernels, model, the cluster with a
 # prefill and a decode actor sharing the GPU over CUDA IPC), the engine benchmark, and the KV
-# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|tests-fidelity|fidelity pick other parts.
+# transfer benchmark at llama-3-8b shape. STAGE=engine|fidelity-only|final|tests-fidelity|fidelity|role-change pick other parts.
 # Needs Ray: build .whl/ with ../shared/tools/gpu-wheels and carry it.
 set -o pipefail
 OUT=${OUT:-/tmp/cluster_gpu}
@@ -39,6 +39,10 @@ case "${STAGE:-main}" in
   fidelity-only)  fidelity 500 4,8,16,32,64,96,128 240 ;;
   final)          gpu_tests 220 8; kv_bench 120; fidelity 300 4,8,16,32 240 ;;
   tests-fidelity) gpu_tests 220 30; fidelity 270 8,16,32,64,96 160 ;;   # GPU=H200 on an H200
+  role-change)    # issue 19: role change durations under load beside an instance's cold start
+    timeout 420 python3 -m benchmarks.role_change --device cuda --model llama-3-8b --prompt-tokens 1024 \
+      --output-tokens 128 --rate 4 --out "$OUT/role_change.json" 2>&1 | grep -v "^(raylet)" | tail -16 \
+      | tee "$OUT/role_change.log" ;;
   *)              kv_bench 150; fidelity 420 4,8,16,32,64,96,128 240 ;;
 esac
 date -u

@@ -126,6 +126,9 @@ class RankActor:
     def _follow(self):
         try:
             self.worker.follow(self._stop)
+            # Rank 0 stopped the loop (shutdown, or a role change that rebuilds this rank's
+            # worker next): an orderly stop, which ping must not report as a dead loop.
+            self._stop.set()
         except Exception:  # noqa: BLE001
             log.exception("%s rank %d follower stopped", self.cfg.instance_id, self.cfg.rank)
 

@@ -95,6 +95,11 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def cmd_roles(args) -> int:
+    from cluster.roles_cli import run
+    return run(args)
+
+
 def cmd_profile(args) -> int:
     from cluster.profile import run
     return run(args)
@@ -166,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-wait", action="store_true", help="return once submitted, without waiting for ready")
     add_serve_args(j)
     j.set_defaults(func=cmd_submit)
+
+    from cluster.roles_cli import add_roles_args
+    r = sub.add_parser("roles", help="list a serving cluster's instances and roles; --set INSTANCE=ROLE changes one")
+    add_roles_args(r)
+    r.set_defaults(func=cmd_roles)
 
     # Serving benchmark and engine profile (issue 6).
     from cluster.bench import add_bench_args

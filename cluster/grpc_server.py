@@ -1,4 +1,5 @@
-"""The gRPC frontend (grpc.aio): Inference.Generate / ModelInfo, grpc.health.v1 and reflection.
+"""The gRPC frontend (grpc.aio): Inference.Generate / ModelInfo, Admin (cluster/admin.py),
+grpc.health.v1 and reflection.
 
 Requests are parsed from raw bytes here (not by grpc's deserializer), so malformed protobuf
 gets INVALID_ARGUMENT instead of an internal error. Status codes: INVALID_ARGUMENT names the
@@ -23,6 +24,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.admin import SERVICE as ADMIN_SERVICE
+from cluster.admin import admin_handler
 from cluster.fanout import stream_n, submit_n
 from cluster.front_guard import AuthInterceptor, HealthReporter, check_stop_strings
 from cluster.front_guard import max_request_bytes as request_limit
@@ -200,9 +203,9 @@ async def open_front(cluster, host: str = "127.0.0.1", port: int = 0, auth_token
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_request_bytes)])
     hs = health.aio.HealthServicer()
     reporter = HealthReporter(hs, (SERVICE,))
-    server.add_generic_rpc_handlers((_handler(InferenceService(cluster, reporter)),))
+    server.add_generic_rpc_handlers((_handler(InferenceService(cluster, reporter)), admin_handler(cluster)))
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     addr = f"{host}:{port}"
     try:
         bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)

@@ -14,7 +14,8 @@ Instance ids are stable across role changes ("prefill-0" may serve as decode): t
 reported beside the id (health, stats, the `disagg_instance_role` gauge, `disagg roles`). A
 restart after a failure keeps the id and the current role.
 
-One change at a time (a lock); each is logged with its reason and duration.
+One change at a time (a lock); each is logged with its reason and duration, and so is each
+refusal. A caller that goes away does not stop a change: it finishes.
 """
 from __future__ import annotations
 
@@ -98,10 +99,20 @@ class RoleChanger:
     async def change(self, instance_id: str, role: str, reason: str = "") -> RoleChange:
         if role not in ROLES:       # before waiting for the lock: bad input is answered at once
             raise RoleChangeError("invalid_argument", f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        # Shielded: a caller that goes away (a gRPC deadline) must not stop a change half done.
+        task = asyncio.ensure_future(self._locked_change(instance_id, role, reason or "no reason given"))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())    # logged already
+        return await asyncio.shield(task)
+
+    async def _locked_change(self, instance_id: str, role: str, reason: str) -> RoleChange:
         async with self.lock:
-            inst = self.find(instance_id)
-            self.check(inst, role)
-            return await self._change(inst, role, reason or "no reason given")
+            try:
+                inst = self.find(instance_id)
+                self.check(inst, role)
+            except RoleChangeError as e:
+                log.warning("role change %s -> %s refused (%s): %s", instance_id, role, reason, e)
+                raise
+            return await self._change(inst, role, reason)
 
     async def _change(self, inst: Instance, role: str, reason: str) -> RoleChange:
         c, old = self.c, inst.role
@@ -142,10 +153,14 @@ class RoleChanger:
         handed = 0
         while True:
             users = [t for t in list(self.c.tracked.values()) if _uses(t, inst)]
-            for t in users:
-                handed += await self._hand_over(t, inst)
+            # Together: each hand-over is a few worker calls (cancel, reserve, add).
+            handed += sum(await asyncio.gather(*[self._hand_over(t, inst) for t in users]))
             if not users:
-                busy = await inst.driver.pause.remote()
+                try:
+                    busy = await inst.driver.pause.remote()
+                except Exception as e:  # noqa: BLE001 - dead: the health monitor restarts it
+                    raise RoleChangeError("unavailable", f"{inst.instance_id} failed while draining ({e}); "
+                                          f"it restarts as {inst.role}") from None
                 if not busy:
                     return handed
             else:

@@ -8,6 +8,7 @@ prompt + tokens so far (the colocated policy's prefill queue only ever holds suc
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 from engine.errors import InvalidRequestError
@@ -27,6 +28,9 @@ class DecodeWorker(ColocatedWorker):
         super().__init__(cfg, tp_group, ctrl_group, emit, enable_prefix_caching=False, rt=rt)
         self.kv = KVReceiver(self.rt.kv_cache, self.rt.layout, cfg.rank, cfg.kv_timeout_s, cfg.kv_layer_groups)
         self.reservations: dict[str, list[int]] = {}
+        # Reservations cancelled before their start call arrived (the last few: a start comes
+        # right after its receive, or never).
+        self._cancelled_reservations: deque[str] = deque(maxlen=1024)
 
     # Before decoding (rank 0) ----------------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
@@ -45,7 +49,14 @@ class DecodeWorker(ColocatedWorker):
               sampling: SamplingParams, arrival_s: float = 0.0) -> None:
         """The KV of every token but the last is in the reserved blocks: join the running batch."""
         with self._lock:
-            blocks = self.reservations.pop(request_id)
+            blocks = self.reservations.pop(request_id, None)
+            if blocks is None:
+                if request_id in self._cancelled_reservations:
+                    # Cancelled while this call was on its way (the controller moves a request to
+                    # DECODING before it calls start; a hand-over or a failure may cancel it then).
+                    self._cancelled_reservations.remove(request_id)
+                    return
+                raise KeyError(f"{request_id!r} has no reservation on {self.cfg.instance_id}")
             req = Request(request_id, list(prompt_token_ids), sampling, arrival_s=arrival_s)
             req.output_token_ids = list(output_token_ids)
             req.state = RequestState.TRANSFERRING
@@ -71,6 +82,7 @@ class DecodeWorker(ColocatedWorker):
         with self._lock:
             if request_id in self.reservations:
                 self.bm.free(self.reservations.pop(request_id))
+                self._cancelled_reservations.append(request_id)
                 self.emit([LoadChanged(time=time.monotonic(), load=self.load())])
                 return True
         return super().cancel(request_id)

@@ -155,3 +155,55 @@ class ModelInfoResponse(_message.Message):
     max_tokens_limit: int
     plan_json: str
     def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., plan_json: _Optional[str] = ...) -> None: ...
+
+class InstanceInfo(_message.Message):
+    __slots__ = ("instance_id", "role", "alive", "draining", "tp", "num_blocks")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: str
+    alive: bool
+    draining: bool
+    tp: int
+    num_blocks: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., tp: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ...) -> None: ...
+
+class ChangeRoleRequest(_message.Message):
+    __slots__ = ("instance_id", "role", "reason")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: str
+    reason: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ChangeRoleResponse(_message.Message):
+    __slots__ = ("instance_id", "old_role", "role", "seconds", "drain_s", "handed_over")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OLD_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_S_FIELD_NUMBER: _ClassVar[int]
+    HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    old_role: str
+    role: str
+    seconds: float
+    drain_s: float
+    handed_over: int
+    def __init__(self, instance_id: _Optional[str] = ..., old_role: _Optional[str] = ..., role: _Optional[str] = ..., seconds: _Optional[float] = ..., drain_s: _Optional[float] = ..., handed_over: _Optional[int] = ...) -> None: ...

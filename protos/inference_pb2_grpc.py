@@ -141,3 +141,127 @@ class Inference:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operator actions on a running cluster. Behind the same bearer token as Inference.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListInstances = channel.unary_unary(
+                '/disagg.v1.Admin/ListInstances',
+                request_serializer=protos_dot_inference__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=protos_dot_inference__pb2.ListInstancesResponse.FromString,
+                _registered_method=True)
+        self.ChangeRole = channel.unary_unary(
+                '/disagg.v1.Admin/ChangeRole',
+                request_serializer=protos_dot_inference__pb2.ChangeRoleRequest.SerializeToString,
+                response_deserializer=protos_dot_inference__pb2.ChangeRoleResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operator actions on a running cluster. Behind the same bearer token as Inference.
+    """
+
+    def ListInstances(self, request, context):
+        """Every instance with the role it serves now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeRole(self, request, context):
+        """Change one instance's role in place: it drains (requests finish or are handed over, none
+        lost), keeps its weights and KV cache memory, rebuilds its KV channels and serves again.
+        Returns once it serves in the new role. NOT_FOUND: unknown instance; INVALID_ARGUMENT:
+        unknown role; FAILED_PRECONDITION: the role it has, an instance not alive, or a change that
+        would leave nothing able to serve; UNAVAILABLE: the change could not finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=protos_dot_inference__pb2.ListInstancesRequest.FromString,
+                    response_serializer=protos_dot_inference__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'ChangeRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeRole,
+                    request_deserializer=protos_dot_inference__pb2.ChangeRoleRequest.FromString,
+                    response_serializer=protos_dot_inference__pb2.ChangeRoleResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'disagg.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('disagg.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operator actions on a running cluster. Behind the same bearer token as Inference.
+    """
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.Admin/ListInstances',
+            protos_dot_inference__pb2.ListInstancesRequest.SerializeToString,
+            protos_dot_inference__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.Admin/ChangeRole',
+            protos_dot_inference__pb2.ChangeRoleRequest.SerializeToString,
+            protos_dot_inference__pb2.ChangeRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

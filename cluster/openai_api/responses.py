@@ -77,17 +77,28 @@ def _error_event(message: str) -> str:
     return sse(proto.error_body(500, message))
 
 
-async def sse_completion(cluster, tracked, col: Collector, rid, model, include_usage):
-    created = int(time.time())
-    offsets = [0] * len(tracked)
+async def _deliveries(cluster, tracked, col: Collector, rid):
+    """(index, item) for every delivery worth a chunk, each recorded in `col`; a failed request
+    yields (None, its error event) and ends the stream."""
     async with aclosing(stream_n(cluster, tracked)) as items:
         async for i, item in items:
             col.add(i, item)
             if item.finish_reason is not None and item.error:
-                yield _error_event(f"request {rid} failed: {item.error}")
+                yield None, _error_event(f"request {rid} failed: {item.error}")
                 return
             if item.finish_reason is None and not item.token_ids and not item.text:
                 continue
+            yield i, item
+
+
+async def sse_completion(cluster, tracked, col: Collector, rid, model, include_usage):
+    created = int(time.time())
+    offsets = [0] * len(tracked)
+    async with aclosing(_deliveries(cluster, tracked, col, rid)) as deliveries:
+        async for i, item in deliveries:
+            if i is None:
+                yield item
+                return
             choice = {"index": i, "text": item.text, "logprobs": col.logprobs_of(i, item.logprobs, offsets[i]),
                       "finish_reason": item.finish_reason}
             offsets[i] += len(item.text)
@@ -103,14 +114,11 @@ async def sse_chat(cluster, tracked, col: Collector, rid, model, include_usage):
         delta = {"role": "assistant", "content": ""}
         yield sse(proto.envelope(rid, "chat.completion.chunk", model,
                                  [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], created=created))
-    async with aclosing(stream_n(cluster, tracked)) as items:
-        async for i, item in items:
-            col.add(i, item)
-            if item.finish_reason is not None and item.error:
-                yield _error_event(f"request {rid} failed: {item.error}")
+    async with aclosing(_deliveries(cluster, tracked, col, rid)) as deliveries:
+        async for i, item in deliveries:
+            if i is None:
+                yield item
                 return
-            if item.finish_reason is None and not item.token_ids and not item.text:
-                continue
             delta = {"content": item.text} if item.text or item.finish_reason is None else {}
             choice = {"index": i, "delta": delta, "logprobs": col.logprobs_of(i, item.logprobs),
                       "finish_reason": item.finish_reason}
