@@ -14,12 +14,12 @@ cut applied to a fixed split (`segmented_fixed`) shows what the cutting itself c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.plan import Plan
-from placement.replan import ROLES, ReplanConfig, ReplanPolicy, Split, Window, _deployment, plan_for_split
+from placement.replan import ROLES, ReplanConfig, ReplanPolicy, Split, Window, _deployment
 from placement.workload import Workload
 
 
@@ -119,11 +119,3 @@ def all_splits(num_instances: int, roles: tuple[str, ...]) -> list[Split]:
             if s.servable and all(s.count(r) == 0 or r in roles for r in ROLES):
                 out.append(s)
     return out
-
-
-def with_slo(plan: Plan, ttft_s: float, tpot_s: float) -> Plan:
-    return replace(plan, slo_ttft_s=ttft_s, slo_tpot_s=tpot_s)
-
-
-__all__ = ["ReplanRun", "all_splits", "decide_over_time", "met_fixed", "met_pieces", "plan_for_split",
-           "simulate_replanning", "with_slo"]
