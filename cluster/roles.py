@@ -191,7 +191,12 @@ class RoleChanger:
     # Switching -----------------------------------------------------------------------------
     async def _switch(self, inst: Instance, role: str) -> None:
         """Rank 0 is paused and empty: every rank builds the new role's worker; then channels
-        and pools follow."""
+        and pools follow. Under the health monitor's join lock, as a restarted instance joins:
+        a peer that restarts meanwhile connects before or after, never to a half-switched one."""
+        async with self.c.monitor._join_lock:
+            await self._switch_locked(inst, role)
+
+    async def _switch_locked(self, inst: Instance, role: str) -> None:
         c = self.c
         await c.pools.disconnect(inst)
         settings = {}
@@ -205,7 +210,7 @@ class RoleChanger:
         for counts in (a.prefill_tokens, a.prefill_assigned, a.decode_free):
             counts.pop(inst.instance_id, None)      # the old role's view of it
         c.pools.move(inst, role)
-        c.admission.adopt(inst)
+        a.adopt(inst)
         await c.pools.connect_all(inst)
 
 

@@ -220,7 +220,18 @@ def test_admin_rpc_and_cli_refuse_bad_input_clearly(srv):
 
     async def all_of():
         return await asyncio.gather(*[gen(p) for p in prompts])
-    assert srv.run(all_of()) == [o.token_ids for o in LLM(MODEL).generate(prompts, sp)]
+    want = [o.token_ids for o in LLM(MODEL).generate(prompts, sp)]
+    assert srv.run(all_of()) == want
+    # A restart after a failure keeps the id and the role it has now.
+    import ray
+    old = _inst(srv, victim)
+    ray.kill(old.driver, no_restart=True)
+    deadline = time.monotonic() + 120
+    while not (_inst(srv, victim) is not old and _inst(srv, victim).alive):
+        assert time.monotonic() < deadline, f"{victim} was not restarted"
+        time.sleep(0.2)
+    assert _roles(srv)[victim] == "colocated" and _inst(srv, victim) in ctl.colocated
+    assert srv.run(all_of()) == want
     srv.wait_all_free(30)
 
 
