@@ -182,7 +182,8 @@ def replan_roles(plan: Plan) -> tuple[tuple[str, ...], str]:
     """(roles an instance may take, why) for a plan; no roles means re-planning is not allowed.
 
     Allowed when: the plan does not opt out (`replan: false`), it has an SLO to judge by, at
-    least 2 instances in at least 2 roles, and every role's instances have the same hardware
+    least 2 instances in at least 2 roles, some flip of one instance leaves a split that can
+    serve (not so for 1 prefill + 1 decode), and every role's instances have the same hardware
     (an instance keeps its TP and GPUs when it changes role). Plans whose prefill and decode
     instances share GPUs (fractions of a GPU, paired) are excluded: a flip would unpair them."""
     from placement.deployment import shared_pairs
@@ -201,6 +202,9 @@ def replan_roles(plan: Plan) -> tuple[tuple[str, ...], str]:
                     + ", ".join(f"{k} {v}" for k, v in hw.items()) + "); an instance keeps its TP and GPUs")
     if shared_pairs(plan):
         return (), "its prefill and decode instances share GPUs in pairs; a flip would unpair them"
+    split = Split(*(phases[r].num_instances if r in phases else 0 for r in ROLES))
+    if not any(split.count(a) and split.moved(a, b).servable for a in phases for b in phases if a != b):
+        return (), f"no flip of one instance leaves {split} able to serve (e.g. 1 prefill + 1 decode)"
     return tuple(phases), f"{sum(p.num_instances for p in phases.values())} instances of the same hardware, roles {'/'.join(phases)}"
 
 

@@ -84,7 +84,8 @@ def test_never_flips_to_an_unservable_split():
     the only candidate is the current split, however badly it does."""
     plan = Plan(model="llama-3-8b", dtype="bfloat16", prefill=PhaseConfig(**PH), decode=PhaseConfig(**PH),
                 slo_ttft_s=0.01, slo_tpot_s=0.001)
-    pol = ReplanPolicy(plan, ReplanConfig(confirmations=1, min_dwell_s=0), latency=H100)
+    assert "no flip" in replan_roles(plan)[1]             # so serve --replan auto leaves it off
+    pol = ReplanPolicy(plan, ReplanConfig(confirmations=1, min_dwell_s=0), latency=H100, roles=("prefill", "decode"))
     assert pol.candidates(Split(1, 1)) == [Split(1, 1)]
     d = pol.decide(roles_of(1, 1), window(50, 4000, 200), 0)
     assert d.outcome == "keep" and d.scores["1P+1D"]["attainment"] < 0.5
