@@ -20,12 +20,14 @@ kv_bench() {    # $1: timeout (s)
   timeout "$1" python3 -m benchmarks.kv_transfer --model llama-3-8b --device cuda --reps 3 --out "$OUT/kv_transfer.json" \
     2>&1 | grep -v "^(raylet)" | tail -14 | tee "$OUT/kv_transfer.log"
 }
-fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate; GPU=H100|H200 (default H100)
+# fidelity: GPU=H100|H200 (default H100); LOAD_TERMS=PATH takes the load terms from an earlier fit
+# (a profile-serving.json or fidelity.json) instead of fitting them on this run's rates.
+fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per rate
   local gpu=${GPU:-H100}
   timeout "$1" python3 -m benchmarks.fidelity --plan "benchmarks/plans/${gpu,,}_1p1d_llama3_8b.json" --workload azure-conv \
     --rates "${RATES:-$2}" --num-requests "${NUM:-$3}" --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
     --profile "placement/profiles/${gpu}_llama-3-8b.json" --ray-worker-niceness 0 --out "$OUT/fidelity" \
-    2>&1 | grep -v "^(raylet)" | tail -40 | tee "$OUT/fidelity.log"
+    ${LOAD_TERMS:+--load-terms-from "$LOAD_TERMS"} 2>&1 | grep -v "^(raylet)" | tail -60 | tee "$OUT/fidelity.log"
 }
 case "${STAGE:-main}" in
   main)           # GPU tests, KV transfer and engine benchmarks

@@ -177,7 +177,11 @@ def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: 
                                 and colocated.device.name == p.device.name else 0)
         d.nodes = [f"{d.device.name}:{(used + i * d.ranks) // d.device.devices_per_node}"
                    for i in range(d.num_instances)]
-    return Deployment(plan.block_size, kv, prefill=p, decode=d, colocated=colocated, shared=shared)
+    # A calibrated profile carries the speeds measured on the shared GPU (placement/serving.py).
+    terms = getattr(p.latency, "serving", None)
+    speeds = terms.shared_speeds if shared and terms is not None and terms.shared_speeds else (0.5, 0.5)
+    return Deployment(plan.block_size, kv, prefill=p, decode=d, colocated=colocated, shared=shared,
+                      shared_speeds=speeds)
 
 
 def shared_pairs(plan: Plan) -> list[tuple[int, int]]:

@@ -15,7 +15,8 @@ all of them in the batch, a `LazyBatch` at O(1) per join or finish.
 
 `speed` (1 = the latency model's times) is lowered by the simulator while a prefill instance
 sharing this one's GPU is busy (`set_speed`): the run in flight is cut after its step in
-progress and the next steps take 1/speed as long.
+progress and the next steps take 1/speed as long. `host_step_s` (set by the simulator from
+the serving terms) adds host time to each decode step that grows with the requests in flight.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class EngineInstance:
         self.inbox: list = []           # (request, time, joins_decode) that came while busy
         self.fresh: list = []           # in decode, first decode step not yet recorded
         self.speed = 1.0
+        self.host_step_s = None         # () -> host seconds a decode step adds now (serving terms)
 
     def set_speed(self, now: float, speed: float):
         """Steps started from `now` on take 1/speed of the model's time; the run in flight ends
@@ -180,6 +182,8 @@ class EngineInstance:
 
     def _start_run(self, now, batch, batch_size, num_steps, sum_context):
         first, growth, valid = self.latency.decode_line(batch_size, sum_context)
+        if self.host_step_s is not None:
+            first += self.host_step_s()
         if self.speed != 1.0:
             first, growth = first / self.speed, growth / self.speed
         k = min(num_steps, valid)
@@ -249,6 +253,8 @@ class EngineInstance:
                                      cached if any(cached) else None)
         else:
             t = lat.decode_time(len(b.decode), decode_context)
+        if self.host_step_s is not None and b.decode:
+            t += self.host_step_s()
         t /= self.speed
         for r in b.preempted:
             self.queued_tokens += r.num_tokens

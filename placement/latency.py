@@ -39,6 +39,8 @@ class Link:
 class LatencyModel:
     """Interface of every latency model. Subclasses set `tp` and `pp` and implement the times."""
 
+    serving = None      # placement.serving.ServingTerms: what serving costs beyond the engine
+
     tp: int = 1
     pp: int = 1
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from engine.errors import ConfigError
 from placement.latency import LatencyModel, Link
+from placement.serving import ServingTerms
 
 FORMAT = "disagg-profile/1"
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -161,6 +162,11 @@ def _validate(profile, where: str) -> None:
             raise ConfigError(f"{where}: missing field {key!r}")
     if not profile["tp"]:
         raise ConfigError(f"{where}: holds no TP degree")
+    if profile.get("serving") is not None:
+        try:
+            ServingTerms.from_dict(profile["serving"])
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
     for tp, entry in profile["tp"].items():
         for phase in ("prefill", "decode"):
             coef = entry.get(phase) if isinstance(entry, dict) else None
@@ -188,6 +194,7 @@ class ProfiledModel(LatencyModel):
         self._floor = float(entry.get("prefill_floor_s", 0.0))
         self._da, self._db, self._dc = (entry["decode"][k] for k in "abc")
         self._links = profile.get("kv_transfer", {})
+        self.serving = ServingTerms.from_dict(profile.get("serving"))
 
     def prefill_time(self, prompt_lens: Sequence[int], cached_lens=None) -> float:
         _, new, square = _prefill_features(prompt_lens, cached_lens)

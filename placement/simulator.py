@@ -19,6 +19,11 @@ event the simulator looks at whether each pair is busy, and while both are, each
 share of `Deployment.shared_speeds` (a prefill batch in flight is stretched by its remaining work; a
 decode run is cut after its step in progress and continues at the new speed).
 
+A calibrated profile's serving terms (placement/serving.py) add what serving costs beyond the
+engine: arrivals reach the controller `dispatch_s` late, the controller's hops after each KV
+copy (fixed + per request in flight) hold the link, decode steps cost more per request in
+flight, and on CPU the workers share the cores with the frontend and the other processes.
+
 `phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
 them: prefill-only requests end at their first token; decode-only requests arrive with their
 KV already in place.
@@ -38,6 +43,7 @@ from engine.routing import pick_decode, pick_prefill
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
 from placement.engine_instance import EngineInstance
+from placement.serving import CoreShare, ServingTerms, serving_terms
 from placement.sim_instances import PrefillInstance
 from placement.slo_metrics import SimResult
 from placement.workload import Workload, prompt_token_ids
@@ -52,12 +58,15 @@ class Simulator:
     `exact_blocks` uses the engine's BlockManager instead of the counting twin;
     `max_run_steps=0` turns fast-forwarding off: every step goes through
     `ColocatedPolicy.schedule`; `lazy_min_batch` is the batch size from which decode runs use
-    a LazyBatch (tests check that every way gives the same answer)."""
+    a LazyBatch (tests check that every way gives the same answer). `serving` (default: the
+    latency model's, from a profile's "serving" section) adds what serving costs beyond the
+    engine (placement/serving.py)."""
 
     def __init__(self, deployment: Deployment, workload: Workload, phase: str = "both",
                  exact_blocks: bool = False, prefix_caching: bool = False,
                  slo: tuple[float, float] | None = None, max_misses: int | None = None,
-                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32):
+                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
+                 serving: ServingTerms | None = None):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if phase != "both" and not deployment.disaggregated:
@@ -85,6 +94,14 @@ class Simulator:
         self._engine_options = dict(exact_blocks=exact_blocks, max_run_steps=max_run_steps,
                                     lazy_min_batch=lazy_min_batch)
         self._build_instances(exact_blocks)
+        self.serving = serving if serving is not None else serving_terms(deployment)
+        self.in_flight = 0              # requests arrived and not finished (the load terms' count)
+        self._dispatch_s = self.serving.dispatch_s if self.serving else 0.0
+        self._return_s = self.serving.return_s if self.serving else 0.0
+        if self.serving and self.serving.step_host_s_per_stream:
+            per_stream = self.serving.step_host_s_per_stream
+            for inst in self.decodes + self.colocated:
+                inst.host_step_s = lambda: per_stream * self.in_flight
 
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
@@ -121,13 +138,16 @@ class Simulator:
 
     def _run(self) -> SimResult:
         wall = time.perf_counter()
-        heap = [(float(self.wl.arrival_s[0]), 0, self._arrive, 0)] if self.wl.num_requests else []
+        heap = [(float(self.wl.arrival_s[0]) + self._dispatch_s, 0, self._arrive, 0)] \
+            if self.wl.num_requests else []
         seq, num_events = 1, 0
         push, pop = heapq.heappush, heapq.heappop
         pairs = [(self.prefills[i], self.decodes[j]) for i, j in self.dep.shared] \
             if self.prefills and self.decodes else []
         busy = [(False, False)] * len(pairs)
         p_speed, d_speed = self.dep.shared_speeds
+        cores = CoreShare(self.serving, self.prefills + self.decodes + self.colocated) \
+            if self.serving and self.serving.host_cores else None
         while heap and not self.stopped:
             now, _, handler, arg = pop(heap)
             num_events += 1
@@ -140,6 +160,9 @@ class Simulator:
                         busy[k] = state
                         events.extend(p.set_speed(now, p_speed if state[1] else 1.0) or ())
                         events.extend(d.set_speed(now, d_speed if state[0] else 1.0) or ())
+            if cores is not None:
+                events = list(events or ())
+                events.extend(cores.update(now))
             if events:
                 for t, h, a in events:
                     push(heap, (t, seq, h, a))
@@ -156,13 +179,16 @@ class Simulator:
 
     # Arrivals and routing ---------------------------------------------------------------
     def _arrive(self, now, i):
+        # `now` is when the request reaches the controller: its arrival plus `dispatch_s`.
         events = []
         if i + 1 < len(self._arrivals):
-            events.append((self._arrivals[i + 1], self._arrive, i + 1))
-        req = self._make_request(i, now)
+            events.append((self._arrivals[i + 1] + self._dispatch_s, self._arrive, i + 1))
+        req = self._make_request(i, self._arrivals[i] if self._dispatch_s else now)
+        self.in_flight += 1
         longest = req.num_tokens + (req.sampling.max_tokens if self.phase != "prefill" else 1)
         if self.block_size * self._max_blocks < longest:
             self._miss()                       # larger than any instance's KV cache
+            self.in_flight -= 1
             return events
         if self.colocated and (not self.prefills or self._colocated_first()):
             events.extend(self._route_colocated(req, now) or ())
@@ -263,7 +289,15 @@ class Simulator:
         link = self._links.get(key) or self._links.setdefault(key, self.dep.link(*key))
         start = max(now, self.link_free_s.get(key, 0.0))
         end = start + p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
-        self.link_free_s[key] = end
+        if self.serving:                        # the controller's hops after the copy
+            hops = self.serving.handover_delay(self.in_flight)
+            if self.serving.handover_serial:    # ... in the channel's order: the link waits
+                end += hops
+                self.link_free_s[key] = end
+                return [(end, self._transfer_done, (p, req))]
+            self.link_free_s[key] = end
+            return [(end + hops, self._transfer_done, (p, req))]
+        self.link_free_s[key] = end             # the link is free once the copy is done
         return [(end, self._transfer_done, (p, req))]
 
     def _transfer_done(self, now, arg):
@@ -284,6 +318,7 @@ class Simulator:
     # Bookkeeping ------------------------------------------------------------------------
     def _on_first_token(self, req, now):
         req.mark("first_token", now)
+        now += self._return_s               # when the client has it
         i = req.index
         self.times["first_token"][i] = now
         self.times["prefill_start"][i] = req.times.get("prefill_start", now)
@@ -294,13 +329,14 @@ class Simulator:
     def _on_finish(self, req, now):
         i = req.index
         t = self.times
-        t["finish"][i] = now
+        self.in_flight -= 1
+        t["finish"][i] = now + self._return_s
         t["decode_step"][i] = req.times.get("decode_step", _NAN)
         self.preemptions[i] = req.num_preemptions
         if req.state is not RequestState.FINISHED:
             finish(req, FinishReason.LENGTH, now)
         if self.slo and not getattr(req, "missed", False) and req.num_output_tokens > 1:
-            if (now - t["first_token"][i]) / (req.num_output_tokens - 1) > self.slo[1]:
+            if (t["finish"][i] - t["first_token"][i]) / (req.num_output_tokens - 1) > self.slo[1]:
                 self._miss()
         return self._dispatch(now) if self.pending else None
 

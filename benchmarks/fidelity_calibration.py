@@ -1,0 +1,247 @@
+"""Calibration for `benchmarks/fidelity.py`: zero-load measurements against the running
+cluster (`calibrate`, `interference`) and their fit into serving terms (`fit_calibration`,
+`calibrated_profile`): what a serving step costs beyond the engine profile, the KV hand-over,
+the time outside the workers, the shared GPU's split. The terms that only show under load are
+fitted across rates in `benchmarks/fidelity_predict.py`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+# CPU accounting (Linux /proc): who used the cores during a run -------------------------------
+def _proc_table() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds so far, command line) for every live process."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                f = stat[stat.rindex(")") + 2:].split()
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                out[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick, cmd)
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _tree(table: dict, root: int) -> set[int]:
+    kids, todo = {root}, [root]
+    while todo:
+        p = todo.pop()
+        for pid, (ppid, _, _) in table.items():
+            if ppid == p and pid not in kids:
+                kids.add(pid)
+                todo.append(pid)
+    return kids
+
+
+def cpu_snapshot(serve_pid: int) -> dict:
+    """CPU seconds so far: the serve process (controller, gRPC), its worker actors, the rest of
+    its Ray, the client (this script and its finished children), and the whole machine."""
+    import resource
+    table = _proc_table()
+    kids = _tree(table, serve_pid) - {serve_pid}
+    ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    f = Path("/proc/stat").read_text().split("\n")[0].split()[1:]
+    return {"serve": table.get(serve_pid, (0, 0.0, ""))[1],
+            "workers": sum(table[p][1] for p in kids if "RankActor" in table[p][2]),
+            "ray": sum(table[p][1] for p in kids if "RankActor" not in table[p][2]),
+            "client": sum(r.ru_utime + r.ru_stime for r in ru),
+            "machine": (sum(int(x) for x in f[:8]) - int(f[3]) - int(f[4])) / os.sysconf("SC_CLK_TCK"),
+            "wall": time.monotonic()}
+
+
+def cpu_usage(before: dict, after: dict) -> dict:
+    """Cores used on average between two snapshots, per group; "other" is everyone else's."""
+    dt = max(after["wall"] - before["wall"], 1e-9)
+    use = {k: (after[k] - before[k]) / dt for k in ("serve", "workers", "ray", "client", "machine")}
+    use["other"] = use["machine"] - use["serve"] - use["workers"] - use["ray"] - use["client"]
+    return {k: round(v, 3) for k, v in use.items()}
+
+
+
+_SEEDS = iter(range(10_000, 1 << 30))
+
+
+def bench_args(server: str, workload: str, **kw) -> argparse.Namespace:
+    """`disagg bench`'s arguments with its defaults, for in-process calibration runs; each run
+    gets a seed of its own, so no run's prompts hit the prefix cache another run filled."""
+    from cluster.bench import add_bench_args
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--server", server, "--workload", workload, "--seed", str(next(_SEEDS))])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+# Calibration ------------------------------------------------------------------------------
+def _lstsq_nonneg(x, y, scale=None):
+    """Coefficients >= 0 minimising error relative to `scale` (default y), as placement's
+    profile fit does."""
+    from placement.latency_profile import _nonneg_lstsq
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    w = 1 / np.maximum(np.abs(np.asarray(scale if scale is not None else y, float)), 1e-6)
+    return _nonneg_lstsq(x * w[:, None], y * w)
+
+
+def calibrate(server: str, serve_pid: int, engine, prompt_lens=(16, 128, 512), batches=(1, 4, 16),
+              repeats: int = 7, shared: bool = False) -> dict:
+    """Zero-load measurements against the running server, each beside the engine model's time:
+    prefill steps one request at a time, decode steps of b requests decoding together (median
+    inter-token gap in the middle of 64 tokens), the first-to-second-token gap, the TTFT
+    outside the workers; the CPU the frontend and client spend per token; the cores the rest of
+    the machine used meanwhile; with `shared` (prefill and decode on one GPU), how they slow
+    each other (`interference`)."""
+    from cluster.bench import replay
+    out = {"prefill": [], "decode": [], "handover": [], "ttft_offset": []}
+    start = cpu_snapshot(serve_pid)
+    for n in prompt_lens:
+        a = bench_args(server, f"random:{n},2,0", num_requests=repeats, max_concurrency=1, num_warmups=1)
+        recs = [r for r in asyncio.run(replay(a))[0] if r.ok and r.num_tokens == 2]
+        out["prefill"].append((n, float(np.median([r.timings["prefill_compute_s"] for r in recs])),
+                               engine.prefill_time([n])))
+        out["ttft_offset"] += [r.ttft_s - r.timings["prefill_queue_s"] - r.timings["prefill_compute_s"] for r in recs]
+        out["handover"].append((n, float(np.median([r.itl_s[0] for r in recs]))))
+    before, tokens = cpu_snapshot(serve_pid), 0
+    for n in (64, 448):
+        for b in batches:
+            a = bench_args(server, f"random:{n},64,0", num_requests=b, num_warmups=0)
+            recs = [r for r in asyncio.run(replay(a))[0] if r.ok]
+            tokens += sum(r.num_tokens for r in recs)
+            itl = float(np.median([g for r in recs for g in r.itl_s[20:50]]))
+            ctx = b * (n + 36)                  # context of the middle steps
+            out["decode"].append((b, ctx, itl, engine.decode_time(b, ctx)))
+    after = cpu_snapshot(serve_pid)
+    out["frontend_cpu_s_per_token"] = sum(after[k] - before[k] for k in ("serve", "ray", "client")) / max(1, tokens)
+    out["other_cores"] = cpu_usage(start, after)["other"]
+    if shared:
+        out["interference"] = interference(server)
+    return out
+
+
+def _token_times(rec, start_unix_s: float) -> np.ndarray:
+    """Unix times at which a record's tokens arrived."""
+    return start_unix_s + rec.first_token_s + np.concatenate([[0.0], np.cumsum(rec.itl_s)])
+
+
+def interference(server: str, prompt_len: int = 256, decode_batch: int = 16, decode_tokens: int = 500,
+                 num_prefills: int = 40) -> dict:
+    """How a prefill and a decode instance sharing a GPU slow each other. Alone: prefill-only
+    requests (1 output token) of `prompt_len` tokens one at a time with the decode idle, and
+    `decode_batch` requests decoding together with the prefill idle. Together: the same decode
+    load while the same prefills run one after another. The prefill's speed while the decode
+    is busy (it always is here) = its compute time alone / together; the decode's = f /
+    (ITL together / ITL alone - 1 + f), f being the share of the window the prefill worker
+    was computing (a step overlaps a prefill for that share of the time). ITLs are compared at
+    the same token positions (the decode's step time grows with its context)."""
+    from cluster.bench import replay
+
+    def prefill_times(recs):
+        return [r.timings["prefill_compute_s"] for r in recs if r.ok]
+    alone_p = prefill_times(asyncio.run(replay(bench_args(
+        server, f"random:{prompt_len},1,0", num_requests=num_prefills // 2, max_concurrency=1, num_warmups=0)))[0])
+    dec_spec = f"random:64,{decode_tokens},0"
+    drecs = asyncio.run(replay(bench_args(server, dec_spec, num_requests=decode_batch, num_warmups=0)))[0]
+    alone_gaps = np.array([r.itl_s for r in drecs if r.ok and len(r.itl_s) == decode_tokens - 1])
+
+    async def together():
+        dec = asyncio.create_task(replay(bench_args(server, dec_spec, num_requests=decode_batch, num_warmups=0)))
+        await asyncio.sleep(0.5)                    # the decode batch is running
+        pre = await replay(bench_args(server, f"random:{prompt_len},1,0", num_requests=num_prefills,
+                                      max_concurrency=1, num_warmups=0))
+        return pre, await dec
+    (precs, _, _, pnotes), (drecs, _, _, dnotes) = asyncio.run(together())
+    ok_p = [r for r in precs if r.ok]
+    lo = pnotes["start_unix_s"] + min(r.sent_s for r in ok_p)
+    hi = pnotes["start_unix_s"] + max(r.done_s for r in ok_p)
+    ratios = []
+    for r in drecs:
+        if not (r.ok and len(r.itl_s) == decode_tokens - 1) or not len(alone_gaps):
+            continue
+        t = _token_times(r, dnotes["start_unix_s"])[1:]      # when each gap ended
+        inside = (t > lo) & (t < hi)
+        if inside.sum() >= 5:
+            ratios.append(np.median(np.array(r.itl_s)[inside]) / np.median(alone_gaps[:, inside]))
+    busy = sum(prefill_times(ok_p)) / max(hi - lo, 1e-9)
+    slow_p = float(np.median(prefill_times(ok_p)) / np.median(alone_p))
+    slow_d = float(np.median(ratios)) if ratios else 1.0
+    speed_d = busy / (slow_d - 1 + busy) if slow_d > 1 and busy > 0 else 1.0
+    return {"prompt_len": prompt_len, "decode_batch": decode_batch, "prefill_alone_s": float(np.median(alone_p)),
+            "prefill_together_s": float(np.median(prefill_times(ok_p))), "prefill_busy_share": float(busy),
+            "decode_itl_ratio": slow_d, "window_s": hi - lo,
+            "shared_speeds": [float(min(1.0, 1 / slow_p)), float(min(1.0, speed_d))]}
+
+
+
+def fit_calibration(cal: dict, kv_bytes_per_token: int, gpu: bool = False) -> dict:
+    """serving step = scale * engine step + overhead (+ per request, decode). On CPU `scale` is
+    1 / the share of a core a worker gets (fitted on prefill steps, whose lengths separate it
+    from the overhead; the same for decode, one core each); on a GPU the device is the
+    worker's own, scale is 1 and the overheads are the median excess over the engine's times.
+    The overheads are what a step costs beyond the forward pass. The hand-over (first to second token, less one decode step) becomes the KV
+    link's latency + bytes / bandwidth."""
+    pre, dec = cal["prefill"], cal["decode"]
+    if gpu:
+        p_scale = d_scale = 1.0
+        p_o = max(0.0, float(np.median([m - e for _, m, e in pre])))
+        d_o, d_s = max(0.0, float(np.median([m - e for _, _, m, e in dec]))), 0.0
+    else:
+        p_scale, p_o = _lstsq_nonneg([[e, 1] for _, _, e in pre], [m for _, m, _ in pre])
+        d_scale = p_scale
+        d_o, d_s = _lstsq_nonneg([[1, b] for b, _, _, _ in dec], [m - d_scale * e for _, _, m, e in dec],
+                                 [m for _, _, m, _ in dec])
+    fit = {"prefill_scale": float(p_scale), "prefill_overhead_s": float(p_o), "decode_scale": float(d_scale),
+           "decode_overhead_s": float(d_o), "decode_overhead_s_per_request": float(d_s)}
+    step1 = [d_scale * e + d_o + d_s for b, _, _, e in dec if b == 1]
+    step = float(np.mean(step1)) if step1 else 0.0
+    ho = [(n * kv_bytes_per_token, g - step) for n, g in cal["handover"]]
+    lat, per_byte = _lstsq_nonneg([[1, nb] for nb, _ in ho], [g for _, g in ho])
+    fit.update({"kv_latency_s": float(lat), "kv_bandwidth": float(1 / per_byte) if per_byte > 0 else 3.5e9,
+                "ttft_offset_s": float(np.median(cal["ttft_offset"])),
+                "frontend_cpu_s_per_token": cal["frontend_cpu_s_per_token"],
+                "other_cores": cal["other_cores"]})
+    if "interference" in cal:
+        fit["shared_speeds"] = cal["interference"]["shared_speeds"]
+    return fit
+
+
+def calibrated_profile(profile: dict, fit: dict, tp: int = 1, cpu_cores: float = 0.0) -> dict:
+    """The engine profile with the serving step model folded into its coefficients and the
+    serving terms in its "serving" section; `cpu_cores` > 0 for a CPU cluster."""
+    p = copy.deepcopy(profile)
+    e = p["tp"][str(tp)]
+    for k in "abc":
+        e["prefill"][k] *= fit["prefill_scale"]
+        e["decode"][k] *= fit["decode_scale"]
+    e["prefill"]["a"] += fit["prefill_overhead_s"]
+    if e.get("prefill_floor_s"):
+        e["prefill_floor_s"] = e["prefill_floor_s"] * fit["prefill_scale"] + fit["prefill_overhead_s"]
+    e["decode"]["a"] += fit["decode_overhead_s"]
+    e["decode"]["c"] += fit["decode_overhead_s_per_request"]
+    e["serving_calibration"] = fit
+    p["kv_transfer"] = {"intra_node": {"bandwidth": fit["kv_bandwidth"], "latency_s": fit["kv_latency_s"]}}
+    p["serving"] = serving_terms(fit, cpu_cores)
+    return p
+
+
+def serving_terms(fit: dict, cpu_cores: float = 0.0, **loaded) -> dict:
+    """The profile's "serving" section (placement/serving.py) from the zero-load fit: the time
+    outside the workers before the prefill (all of it: the simulator's clock starts at the
+    controller), the shared GPU's speeds; on CPU (`cpu_cores` > 0) the cores the workers share
+    with the frontend and the other processes. `loaded`: the terms fitted under load
+    (fidelity_predict.fit_load_terms)."""
+    terms = {"dispatch_s": max(0.0, fit["ttft_offset_s"])}
+    if fit.get("shared_speeds"):
+        terms["shared_speeds"] = list(fit["shared_speeds"])
+    if cpu_cores:
+        terms.update(host_cores=float(cpu_cores), other_cores=max(0.0, float(fit.get("other_cores", 0.0))),
+                     frontend_cpu_s_per_token=float(fit.get("frontend_cpu_s_per_token", 0.0)))
+    terms.update(loaded)
+    return terms

@@ -1,0 +1,157 @@
+"""What serving costs beyond the engine's forward passes: the terms that make the simulator
+hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a profile's
+`"serving"` section, so `disagg simulate`/`place --latency-model PROFILE` use them too.
+
+    "serving": {"dispatch_s": 0.004,              // arrival -> prefill queue (gRPC, routing, Ray hop)
+                "return_s": 0.0,                  // first token -> client (the fit puts it all in dispatch_s)
+                "handover_s": 0.005,              // controller hops after each KV copy
+                "handover_serial": true,          // ... which hold the link (FIFO per link)
+                "handover_s_per_stream": 1e-04,   // ... slower with every request in flight
+                "step_host_s_per_stream": 1e-05,  // decode step: host time per request in flight
+                "shared_speeds": [0.54, 0.53],    // shared GPU: speeds while both are busy
+                "host_cores": 2, "other_cores": 0.3, "frontend_cpu_s_per_token": 0.0009}
+
+- The runtime's hand-over is a queue: each prefill rank has one sender thread per decode rank
+  that moves one request's KV after another in the prefill's numbering (kv_transfer/agent.py;
+  a CUDA IPC copy is queued on the stream and the thread goes on, so copies serialise on the
+  GPU), and the controller then makes 3-4 awaited hops per request (receive_kv returns,
+  first token seen, release, start_decode: cluster/transfers.py). In the simulator the copies
+  on one prefill -> decode link go one at a time in FIFO order (link latency + bytes /
+  bandwidth), and the hops after each copy take `handover_s + handover_s_per_stream *
+  requests in flight`: they wait their turn in the controller's event loop, which also fans
+  every decode step's tokens out to the streams. With `handover_serial` (the default) the hops
+  hold the link, so the next request's hand-over waits for them: a request's receive on the
+  decode side completes only after the one numbered before it (the channel's order), so the
+  hand-over is one FIFO queue per link whose service time grows with load. Measured on the
+  H200 the hand-over grows like a queue near saturation (mean 12, 46, 136, 359 ms at 16, 48,
+  64, 80 req/s), which a pure delay cannot follow.
+- Host time per decode step that grows with load: the profile's `decode.c` is per running
+  request (scheduling, sampling, output processing, the step's event); the worker's step also
+  waits for the GIL it shares with the KV receive threads and the streaming generator, which
+  grows with the requests in flight: `step_host_s_per_stream`.
+- On CPU the device IS the cores (`host_cores` > 0): the prefill and decode workers (one
+  thread each), the frontend and client (`frontend_cpu_s_per_token` of CPU per streamed
+  token) and everyone else on the machine (`other_cores`, measured, as threads of at most a
+  core each) share them; each busy worker runs at its max-min fair share (processor sharing).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServingTerms:
+    dispatch_s: float = 0.0
+    return_s: float = 0.0
+    handover_s: float = 0.0
+    handover_s_per_stream: float = 0.0
+    handover_serial: bool = True        # the hops hold the link: the next copy waits for them
+    step_host_s_per_stream: float = 0.0
+    shared_speeds: tuple[float, float] | None = None
+    host_cores: float = 0.0
+    other_cores: float = 0.0
+    frontend_cpu_s_per_token: float = 0.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "shared_speeds":
+                if v is not None and (len(v) != 2 or not all(0 < s <= 1 for s in v)):
+                    raise ConfigError(f"serving.shared_speeds must be two speeds in (0, 1], got {v}")
+            elif f.name == "handover_serial":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"serving.handover_serial must be true or false, got {v!r}")
+            elif not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"serving.{f.name} must be a number >= 0, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ServingTerms | None":
+        if not d:
+            return None
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"serving terms: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("shared_speeds") is not None:
+            d["shared_speeds"] = tuple(float(x) for x in d["shared_speeds"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["shared_speeds"] is not None:
+            d["shared_speeds"] = list(d["shared_speeds"])
+        return d
+
+    def handover_delay(self, in_flight: int) -> float:
+        return self.handover_s + self.handover_s_per_stream * in_flight
+
+
+def _water_fill(demands: list[float], capacity: float) -> list[float]:
+    """Max-min fair shares of `capacity` among `demands` (CFS between equal-weight tasks)."""
+    shares = [0.0] * len(demands)
+    todo = [i for i, d in enumerate(demands) if d > 0]
+    left = capacity
+    while todo:
+        fair = left / len(todo)
+        small = [i for i in todo if demands[i] <= fair]
+        if not small:
+            for i in todo:
+                shares[i] = fair
+            break
+        for i in small:
+            shares[i] = demands[i]
+            left -= demands[i]
+        todo = [i for i in todo if i not in small]
+    return shares
+
+
+def serving_terms(deployment) -> ServingTerms | None:
+    """The serving terms of a deployment: its latency models' (a profile's "serving" section);
+    the first group that has them speaks for all (one calibration covers one cluster)."""
+    for g in (deployment.prefill, deployment.decode, deployment.colocated):
+        if g is not None and getattr(g.latency, "serving", None) is not None:
+            return g.latency.serving
+    return None
+
+
+class CoreShare:
+    """CPU deployments: every worker instance, the frontend and the other processes share
+    `host_cores`. After each event the simulator calls `update(now)`; when the set of busy
+    workers or the frontend's demand (CPU per token x the decode instances' token rate)
+    has changed, each busy worker's speed becomes its fair share (events returned)."""
+
+    def __init__(self, terms: ServingTerms, instances: list):
+        self.terms, self.instances = terms, instances
+        self.state = None
+
+    def frontend_cores(self) -> float:
+        rate = 0.0
+        for inst in self.instances:
+            run = getattr(inst, "run", None)
+            if run is not None and run[2] > 0:
+                size = len(run[4]) if run[4] is not None else inst.lazy.size
+                rate += size / run[2]           # tokens/s of the run in flight, at its speed
+        # Rounded so that a batch growing by one request does not cut every run.
+        return round(self.terms.frontend_cpu_s_per_token * rate, 2)
+
+    def update(self, now: float) -> list:
+        busy = tuple(inst.busy for inst in self.instances)
+        front = self.frontend_cores() if self.terms.frontend_cpu_s_per_token else 0.0
+        state = (busy, front)
+        if state == self.state:
+            return []
+        self.state = state
+        # The other processes are many threads, none wanting more than a core: their load
+        # competes as ceil(other_cores) tasks (one task of 1.5 cores would be capped at a fair share).
+        other = self.terms.other_cores
+        tasks = max(1, math.ceil(other - 1e-9)) if other > 0 else 0
+        demands = [1.0 if b else 0.0 for b in busy] + [front] + ([other / tasks] * tasks if tasks else [])
+        shares = _water_fill(demands, self.terms.host_cores)
+        events = []
+        for inst, b, share in zip(self.instances, busy, shares):
+            events.extend(inst.set_speed(now, min(1.0, share) if b else 1.0) or ())
+        return events

@@ -1,0 +1,119 @@
+"""The simulator's serving terms (placement/serving.py), by hand: a profile's "serving" section
+reaches the simulator through its latency model, as `disagg simulate --latency-model` would.
+
+Helpers' times: prefill 0.5 + 0.005 s/token (100 tokens: 1.0 s), decode steps 0.1 s, KV of 100
+tokens 0.01 + 0.1 s over the link."""
+import numpy as np
+import pytest
+
+from engine.errors import ConfigError
+from placement.deployment import Deployment
+from placement.latency_profile import ProfiledModel
+from placement.serving import ServingTerms, _water_fill
+from placement.simulator import simulate
+from tests.placement.helpers import KV_BYTES, group, profile, workload
+
+
+def dep_with(serving: dict | None, link_bw: float | None = None, **kw) -> Deployment:
+    prof = dict(profile(), serving=serving) if serving is not None else profile()
+    if link_bw:
+        prof["kv_transfer"] = {"intra_node": {"bandwidth": link_bw, "latency_s": 0.01}}
+    return Deployment(16, KV_BYTES, prefill=group(prof=prof), decode=group(prof=prof), **kw)
+
+
+def test_handover_is_a_queue_per_link_and_its_hops_slow_with_requests_in_flight():
+    # Two prompts of 100 arrive together and prefill one after the other (0-1.0, 1.0-2.0); on a
+    # slow link (100 tokens: 0.01 + 2.0 s) r1's copy waits for r0's: 1.0-3.01, then 3.01-5.02.
+    wl = workload([0.0, 0.0], [100, 100], [3, 3])
+    r = simulate(dep_with(None, link_bw=5e4), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 2.0])
+    np.testing.assert_allclose(r.transfer_end_s, [3.01, 5.02])
+    # The controller's hops after each copy (0.05 s) hold the link (the channel's order): r0
+    # lands at 3.06, r1's copy waits for that: 3.06-5.07, then its hops: 5.12.
+    r = simulate(dep_with({"handover_s": 0.05}, link_bw=5e4), wl)
+    np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.12])
+    # Hops as a pure delay (not the runtime's structure): the link is free after each copy.
+    r = simulate(dep_with({"handover_s": 0.05, "handover_serial": False}, link_bw=5e4), wl)
+    np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.07])
+    # 0.01 s more per request in flight (both are, until they finish): 0.07 of hops each.
+    r = simulate(dep_with({"handover_s": 0.05, "handover_s_per_stream": 0.01}, link_bw=5e4), wl)
+    np.testing.assert_allclose(r.transfer_end_s, [3.08, 5.16])
+
+
+def test_decode_host_time_grows_with_requests_in_flight():
+    # Decode alone, 11 tokens each (10 steps): 0.1 s steps plus 0.01 s per request in flight.
+    terms = {"step_host_s_per_stream": 0.01}
+    alone = simulate(dep_with(terms), workload([0.0], [100], [11]), phase="decode")
+    np.testing.assert_allclose(alone.tpot_s, [0.11])
+    # Four at once: r0's first step starts alone (0.11; the others join at its end), then steps
+    # of four in flight take 0.14 until r0 finishes (1.37), the last step of three 0.13 (1.50).
+    four = simulate(dep_with(terms), workload([0.0] * 4, [100] * 4, [11] * 4), phase="decode")
+    np.testing.assert_allclose(four.finish_s, [0.11 + 9 * 0.14] + [0.11 + 9 * 0.14 + 0.13] * 3)
+    plain = simulate(dep_with(None), workload([0.0] * 4, [100] * 4, [11] * 4), phase="decode")
+    np.testing.assert_allclose(plain.finish_s, [1.0, 1.1, 1.1, 1.1])     # without the term
+
+
+def test_dispatch_and_return_add_to_ttft_only():
+    wl = workload([0.0], [100], [2])
+    base = simulate(dep_with(None), wl)
+    r = simulate(dep_with({"dispatch_s": 0.05, "return_s": 0.02}), wl)
+    np.testing.assert_allclose(r.ttft_s, base.ttft_s + 0.07)
+    np.testing.assert_allclose(r.tpot_s, base.tpot_s)
+    assert r.arrival_s[0] == 0.0
+
+
+def test_cpu_workers_share_the_cores():
+    # One core for both workers: while both are busy each runs at half speed, as a GPU shared
+    # 0.5/0.5 (test_simulator_by_hand's shared case, the same times).
+    wl = workload([0.0, 1.66], [100, 100], [11, 2])
+    r = simulate(dep_with({"host_cores": 1}), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 3.085])
+    np.testing.assert_allclose(r.finish_s, [2.51, 3.295])
+    # Two cores, nobody else: nothing slows down.
+    r = simulate(dep_with({"host_cores": 2}), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 2.66])
+    # Two cores and the others wanting 1: each busy worker gets 2/3 of a core while both work;
+    # the others wanting 3 compete as 3 threads: 2/5 each.
+    r = simulate(dep_with({"host_cores": 2, "other_cores": 1.0}), wl)
+    assert r.first_token_s[1] > 2.66 and r.finish_s[0] > 2.11
+    crowded = simulate(dep_with({"host_cores": 2, "other_cores": 3.0}), wl)
+    np.testing.assert_allclose(crowded.first_token_s[0], 2.0)     # r0 alone: 4 tasks on 2 cores, half speed
+    # Streaming tokens costs the frontend CPU, which the workers then lack.
+    busy = simulate(dep_with({"host_cores": 1.2, "frontend_cpu_s_per_token": 0.05}), wl)
+    idle = simulate(dep_with({"host_cores": 1.2}), wl)
+    assert busy.finish_s[0] > idle.finish_s[0]
+
+
+def test_water_fill_is_max_min_fair():
+    assert _water_fill([1, 1, 0, 1], 2) == pytest.approx([2 / 3, 2 / 3, 0, 2 / 3])
+    assert _water_fill([1, 1, 0.2, 0.3], 2) == pytest.approx([0.75, 0.75, 0.2, 0.3])
+    assert _water_fill([1, 0, 0, 0.5], 2) == pytest.approx([1, 0, 0, 0.5])
+
+
+def test_serving_section_is_validated_and_round_trips():
+    terms = {"dispatch_s": 0.004, "handover_s_per_stream": 2e-4, "shared_speeds": [0.54, 0.53]}
+    model = ProfiledModel(dict(profile(), serving=terms))
+    assert model.serving == ServingTerms(dispatch_s=0.004, handover_s_per_stream=2e-4, shared_speeds=(0.54, 0.53))
+    assert ServingTerms.from_dict(model.serving.to_dict()) == model.serving
+    with pytest.raises(ConfigError, match="handover_ms"):
+        ProfiledModel(dict(profile(), serving={"handover_ms": 1}))
+    with pytest.raises(ConfigError, match="dispatch_s"):
+        ServingTerms(dispatch_s=-1)
+    with pytest.raises(ConfigError, match="handover_serial"):
+        ServingTerms.from_dict({"handover_serial": 1})
+
+
+def test_a_plan_sharing_a_gpu_takes_the_measured_split_from_a_serving_profile():
+    # What `disagg simulate --plan ... --latency-model PROFILE` builds.
+    from pathlib import Path
+
+    from engine.plan import Plan
+    from placement.deployment import deployment_from_plan
+    repo = Path(__file__).resolve().parents[2]
+    plan = Plan.load(repo / "benchmarks" / "plans" / "h200_1p1d_llama3_8b.json")
+    served = deployment_from_plan(plan, latency=str(repo / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json"))
+    assert served.shared == [(0, 0)]
+    assert served.shared_speeds == served.decode.latency.serving.shared_speeds != (0.5, 0.5)
+    assert served.decode.latency.serving.step_host_s_per_stream > 0
+    plain = deployment_from_plan(plan, latency=str(repo / "placement" / "profiles" / "H200_llama-3-8b.json"))
+    assert plain.shared_speeds == (0.5, 0.5) and plain.decode.latency.serving is None
