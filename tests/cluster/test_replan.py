@@ -5,17 +5,19 @@ The plan: 1 prefill + 2 decode instances (embedded model, CPU). The replay (`dis
 --replay A.csv,B.csv --time-scale 0.1`: two Azure-format traces back to back, written at 10x
 their replay time and compressed 10x) is first decode-heavy (short prompts, 32-token outputs:
 the starting split serves it), then prefill-heavy (512-token prompts, 4-token outputs, arriving
-at 1.5 prompts per prefill time): one prefill instance is 150% loaded and its queue (hence TTFT)
-grows; two would be 75% loaded. So the right split really differs between the two halves, and
-the winner is decided by prefill compute, which does not depend on this machine's speed only
-through a constant factor.
+at 1.3 prompts per prefill time): one prefill instance is 130% loaded and its queue (hence
+TTFT) grows without end; two would be 65% loaded. So the right split really differs between
+the two halves; on 2 cores, two prefill instances run side by side.
 
-Why the SLOs and the latency model are measured first: this 2-core machine is shared and its
-speed varies several-fold with load. The test times a 512-token prefill through the server
-(the median of 3 after one more, alone), and sets TTFT SLO = 5x that time (a request that waits
-for more than four others' prefills misses), TPOT SLO = 1 s (loose: decode is not what shifts here), the arrival
-rate from it, and hands the re-planner the committed CPU profile scaled to the measured time
-(`--replan-latency-model`), so its simulation sees the speed this run has.
+Why the SLOs, the rate and the latency model come from a measurement: this 2-core machine is
+shared and its speed varies several-fold with load. The test times a 512-token prefill through
+the server (the median of 3, after one more), and sets TTFT SLO = 8x that time, TPOT SLO = 1 s
+(loose: decode is not what shifts here), and the arrival rate from it. The generous SLO and the
+1.3x load keep the verdict when the machine runs up to ~2x slower or faster during the replay
+than when it was timed: the lone prefill instance's queue still outgrows the SLO within the
+half, while two instances keep up or fall behind far more slowly. The re-planner gets the
+committed CPU profile scaled to the measured time (`--replan-latency-model`), so its simulation
+sees the speed this run has.
 
 Both runs replay the same requests; both must complete every request with exactly the tokens
 asked (no lost request); the auto run must score higher attainment on the whole replay and on
@@ -117,12 +119,12 @@ def test_replan_auto_beats_the_fixed_start_on_a_shifting_replay(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         # The median of the last 3 (the first run of a shape is slow): what the run will likely see.
         t_prefill = float(np.median([x["ttft_s"] for x in json.loads(cal.read_text())["requests"]][1:]))
-        ttft_slo = 5 * t_prefill
+        ttft_slo = 8 * t_prefill
         rng = np.random.default_rng(7)
         n1 = int(PHASE1_S * 2)
         write_trace(d / "decode_heavy.csv", np.cumsum(rng.exponential(COMPRESS / 2, n1)),
                     rng.integers(16, 48, n1), rng.integers(24, 40, n1))
-        rate2 = 1.5 / t_prefill
+        rate2 = 1.3 / t_prefill
         n2 = int(PHASE2_S * rate2)
         write_trace(d / "prefill_heavy.csv", np.cumsum(rng.exponential(COMPRESS / rate2, n2)),
                     rng.integers(PROMPT * 3 // 4, PROMPT * 5 // 4, n2), np.full(n2, OUT))
@@ -133,8 +135,8 @@ def test_replan_auto_beats_the_fixed_start_on_a_shifting_replay(tmp_path):
     factor = t_prefill / ProfiledModel(load_profile(str(PROFILE)), 1, 1).prefill_time([PROMPT])
     plan.update(slo_ttft_s=ttft_slo, slo_tpot_s=1.0)
     (d / "plan.json").write_text(json.dumps(plan))
-    proc, info = start(d, "auto", "--replan", "auto", "--replan-interval-s", 1, "--replan-window-s", 6, "--replan-min-requests", 6,
-                       "--replan-confirmations", 2, "--replan-dwell-s", 10, "--replan-margin", 0.1,
+    proc, info = start(d, "auto", "--replan", "auto", "--replan-interval-s", 1, "--replan-window-s", 8, "--replan-min-requests", 6,
+                       "--replan-confirmations", 2, "--replan-dwell-s", 10, "--replan-margin", 0.05,
                        "--replan-latency-model", scaled_profile(d, factor))
     try:
         auto = bench(d, info, "auto", ttft_slo, traces)
