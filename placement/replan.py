@@ -12,7 +12,8 @@ role flip away on that window with the planner's own simulator, and decides:
     skip     too few requests in the window to judge
 
 Margin and confirmations are the hysteresis (a split that wins by a hair, or once, never flips
-the cluster); the dwell time bounds flips per minute whatever the load does. Only splits that
+the cluster); the dwell time bounds flips per minute whatever the load does; a flip that would
+undo the last one needs twice the margin and twice the dwell. Only splits that
 can serve every request are candidates: prefill and decode both present, or colocated alone.
 An instance keeps its TP and GPUs; only plans whose re-plannable phases share hardware (same
 device, GPU type, tp, pp and GPU share) allow re-planning (`replan_roles`).
@@ -285,6 +286,8 @@ class ReplanPolicy:
         self.plan_dict = plan.to_dict()
         self.last_flip_s: float | None = None
         self._streak: tuple[Split, int] | None = None   # the winning split and how often in a row
+        self._previous: Split | None = None             # the split before the last flip
+        self._pending_previous: Split | None = None
 
     def candidates(self, current: Split) -> list[Split]:
         """The current split and every servable split one flip away (within the roles)."""
@@ -338,25 +341,32 @@ class ReplanPolicy:
         best = min(scores, key=key)
         table = {str(s): v for s, v in scores.items()}
         figures = ", ".join(f"{s} {v['attainment']:.1%}" for s, v in sorted(scores.items(), key=lambda kv: key(kv[0])))
-        if best == current or scores[best]["attainment"] < cur + cfg.margin:
+        # Undoing the last flip needs twice the margin and twice the dwell: two near-equal splits
+        # whose windows score far apart tick to tick would otherwise swap back and forth.
+        undo = best == self._previous and best != current
+        margin, dwell = (2 * cfg.margin, 2 * cfg.min_dwell_s) if undo else (cfg.margin, cfg.min_dwell_s)
+        if best == current or scores[best]["attainment"] < cur + margin:
             self._streak = None
             why = ("current split is best" if best == current else
-                   f"{best} wins by {scores[best]['attainment'] - cur:+.1%} < margin {cfg.margin:.0%}")
+                   f"{best} wins by {scores[best]['attainment'] - cur:+.1%} < margin {margin:.0%}"
+                   + (" (it would undo the last flip: margin doubled)" if undo else ""))
             return Decision("keep", current, best, f"keep {current}: {why} (attainment {figures})", scores=table)
         n = self._streak[1] + 1 if self._streak and self._streak[0] == best else 1
         self._streak = (best, n)
         from_role = next(r for r in ROLES if best.count(r) < current.count(r))
         to_role = next(r for r in ROLES if best.count(r) > current.count(r))
-        gain = f"{best} {scores[best]['attainment']:.1%} vs {current} {cur:.1%} (margin {cfg.margin:.0%}; {figures})"
+        gain = (f"{best} {scores[best]['attainment']:.1%} vs {current} {cur:.1%} (margin {margin:.0%}"
+                f"{', undoing the last flip' if undo else ''}; {figures})")
         if n < cfg.confirmations:
             return Decision("confirm", current, best, f"{from_role}->{to_role} wins {n}/{cfg.confirmations} "
                             f"times in a row: {gain}", None, from_role, to_role, table)
-        if self.last_flip_s is not None and now_s - self.last_flip_s < cfg.min_dwell_s:
+        if self.last_flip_s is not None and now_s - self.last_flip_s < dwell:
             return Decision("dwell", current, best, f"{from_role}->{to_role} wins but the last flip was "
-                            f"{now_s - self.last_flip_s:.0f} s ago (< {cfg.min_dwell_s:.0f} s): {gain}",
+                            f"{now_s - self.last_flip_s:.0f} s ago (< {dwell:.0f} s): {gain}",
                             None, from_role, to_role, table)
         pool = sorted((i for i, r in roles.items() if r == from_role), key=lambda i: (loads.get(i, 0.0), _natural(i)))
         self._streak = None
+        self._pending_previous = current
         return Decision("flip", current, best, f"flip {pool[0]} {from_role}->{to_role}: {gain}",
                         pool[0], from_role, to_role, table)
 
@@ -364,6 +374,7 @@ class ReplanPolicy:
         """The flip the last decision asked for is done (or started): the dwell time counts
         from here."""
         self.last_flip_s = now_s
+        self._previous = self._pending_previous
 
 
 def _natural(instance_id: str):

@@ -115,3 +115,24 @@ def test_which_plans_allow_replanning():
         Plan(replan="yes")
     mixed = plan_for_split(plan_4p4d(), Split(3, 3, 2))
     assert mixed.mode == "mixed" and mixed.colocated.num_instances == 2 and mixed.colocated.device == "cuda"
+
+
+def test_undoing_the_last_flip_needs_twice_the_margin_and_dwell():
+    pol = ReplanPolicy(plan_4p4d(), ReplanConfig(margin=0.05, confirmations=1, min_dwell_s=10), latency=H100)
+    w = window(10, 500, 50)
+    d = pol.decide(roles_of(4, 4), w, 0, scores=scores(**{"4P_4D": 0.5, "5P_3D": 0.9, "3P_5D": 0.2}))
+    assert d.outcome == "flip"
+    pol.flipped(0)
+    roles = roles_of(4, 4) | {d.instance_id: "prefill"}
+    back = scores(**{"5P_3D": 0.80, "4P_4D": 0.88, "6P_2D": 0.5})          # +8 points: < 2 x 5%
+    d = pol.decide(roles, w, 30, scores=back)
+    assert d.outcome == "keep" and "undo the last flip" in d.reason, d.reason
+    back = scores(**{"5P_3D": 0.80, "4P_4D": 0.95, "6P_2D": 0.5})          # +15 points
+    assert pol.decide(roles, w, 15, scores=back).outcome == "dwell"         # 15 s < 2 x 10 s
+    assert pol.decide(roles, w, 25, scores=back).outcome == "flip"
+    # Going on in the same direction is no undo: the plain margin and dwell.
+    pol2 = ReplanPolicy(plan_4p4d(), ReplanConfig(margin=0.05, confirmations=1, min_dwell_s=10), latency=H100)
+    pol2.decide(roles_of(4, 4), w, 0, scores=scores(**{"4P_4D": 0.5, "5P_3D": 0.9, "3P_5D": 0.2}))
+    pol2.flipped(0)
+    on = scores(**{"5P_3D": 0.80, "6P_2D": 0.88, "4P_4D": 0.5})
+    assert pol2.decide(roles, w, 12, scores=on).outcome == "flip"
