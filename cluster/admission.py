@@ -1,12 +1,16 @@
 """Admission and routing: which route takes a request (a colocated instance, or the
 prefill/decode pool: the least loaded by requests in flight per rank, ties to colocated;
-engine/routing.py), which prefill and decode instances within the pool (fewest queued prompt
-tokens; most free blocks after reservations), and the queue of requests waiting for capacity
-(FCFS: retries and requests that already waited go back to the front).
+engine/routing.py), which prefill and decode instances within the pool (prefill: fewest queued
+tokens less the expected prefix-cache hit, or fewest queued tokens with routing "load"; decode:
+most free blocks after reservations), and the queue of requests waiting for capacity (FCFS:
+retries and requests that already waited go back to the front).
 
-It owns the router's view of the instances: requests in flight per route, queued prompt tokens
-per prefill instance, free blocks per decode instance. Events refresh the last (each carries its
-instance's load); the others are counted here as requests come and go.
+It owns the router's view of the instances: requests in flight per route, queued tokens and a
+prefix index (PrefixRouter: the block hashes routed there, LRU at its KV capacity) per prefill
+instance, free blocks per decode instance. Events refresh the last (each carries its
+instance's load); the others are counted here as requests come and go. A request is charged to
+its prefill instance's queue with the tokens it is expected to compute (prompt less expected
+hit), and exactly that charge comes off when its prefill is done or taken back.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from cluster.tracking import Tracked
 from cluster.transfers import quiet
 from engine.errors import InvalidRequestError, OverloadedError
 from engine.request import RequestState
-from engine.routing import PD_ROUTE, pick_decode, pick_prefill, pick_route
+from engine.routing import PD_ROUTE, PrefixRouter, pick_decode, pick_route
 from model.instance import RequestSpec
 from prefill_worker.worker import PrefillSpec
 
@@ -29,7 +33,8 @@ log = logging.getLogger("disagg.admission")
 
 class Admission:
     def __init__(self, block_size: int, pool: Callable[[str], list[Instance]], can_serve: Callable[[], bool],
-                 fail: Callable[[Tracked, str], None], drop: Callable[[Tracked], None], retry_pending_s: float = 1.0):
+                 fail: Callable[[Tracked, str], None], drop: Callable[[Tracked], None], retry_pending_s: float = 1.0,
+                 routing: str = "prefix"):
         self.block_size = block_size
         self.pool, self.can_serve, self.fail, self.drop = pool, can_serve, fail, drop
         self.retry_pending_s = retry_pending_s
@@ -38,17 +43,48 @@ class Admission:
         self.prefill_tokens: dict[str, int] = {}      # queued prompt tokens per prefill instance
         self.prefill_assigned: dict[str, int] = {}    # requests given to each (tie-break)
         self.decode_free: dict[str, int] = {}         # free blocks per decode instance, after reservations
+        self.router = PrefixRouter(routing, block_size)
+        self.charges: dict[str, tuple[str, int]] = {}   # wid -> (prefill instance, tokens charged there)
+        self.prefix_tokens: dict[str, list[int]] = {}   # prefill instance -> [cached, prompt] tokens prefilled
 
     def adopt(self, inst: Instance) -> None:
         """A new (or restarted) instance joins with an empty queue and every block free."""
         if inst.role == "prefill":
             self.prefill_tokens[inst.instance_id] = 0
+            self.router.adopt(inst.instance_id, inst.num_blocks)
+            for wid in [w for w, (i, _) in self.charges.items() if i == inst.instance_id]:
+                del self.charges[wid]       # charged to the instance this one replaces
         elif inst.role == "decode":
             self.decode_free[inst.instance_id] = inst.num_blocks
+        if inst.role != "prefill":
+            self.router.forget(inst.instance_id)     # a former prefill instance's cache is no target now
 
     def on_load(self, inst: Instance, free_blocks: int) -> None:
         if inst.role == "decode":
             self.decode_free[inst.instance_id] = free_blocks
+
+    def charge(self, wid: str, instance_id: str, num_tokens: int) -> None:
+        self.charges[wid] = (instance_id, num_tokens)
+        self.prefill_tokens[instance_id] += num_tokens
+
+    def uncharge(self, wid: str) -> None:
+        """The attempt's prefill ran or was taken back: its charge leaves the queue."""
+        entry = self.charges.pop(wid, None)
+        if entry is not None and entry[0] in self.prefill_tokens:
+            self.prefill_tokens[entry[0]] -= entry[1]
+
+    def prefilled(self, inst: Instance, wid: str, num_tokens: int, num_cached_tokens: int) -> None:
+        """A prefill on `inst` is done (its KV is scheduled): uncharge it and count its hit."""
+        self.uncharge(wid)
+        counts = self.prefix_tokens.setdefault(inst.instance_id, [0, 0])
+        counts[0] += num_cached_tokens
+        counts[1] += num_tokens
+
+    def prefix_stats(self) -> dict:
+        """Per prefill instance: prompt tokens prefilled, those served by its prefix cache, and
+        their ratio (the hit rate)."""
+        return {i: {"hit_tokens": h, "prompt_tokens": n, "hit_rate": h / n if n else 0.0}
+                for i, (h, n) in self.prefix_tokens.items()}
 
     def forget(self, t: Tracked) -> None:
         """t holds nothing here any more (finished, failed, dropped)."""
@@ -67,7 +103,7 @@ class Admission:
         reservation; False when its prefill has started (the transfer then frees both)."""
         if not (t.prefill.alive and await quiet(t.prefill.driver.cancel.remote(t.wid))):
             return False
-        self.prefill_tokens[t.prefill.instance_id] -= t.req.num_tokens
+        self.uncharge(t.wid)
         await self.release_decode(t.decode, t.wid, len(t.blocks or ()))
         return True
 
@@ -186,21 +222,23 @@ class Admission:
             elif not stale():
                 self.park(t, front)
             return
-        p = live_p[pick_prefill([self.prefill_tokens[i.instance_id] for i in live_p],
-                                [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])]
+        keys = self.router.keys(t.req.prompt_token_ids)
+        k, hit = self.router.pick([i.instance_id for i in live_p], [self.prefill_tokens[i.instance_id] for i in live_p],
+                                  keys, [self.prefill_assigned.get(i.instance_id, 0) for i in live_p])
+        p = live_p[k]
         t.prefill, t.decode, t.blocks = p, d, blocks
         t.move(RequestState.PREFILLING)
         self.assign(t, PD_ROUTE)
         t.token_seen[attempt] = asyncio.Event()
         # Count the request against p before awaiting, so concurrent dispatches see it.
-        self.prefill_tokens[p.instance_id] += t.req.num_tokens
+        self.charge(wid, p.instance_id, t.req.num_tokens - hit)
         self.prefill_assigned[p.instance_id] = self.prefill_assigned.get(p.instance_id, 0) + 1
         spec = PrefillSpec(wid, t.req.prompt_token_ids, t.req.sampling, list(t.req.output_token_ids),
                            attempt=attempt, peer=d.instance_id, dst_block_ids=blocks)
         try:
             await p.driver.add_request.remote(spec)
         except Exception as e:  # noqa: BLE001 - overload, a request that cannot fit, or p died
-            self.prefill_tokens[p.instance_id] -= t.req.num_tokens
+            self.uncharge(wid)
             await self.release_decode(d, wid, len(blocks))
             if t.attempt == attempt:
                 self._refused(t, e, from_submit, front)

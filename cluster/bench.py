@@ -46,6 +46,7 @@ class Record:
     error: str = ""
     finish_reason: str = ""
     timings: dict = field(default_factory=dict)     # the server's, from the last message
+    cached_tokens: int = 0                          # prompt tokens the server's prefix cache served
     itl_s: list = field(default_factory=list)       # gaps between token-bearing messages
 
     @property
@@ -128,7 +129,20 @@ def build_workload(args):
             args.segments = [Segment(g.name, g.start_s * scale, g.end_s * scale, g.num_requests) for g in args.segments]
     if args.duration_s:
         wl = wl.head(max(1, int((wl.arrival_s < args.duration_s).sum())))
-    return wl
+    return scale_hash_blocks(wl, getattr(args, "hash_block_tokens", 512))
+
+
+def scale_hash_blocks(wl, block_tokens: int):
+    """A trace with hash ids (Mooncake: one id per 512-token block) replayed with `block_tokens`
+    tokens per hash id: prompt lengths scale by block_tokens / 512, so a small model's context
+    holds the same chains of shared blocks (each id still one deterministic block of tokens)."""
+    from placement.workload import MOONCAKE_BLOCK_TOKENS
+    if block_tokens < 1:
+        raise ConfigError(f"--hash-block-tokens must be >= 1, got {block_tokens}")
+    if wl.hash_ids is None or block_tokens == MOONCAKE_BLOCK_TOKENS:
+        return wl
+    lens = -(-wl.prompt_lens * block_tokens // MOONCAKE_BLOCK_TOKENS)
+    return replace(wl, prompt_lens=np.maximum(1, lens))
 
 
 def _rescaled(segments, wl):
@@ -177,6 +191,7 @@ async def _one(stub, rec: Record, msg, t0: float, metadata, timeout_s):
         if last is not None:
             rec.finish_reason = last.finish_reason
             rec.timings = {f.name: getattr(last.timings, f.name) for f in last.timings.DESCRIPTOR.fields}
+            rec.cached_tokens = last.usage.cached_tokens
     except aio.AioRpcError as e:
         rec.status, rec.error = e.code().name, (e.details() or "")[:200]
     except Exception as e:  # noqa: BLE001 - a client-side failure is counted, never fatal
@@ -189,7 +204,8 @@ def plan_requests(wl, info, args):
     from placement.workload import prompt_token_ids
     prompts, outputs, notes = clip_lengths(wl, info, args.max_prompt_len, args.max_output_len)
     # Prompts depend on the seed: a run with another seed shares no prefix with this one.
-    ids = [prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None, salt=args.seed)
+    ids = [prompt_token_ids(i, int(p), info.vocab_size, wl.hash_ids[i] if wl.hash_ids else None,
+                            block_tokens=getattr(args, "hash_block_tokens", 512), salt=args.seed)
            for i, p in enumerate(prompts)]
     recs = [Record(i, int(p), int(o), float(a)) for i, (p, o, a) in enumerate(zip(prompts, outputs, wl.arrival_s))]
     return recs, ids, [int(o) for o in outputs], notes
@@ -285,6 +301,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--num-requests", type=int, default=None, help="requests to send (default 100)")
     p.add_argument("--duration-s", type=float, default=None, help="send only requests arriving before this")
     p.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at most (0 = unbounded)")
+    p.add_argument("--hash-block-tokens", type=int, default=512,
+                   help="traces with hash ids (mooncake-*): tokens per hash id; prompt lengths scale by N/512, so "
+                        "e.g. 16 replays the trace's shared prefixes within a small model's context")
     p.add_argument("--max-prompt-len", type=int, default=0, help="clip prompts (besides the server's limits)")
     p.add_argument("--max-output-len", type=int, default=0, help="clip outputs (besides the server's limits)")
     p.add_argument("--seed", type=int, default=0,

@@ -50,6 +50,9 @@ def summarize(recs: list, wl, info, notes: dict, args) -> dict:
         # Completed at "length" with fewer tokens than asked: tokens lost on the way.
         "num_short_outputs": sum(r.finish_reason == "length" and r.num_tokens < r.output_len for r in ok),
         "total_prompt_tokens": in_tok, "total_output_tokens": out_tok,
+        # Prompt tokens the server's prefix caches served (usage.cached_tokens; gRPC backend).
+        "total_cached_tokens": sum(r.cached_tokens for r in ok),
+        "prefix_hit_rate": sum(r.cached_tokens for r in ok) / max(1, in_tok),
         "request_throughput_rps": len(ok) / duration, "output_token_throughput_tps": out_tok / duration,
         "total_token_throughput_tps": (in_tok + out_tok) / duration,
         "ttft_s": _stats([r.ttft_s for r in ok]), "tpot_s": _stats([r.tpot_s for r in multi]),

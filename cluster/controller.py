@@ -59,7 +59,8 @@ class Controller:
         self.state = "starting"
         self.tracked: dict[str, Tracked] = {}
         self.streams = Streams(tokenizer, metrics, lambda: self.max_model_len)
-        self.admission = Admission(plan.block_size, self.pool, lambda: self.monitor.can_serve(), self.fail, self.drop)
+        self.admission = Admission(plan.block_size, self.pool, lambda: self.monitor.can_serve(), self.fail, self.drop,
+                                   routing=plan.routing)
         self._tasks: set[asyncio.Task] = set()
         self.observers: list = []           # called with each accepted request (cluster/replanner.py)
         self.replanner = None               # set by cluster.replanner.start
@@ -219,7 +220,9 @@ class Controller:
             t = self._current(ev.request_id)
             if t is not None and t.prefill is inst and t.state is PREFILLING:
                 t.move(TRANSFERRING)
-                self.admission.prefill_tokens[inst.instance_id] -= ev.num_tokens
+                self.admission.prefilled(inst, ev.request_id, ev.num_tokens, ev.num_cached_tokens)
+                if self.metrics:
+                    self.metrics.on_prefilled(inst.instance_id, ev.num_tokens, ev.num_cached_tokens)
                 t.num_cached_tokens = max(t.num_cached_tokens, ev.num_cached_tokens)
                 self.spawn(self.transfers.transfer(t, t.attempt, ev))
             else:
@@ -331,6 +334,7 @@ class Controller:
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.admission.pending),
                 "requests_by_state": phases, "counters": dict(self.counters),
                 "replan": self.replanner.summary() if self.replanner else None,
+                "routing": self.plan.routing, "prefix_cache": self.admission.prefix_stats(),
                 "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()},
                 "role_changes": [dict(vars(r)) for r in self.roles.history]}
 

@@ -38,6 +38,13 @@ class Metrics:
         self.decode_batch = Gauge("disagg_decode_batch_size", "Requests in the last decode step", ["instance"], registry=r)
         self.pending = Gauge("disagg_controller_pending_requests", "Requests waiting for decode capacity", registry=r)
         self.in_flight = Gauge("disagg_requests_in_flight", "Requests accepted and not finished", registry=r)
+        self.prefix_hit_tokens = Counter("disagg_prefix_hit_tokens", "Prompt tokens served by a prefill "
+                                         "instance's prefix cache", ["instance"], registry=r)
+        self.prefix_prompt_tokens = Counter("disagg_prefix_prompt_tokens", "Prompt tokens prefilled per prefill "
+                                            "instance (hit or computed)", ["instance"], registry=r)
+        self.prefix_hit_rate = Gauge("disagg_prefix_hit_rate", "Prefix cache hit rate per prefill instance since "
+                                     "start: hit tokens / prompt tokens", ["instance"], registry=r)
+        self._prefix: dict[str, list[int]] = {}
         self.retries = Gauge("disagg_controller_retries", "Requests recomputed after a failure (total)", registry=r)
         self.instance_role = Gauge("disagg_instance_role", "1 for the role each instance serves now, 0 for the others",
                                    ["instance", "role"], registry=r)
@@ -66,6 +73,16 @@ class Metrics:
             if "decode_queue_s" not in t.durations and "transfer_end" in t.times:
                 t.durations["decode_queue_s"] = now - t.times["transfer_end"]
         t.times["prev_token"] = now
+
+    def on_prefilled(self, instance: str, num_tokens: int, num_cached_tokens: int) -> None:
+        """A prefill instance prefilled `num_tokens` prompt tokens, `num_cached_tokens` of them
+        from its prefix cache."""
+        self.prefix_hit_tokens.labels(instance).inc(num_cached_tokens)
+        self.prefix_prompt_tokens.labels(instance).inc(num_tokens)
+        c = self._prefix.setdefault(instance, [0, 0])
+        c[0] += num_cached_tokens
+        c[1] += num_tokens
+        self.prefix_hit_rate.labels(instance).set(c[0] / c[1] if c[1] else 0.0)
 
     def on_transfer(self, src: str, dst: str, nbytes: int, seconds: float) -> None:
         self.kv_bytes.labels(src, dst).inc(nbytes)

@@ -33,6 +33,8 @@ def plan_from_args(args) -> Plan:
             d[phase]["device"] = args.device
     if getattr(args, "kv_transfer_timeout", None):
         d["kv_transfer_timeout_s"] = args.kv_transfer_timeout
+    if getattr(args, "routing", None):
+        d["routing"] = args.routing
     return Plan.from_dict(d)
 
 
@@ -206,6 +208,9 @@ def add_serve_args(p) -> None:
                    help="gRPC receive limit per request (0 = 1 MiB + 16 bytes per --max-prompt-tokens or context token)")
     p.add_argument("--max-pending", type=int, default=1024, help="requests waiting for capacity before RESOURCE_EXHAUSTED")
     p.add_argument("--kv-transfer-timeout", type=float, default=None)
+    p.add_argument("--routing", default=None, choices=["prefix", "load"],
+                   help="prefill instance choice: expected prefix-cache hit against queued tokens "
+                        "(prefix, the plan's default) or queued tokens only (load)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
     p.add_argument("--replan", default="auto", choices=["auto", "off"],
                    help="online re-planning: flip instances between roles when another split of the same instances "

@@ -94,8 +94,7 @@ class TransferCoordinator:
         """A transfer scheduled for an attempt that is gone: receive and drop it so the channel's
         order holds, then free both sides of that attempt."""
         c, wid = self.c, ev.request_id
-        queued = c.admission.prefill_tokens
-        queued[p.instance_id] = queued.get(p.instance_id, 0) - ev.num_tokens
+        c.admission.uncharge(wid)
         d = next((i for i in c.decodes if i.instance_id == ev.peer and i.alive), None)
         if d is not None:
             await asyncio.gather(*[quiet(r.receive_kv.remote(p.instance_id, ev.epoch, ev.seq, ev.num_blocks))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.routing import ROUTINGS
 
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "gloo", "nccl", "cuda_ipc")
@@ -86,6 +87,9 @@ class Plan:
     kv_transfer_timeout_s: float = 30.0
     layerwise_transfer: bool = True
     enable_prefix_caching: bool = True
+    # Prefill instance choice: "prefix" weighs the expected prefix-cache hit against queued
+    # tokens (engine/routing.py); "load" looks at queued tokens only.
+    routing: str = "prefix"
     # Restart budget of each instance: at most max_restarts restarts within any restart_window_s;
     # past it the instance is down until the window allows another. Restarts that fail and
     # repeated crashes wait restart_backoff_s, doubling each time (at most 60 s).
@@ -111,6 +115,8 @@ class Plan:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.kv_transport not in TRANSPORTS:
             raise ConfigError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -66,9 +66,12 @@ class PrefillInstance:
     def busy(self) -> bool:
         return bool(self.flight)
 
-    def add(self, req, now: float):
+    def add(self, req, now: float, charge: int | None = None):
+        """Queue `req`; `charge` is the tokens the router expects it to compute here (its
+        prompt less the expected prefix hit), which `queued_tokens` counts until it runs."""
         self.policy.add(req, now)
-        self.queued_tokens += req.num_tokens
+        req.queue_charge = req.num_tokens if charge is None else charge
+        self.queued_tokens += req.queue_charge
         return self.kick(now)
 
     def kick(self, now: float, _=None):
@@ -79,7 +82,7 @@ class PrefillInstance:
         if not chunks:
             return None                 # the head waits for blocks: back-pressure
         cached = [c.start for c in chunks]
-        self.queued_tokens -= sum(c.num_tokens for c in chunks)
+        self.queued_tokens -= sum(c.request.queue_charge for c in chunks)
         t = self.latency.prefill_time([c.start + c.num_tokens for c in chunks],
                                       cached if any(cached) else None) / self.speed
         interval = self.latency.prefill_interval(t)

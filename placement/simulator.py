@@ -6,7 +6,8 @@ The event heap holds `(time_s, seq, handler, arg)`; a handler returns the events
 (vidur's shape). The controller here does what the cluster controller does, with the same
 routing functions (engine.routing): on arrival a request is routed to a decode instance by
 `pick_decode` over free blocks, which reserves blocks_for(prompt + 1) there, and to a prefill
-instance by `pick_prefill` over queued prompt tokens; when no decode instance can take it,
+instance by `PrefixRouter.pick` (queued prompt tokens, less the expected prefix hit with
+routing="prefix"); when no decode instance can take it,
 it waits here in arrival order. After its prefill the request has its first token (TTFT ends),
 its KV moves over the prefill->decode link (transfers on one link go one after another) and
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
@@ -39,7 +40,7 @@ import numpy as np
 
 from engine.batching import finish
 from engine.request import FinishReason, Request, RequestState
-from engine.routing import pick_decode, pick_prefill
+from engine.routing import PrefixRouter, pick_decode
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
 from placement.engine_instance import EngineInstance
@@ -66,7 +67,7 @@ class Simulator:
                  exact_blocks: bool = False, prefix_caching: bool = False,
                  slo: tuple[float, float] | None = None, max_misses: int | None = None,
                  max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
-                 serving: ServingTerms | None = None):
+                 serving: ServingTerms | None = None, routing: str = "load"):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if phase != "both" and not deployment.disaggregated:
@@ -102,6 +103,10 @@ class Simulator:
             per_stream = self.serving.step_host_s_per_stream
             for inst in self.decodes + self.colocated:
                 inst.host_step_s = lambda: per_stream * self.in_flight
+        self.router = PrefixRouter(routing if self.prefix_caching else "load", bs)
+        for p in self.prefills:
+            self.router.adopt(p.index, deployment.prefill.num_blocks)
+        self._num_assigned = [0] * len(self.prefills)
 
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
@@ -235,11 +240,19 @@ class Simulator:
             self.pending.popleft()
             req.decode_instance = inst
             if self.prefills:
-                p = self.prefills[pick_prefill([x.queued_tokens for x in self.prefills])]
-                events.extend(p.add(req, now) or ())
+                events.extend(self._route_prefill(req, now) or ())
             else:
                 events.extend(self._join_without_prefill(req, now) or ())
         return events
+
+    def _route_prefill(self, req, now):
+        # The controller's rule (engine.routing): queued tokens less the expected prefix hit.
+        keys = self.router.keys(req.prompt_token_ids)
+        # Ties go to the instance given the fewest requests, as in the controller.
+        k, hit = self.router.pick([p.index for p in self.prefills], [p.queued_tokens for p in self.prefills], keys,
+                                  self._num_assigned)
+        self._num_assigned[k] += 1
+        return self.prefills[k].add(req, now, req.num_tokens - hit)
 
     def _reserve_decode(self, req, now, events):
         if not self.decodes:

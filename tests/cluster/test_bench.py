@@ -172,3 +172,25 @@ def test_arrivals_replay_scale_duration_and_bursts():
     assert (burst.arrival_s == 0).all() and ((50 <= burst.prompt_lens) & (burst.prompt_lens <= 150)).all()
     with pytest.raises(Exception, match="finite --rate"):
         build_workload(_args("--workload", "sharegpt", "--duration-s", "5"))
+
+
+def test_mooncake_hash_ids_become_shared_prompt_prefixes_at_any_block_size():
+    """--hash-block-tokens 16: prompt lengths scale by 16/512 and each hash id is one block of 16
+    token ids, so two requests share exactly their common leading hash ids as a token prefix."""
+    from types import SimpleNamespace
+
+    from cluster.bench import build_workload, plan_requests
+    from placement.workload import load_trace
+    args = _args("--workload", "mooncake-conv", "--replay", "--num-requests", "40", "--hash-block-tokens", "16")
+    wl = build_workload(args)
+    trace = load_trace("mooncake-conv")
+    assert list(wl.prompt_lens) == [-(-n * 16 // 512) for n in trace.prompt_lens[:40]]
+    info = SimpleNamespace(max_model_len=4096, max_prompt_tokens=0, max_tokens_limit=0, vocab_size=259)
+    _, ids, _, _ = plan_requests(wl, info, args)
+    a, b = 0, 1                                   # both start with hash id 0, then differ
+    common = next(k for k, (x, y) in enumerate(zip(wl.hash_ids[a], wl.hash_ids[b])) if x != y)
+    assert common >= 1
+    assert ids[a][:16 * common] == ids[b][:16 * common] and ids[a][16 * common:][:16] != ids[b][16 * common:][:16]
+    with pytest.raises(Exception, match="hash-block-tokens"):
+        build_workload(_args("--workload", "mooncake-conv", "--replay", "--num-requests", "5",
+                             "--hash-block-tokens", "0"))
