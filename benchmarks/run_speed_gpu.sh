@@ -2,7 +2,11 @@
 # Issue 18 on the GPU host, in one call: GPU tests of kernels and model (TESTS=paths narrows
 # them, SKIP_TESTS=1 leaves them out), the ceilings, the engine benchmark at decode batch 1-64 (ENGINE_ARGS), the decode-speed
 # breakdown (benchmarks.decode_speed, if present), the throughput run (THROUGHPUT=1) and
-# `disagg profile` (PROFILE=1, writes $OUT/<device>_llama-3-8b.json). Everything goes to $OUT.
+# `disagg profile` (PROFILE=1, writes $OUT/<device>_llama-3-8b.json), and the served throughput
+# run (SERVED=1: in-process chunked, a colocated plan and 1P+1D through `disagg serve` + gRPC on the
+# same requests, async scheduling on and off; SERVE_PROFILE=1 adds a cProfile of each serve
+# process, which slows its event loop; needs Ray from .whl/, built with
+# ../shared/tools/gpu-wheels and carried). Everything goes to $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/speed_gpu}
 mkdir -p "$OUT"
@@ -33,5 +37,14 @@ if [ -z "$SKIP_ENGINE" ]; then
 fi
 if [ -n "$THROUGHPUT" ]; then
   timeout ${THROUGHPUT_TIMEOUT_S:-330} python3 -m benchmarks.throughput --out "$OUT/throughput.json" ${THROUGHPUT_ARGS} 2>&1 | tee "$OUT/throughput.log"
+fi
+if [ -n "$SERVED" ]; then
+  # Ray (and its deps) from carried wheels; serve runs with --http-port -1 (no fastapi there).
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  PYTHONPATH=/tmp/site:$PYTHONPATH PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
+  RAY_worker_niceness=0 timeout ${SERVED_TIMEOUT_S:-570} python3 -m benchmarks.throughput --out "$OUT/served.json" \
+    --modes ${SERVED_MODES:-chunked,served_colocated,served_1p1d} --async-scheduling ${SERVED_ASYNC:-both} \
+    --num-requests ${SERVED_NUM:-400} ${SERVE_PROFILE:+--profile-dir "$OUT/serve_prof"} ${SERVED_ARGS} 2>&1 | grep -v "^(raylet)" \
+    | tee "$OUT/served.log"
 fi
 date -u

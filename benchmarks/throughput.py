@@ -7,8 +7,12 @@ prompt + output <= --max-len (4,096), `--num-requests` (1,000) of them drawn wit
 synthetic prompt token ids (placement.workload.prompt_token_ids, salted per run so runs never
 share a cached prefix); greedy, ignore_eos: every request produces exactly its table output length.
 
-Modes (in-process, one after the other, each on a fresh engine): `prefill_first` and `chunked`
-(prefill chunks and decode tokens in one forward pass, `--chunk-tokens` per step).
+Modes (one after the other, each on a fresh engine): in-process `prefill_first` and `chunked`
+(prefill chunks and decode tokens in one forward pass, `--chunk-tokens` per step); served
+`served_colocated` and `served_1p1d` (benchmarks/served.py: the same requests through gRPC and
+`disagg serve`, printed as a share of the in-process run beside issue 18's targets).
+`--async-scheduling on|off|both` runs every mode with async scheduling on, off, or both (auto:
+the engine's default, on for CUDA).
 
 Beside each time it prints the workload's bound, from ceilings measured in the same run
 (benchmarks/ceilings.py): every prompt's FLOPs (2 x tokens x layer weights + causal attention
@@ -17,6 +21,7 @@ streaming-read rate: the KV each output token attends to, and the weights once p
 as few steps as the batch limit allows (total decode tokens / max batch, and at least the
 longest request's output). No schedule can beat it; `time / bound` is the figure judged.
 Usage: python -m benchmarks.throughput --out throughput.json [--num-requests 1000] [--modes ...]
+       [--async-scheduling both] [--modes chunked,served_colocated,served_1p1d]
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ def workload_bound(cfg, prompts, outputs, matmul_flops: float, read_bps: float, 
             "min_decode_steps": steps, "prefill_s": prefill_s, "decode_s": decode_s, "bound_s": prefill_s + decode_s}
 
 
-def run_mode(mode: str, prompts, outputs, args, salt: int, log) -> dict:
+def run_mode(mode: str, prompts, outputs, args, salt: int, log, async_on: bool | None = None) -> dict:
     import torch
 
     from engine.sampling_params import SamplingParams
@@ -67,7 +72,8 @@ def run_mode(mode: str, prompts, outputs, args, salt: int, log) -> dict:
     llm = LLM(args.model, device=args.device, dtype="bfloat16" if args.device == "cuda" else "auto", max_batch_size=args.max_batch_size,
               max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_len, mode=mode,
               chunk_tokens=args.chunk_tokens, enable_prefix_caching=False,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=async_on,
+              num_kv_blocks=args.num_kv_blocks)
     build_s = time.perf_counter() - t0
     vocab = llm.cfg.vocab_size
     reqs = [(prompt_token_ids(i, int(p), vocab, salt=salt), SamplingParams(max_tokens=int(o), ignore_eos=True))
@@ -86,13 +92,14 @@ def run_mode(mode: str, prompts, outputs, args, salt: int, log) -> dict:
     got = sum(len(o.token_ids) for o in outs)
     if got != int(outputs.sum()):
         raise RuntimeError(f"{mode}: {got} output tokens, expected {int(outputs.sum())} (a request lost tokens)")
-    res = {"mode": mode, "elapsed_s": elapsed, "steps": steps, "build_s": build_s,
+    tag = mode + {True: "_async", False: "_sync", None: ""}[async_on]
+    res = {"mode": tag, "async_scheduling": async_on, "elapsed_s": elapsed, "steps": steps, "build_s": build_s,
            "mixed_steps": llm.runner.num_mixed_steps, "num_kv_blocks": llm.block_manager.num_blocks,
            "output_tokens": got, "total_tokens": got + int(prompts.sum()),
            "output_tok_s": got / elapsed, "total_tok_s": (got + int(prompts.sum())) / elapsed,
            "chunk_tokens": args.chunk_tokens if mode == "chunked" else None,
            "token_checksum": int(sum(sum(o.token_ids) for o in outs) % (1 << 61))}
-    log(f"{mode:>13}: {elapsed:7.1f} s, {steps} steps ({res['mixed_steps']} mixed), {res['output_tok_s']:7.0f} output tok/s, "
+    log(f"{tag:>22}: {elapsed:7.1f} s, {steps} steps ({res['mixed_steps']} mixed), {res['output_tok_s']:7.0f} output tok/s, "
         f"{res['total_tok_s']:7.0f} total tok/s (engine built in {build_s:.1f} s)")
     del llm, outs, reqs
     gc.collect()
@@ -115,6 +122,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=MODEL, help="preset or model folder (dummy weights for presets)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke test of the harness (no ceilings, no bound)")
+    ap.add_argument("--num-kv-blocks", type=int, default=0, help="0: size the cache from memory")
+    ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off", "both"])
+    ap.add_argument("--served-schedule", default="chunked", choices=["chunked", "prefill_first"],
+                    help="the colocated served plan's schedule (its in-process twin is the baseline)")
+    ap.add_argument("--profile-dir", default=None, help="served modes: cProfile of each serve process here")
+    ap.add_argument("--prefill-gpu-share", type=float, default=0.25,
+                    help="served_1p1d on a GPU: the prefill instance's share of it (the decode instance gets the rest)")
     args = ap.parse_args(argv)
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -126,9 +140,11 @@ def main(argv=None) -> int:
     def log(s):
         print(s, flush=True)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("prefill_first", "chunked")]
+    from benchmarks.served import SERVED_MODES, ratio_lines, run_served
+    bad = [m for m in modes if m not in ("prefill_first", "chunked", *SERVED_MODES)]
     if bad:
-        ap.error(f"--modes: unknown {bad}; choose from prefill_first, chunked")
+        ap.error(f"--modes: unknown {bad}; choose from prefill_first, chunked, {', '.join(SERVED_MODES)}")
+    asyncs = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.async_scheduling]
     prompts, outputs = sharegpt_lengths(args.num_requests, args.max_len, args.seed)
     cfg = PRESETS[args.model]
     if args.device == "cuda":
@@ -148,14 +164,30 @@ def main(argv=None) -> int:
         f"{ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s on {ceil['device']}")
     log(f"workload: {len(prompts)} requests, mean {prompts.mean():.0f} in / {outputs.mean():.0f} out; bound "
         f"{bound['bound_s']:.1f} s (prefill {bound['prefill_s']:.1f} s + decode {bound['decode_s']:.1f} s)")
+    if args.profile_dir:
+        import os
+        os.makedirs(args.profile_dir, exist_ok=True)
+    # The served schedule's in-process run and the served runs share one salt (the same
+    # requests, token for token); other in-process modes get their own.
+    served_salt = args.seed * 100 + 1
     for i, mode in enumerate(modes):
-        res["runs"].append(run_mode(mode, prompts, outputs, args, salt=args.seed * 100 + i + 1, log=log))
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    log(f"{'mode':>13}  {'time s':>7}  {'bound s':>7}  {'x bound':>7}  {'out tok/s':>9}  {'total tok/s':>11}")
+        for async_on in asyncs:
+            if mode in SERVED_MODES:
+                run = run_served(mode, prompts, outputs, args, served_salt, log, async_on)
+            else:
+                salt = served_salt if mode == args.served_schedule else args.seed * 100 + i + 2
+                run = run_mode(mode, prompts, outputs, args, salt=salt, log=log, async_on=async_on)
+            res["runs"].append(run)
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+    log(f"{'mode':>22}  {'time s':>7}  {'bound s':>7}  {'x bound':>7}  {'out tok/s':>9}  {'total tok/s':>11}")
     for r in res["runs"]:
-        log(f"{r['mode']:>13}  {r['elapsed_s']:7.1f}  {bound['bound_s']:7.1f}  {r['elapsed_s'] / bound['bound_s']:7.2f}  "
+        log(f"{r['mode']:>22}  {r['elapsed_s']:7.1f}  {bound['bound_s']:7.1f}  {r['elapsed_s'] / bound['bound_s']:7.2f}  "
             f"{r['output_tok_s']:9.0f}  {r['total_tok_s']:11.0f}")
+    for line in ratio_lines(res["runs"]):
+        log(line)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
     return 0
 
 

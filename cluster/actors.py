@@ -117,6 +117,10 @@ class RankActor:
             if not worked:
                 w.wake.wait(0.02)
                 w.wake.clear()
+        try:
+            w.flush()       # a step still in flight (async scheduling): its tokens leave now
+        except Exception:  # noqa: BLE001 - stopping anyway; the controller sees the requests
+            log.exception("%s: finishing the last step failed", self.cfg.instance_id)
         if self.cfg.tp * self.cfg.pp > 1:
             try:
                 w.stop_followers()      # from this thread: never two broadcasts at once

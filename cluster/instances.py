@@ -53,7 +53,7 @@ def worker_config(plan: Plan, phase: PhaseConfig, instance_id: str, rank: int) -
         max_model_len=plan.max_model_len, enable_prefix_caching=plan.enable_prefix_caching,
         kv_timeout_s=plan.kv_transfer_timeout_s, kv_layer_groups=4 if plan.layerwise_transfer else 1,
         torch_threads=phase.torch_threads, max_queue=phase.max_queue, schedule=phase.schedule,
-        chunk_tokens=phase.chunk_tokens)
+        chunk_tokens=phase.chunk_tokens, async_scheduling=phase.async_scheduling)
 
 
 async def create_instance(plan: Plan, role: str, index: int, phase: PhaseConfig, num_layers: int,

@@ -231,4 +231,14 @@ def add_serve_args(p) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(args))
+    out = os.environ.get("DISAGG_SERVE_PROFILE")
+    if not out:
+        return asyncio.run(serve(args))
+    # Where the controller's event loop spends its time (benchmarks/served.py --profile): a
+    # cProfile of this process's main thread, written when serve exits.
+    import cProfile
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(asyncio.run, serve(args))
+    finally:
+        prof.dump_stats(out)

@@ -27,9 +27,18 @@ class Streams:
             self.metrics.on_rejected(t)
 
     async def items(self, t: Tracked):
-        """The request's StreamDelta items until the last one."""
+        """The request's StreamDelta items until the last one. Items that queued up while the
+        consumer was busy (a client or front slower than the steps) leave as one: one message
+        per request per wake-up, never one per token."""
         while True:
             item = await t.out.get()
+            while item.finish_reason is None and not t.out.empty():
+                nxt = t.out.get_nowait()
+                if nxt.finish_reason is not None:       # the last item stays whole (usage, error)
+                    yield item
+                    item = nxt
+                    break
+                item = _merge(item, nxt)
             yield item
             if item.finish_reason is not None:
                 return
@@ -69,3 +78,9 @@ class Streams:
         if self.metrics:
             self.metrics.on_finish(t, reason)
         t.out.put_nowait(StreamDelta(t.request_id, [], "", reason, usage, t.timings(), error))
+
+
+def _merge(a: StreamDelta, b: StreamDelta) -> StreamDelta:
+    """Two consecutive non-final items of one request as one."""
+    lps = (a.logprobs or []) + (b.logprobs or []) if (a.logprobs or b.logprobs) else None
+    return StreamDelta(a.request_id, a.token_ids + b.token_ids, a.text + b.text, logprobs=lps)

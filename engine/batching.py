@@ -82,8 +82,10 @@ class PrefillPolicy:
         """After the chunks ran: their tokens' KV is in the cache (and may now be shared)."""
         for c in chunks:
             req = c.request
-            req.num_computed_tokens = c.start + c.num_tokens
-            self.bm.commit(req.block_ids, req.all_token_ids, req.num_computed_tokens)
+            done = c.start + c.num_tokens
+            # max: with async scheduling the request's next chunk may be running already.
+            req.num_computed_tokens = max(req.num_computed_tokens, done)
+            self.bm.commit(req.block_ids, req.all_token_ids, done)
 
     def schedule(self, now_s: float, token_budget: int | None = None,
                  max_chunk_tokens: int | None = None) -> list[PrefillChunk]:
@@ -140,10 +142,13 @@ class DecodePolicy:
             return True
         return False
 
-    def schedule(self, now_s: float) -> tuple[list[Request], list[Request]]:
+    def schedule(self, now_s: float, exclude: frozenset[int] = frozenset()) -> tuple[list[Request], list[Request]]:
+        """`exclude`: ids (id()) of running requests to leave out of this step (async
+        scheduling: requests that end in the step still running, whatever token they get)."""
         batch: list[Request] = []
         preempted: list[Request] = []
-        candidates = list(self.running[:self.max_batch_size])
+        running = [r for r in self.running if id(r) not in exclude] if exclude else self.running
+        candidates = list(running[:self.max_batch_size])
         while candidates:
             req = candidates.pop(0)
             while not self.bm.can_append(req.block_ids, req.num_tokens):
@@ -182,9 +187,11 @@ class DecodePolicy:
                 hi = mid
         return lo
 
-    def blocks_needed(self, num_steps: int) -> int:
-        """KV blocks the current batch still has to take for its next `num_steps` steps."""
-        return self._blocks_needed(self.running[:self.max_batch_size], num_steps)
+    def blocks_needed(self, num_steps: int, exclude: frozenset[int] = frozenset()) -> int:
+        """KV blocks the current batch (as `schedule(now, exclude)` forms it) still has to take
+        for its next `num_steps` steps."""
+        running = [r for r in self.running if id(r) not in exclude] if exclude else self.running
+        return self._blocks_needed(running[:self.max_batch_size], num_steps)
 
     def _blocks_needed(self, batch: list[Request], num_steps: int) -> int:
         # Step k (0-based) must hold num_tokens + k tokens: the step's input token included.
@@ -236,9 +243,9 @@ class ColocatedPolicy:
     def has_work(self) -> bool:
         return bool(self.prefill.waiting or self.decode.running)
 
-    def schedule(self, now_s: float) -> Batch:
+    def schedule(self, now_s: float, exclude: frozenset[int] = frozenset()) -> Batch:
         if self.mode == "chunked":
-            decode, preempted = self.decode.schedule(now_s)
+            decode, preempted = self.decode.schedule(now_s, exclude)
             self._requeue(preempted)
             budget = self.chunk_tokens - len(decode)
             prefill = self.prefill.schedule(now_s, token_budget=budget, max_chunk_tokens=budget) if budget > 0 else []
@@ -246,7 +253,7 @@ class ColocatedPolicy:
         prefill = self.prefill.schedule(now_s)
         if prefill:
             return Batch(prefill=prefill)
-        decode, preempted = self.decode.schedule(now_s)
+        decode, preempted = self.decode.schedule(now_s, exclude)
         self._requeue(preempted)
         return Batch(decode=decode, preempted=preempted)
 

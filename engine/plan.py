@@ -40,6 +40,9 @@ class PhaseConfig:
     max_queue: int = 1024           # requests waiting in this phase before new ones are refused
     schedule: str = "prefill_first"  # colocated instances: "prefill_first" or "chunked"
     chunk_tokens: int = 512         # chunked schedule: prompt tokens per step beside the decodes
+    # Async scheduling of colocated and decode instances (model/async_step.py): true/false, or
+    # null for the default (DISAGG_ASYNC_SCHEDULING in the workers' environment, else on for CUDA).
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         _positive(self, "num_instances", "tp", "pp", "max_batch_tokens", "max_batch_size", "max_queue")
@@ -51,6 +54,8 @@ class PhaseConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         if self.chunk_tokens < 1:
             raise ConfigError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
         if self.num_gpus_per_rank < 0 or self.num_cpus_per_rank < 0 or self.torch_threads < 0:

@@ -187,11 +187,14 @@ class DecodeGraphs:
         return (self.size_for(len(seqs)) is not None
                 and all(len(t) <= self.inputs.width and p < self.max_model_len for _, p, t in seqs))
 
-    def run(self, seqs) -> torch.Tensor:
+    def run(self, seqs, feed=None) -> torch.Tensor:
         """Replay the graph for `seqs` [(token id, position, block table)]; the hidden states of
-        the real rows, [len(seqs), hidden], valid until the next replay."""
+        the real rows, [len(seqs), hidden], valid until the next replay. `feed(ids)` (async
+        scheduling) writes device-side token ids into the staged input before the replay."""
         b = self.size_for(len(seqs))
         self.inputs.stage(seqs, b)
+        if feed is not None:
+            feed(self.inputs.dev[0:len(seqs)])
         self.graphs[b].replay()
         self.num_replays += 1
         return self.outputs[b][:len(seqs)]

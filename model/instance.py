@@ -26,6 +26,7 @@ from engine.errors import InvalidRequestError, OverloadedError
 from engine.events import Load, LoadChanged, RequestFailed, StepTokens, WorkerEvent
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
+from model.async_step import AsyncStepper, async_scheduling_enabled, attach_feed
 from model.rank_runtime import RankRuntime, WorkerConfig
 from model.runner import StepInput
 from model.step_isolation import StepIsolation, StepOutcome
@@ -69,6 +70,7 @@ class StepLoop:
     `schedule` and `postprocess`; neither runs the model."""
 
     role = "base"
+    supports_async = False      # roles whose steps can run one ahead (model/async_step.py)
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
                  emit: Callable[[list[WorkerEvent]], None] | None = None, rt: RankRuntime | None = None):
@@ -83,9 +85,15 @@ class StepLoop:
         # rank to follow, so with tensor/pipeline parallelism only sampling failures are isolated.
         single = cfg.tp * cfg.pp == 1
         self.isolation = StepIsolation(self.rt.sample, self.rerun if single else None)
+        self.feed = None            # async: (request id() -> index, tokens) of the step before
+        on = self.supports_async and async_scheduling_enabled(cfg.async_scheduling, self.rt.device, cfg.tp, cfg.pp)
+        self.async_steps = AsyncStepper(self) if on else None
 
     def step(self) -> bool:
-        """One step. Returns False when there was nothing to do."""
+        """One step. Returns False when there was nothing to do. With async scheduling the
+        step's tokens are postprocessed during the next call (or by `flush`)."""
+        if self.async_steps is not None:
+            return self.async_steps.step()
         with self._lock:
             sched = self.schedule(time.monotonic())
         if sched is None:
@@ -115,7 +123,21 @@ class StepLoop:
 
     def rerun(self, batch: Batch):
         """Run part of a failed step again on this (only) rank: no events, no KV sends."""
-        return self.rt.runner.execute(StepInput.from_batch(batch))
+        step = StepInput.from_batch(batch)
+        if self.feed is None:
+            return self.rt.runner.execute(step)
+        attach_feed(step, batch.decode, self.feed[0])
+        return self.rt.runner.execute(step, feed=self.feed[1])
+
+    def flush(self) -> None:
+        """Finish a step still in flight (async scheduling): call before stopping the loop."""
+        if self.async_steps is not None:
+            self.async_steps.flush()
+
+    def can_run_ahead(self, exclude: frozenset[int] = frozenset()) -> bool:
+        """Whether the next step (leaving out `exclude`) may be scheduled before the one in
+        flight is postprocessed (under the lock)."""
+        return False
 
     def drop_failed(self, req: Request, why: str, now: float) -> RequestFailed:
         """A request that made the step fail (under the lock): drop it and free its blocks
@@ -164,6 +186,7 @@ class ColocatedWorker(StepLoop):
     between steps (their blocks may be in the batch that runs now)."""
 
     role = "colocated"
+    supports_async = True
 
     def __init__(self, cfg: WorkerConfig, tp_group=None, ctrl_group=None,
                  emit: Callable[[list[WorkerEvent]], None] | None = None, enable_prefix_caching: bool | None = None,
@@ -216,11 +239,19 @@ class ColocatedWorker(StepLoop):
                     finish(req, FinishReason.CANCELLED, now)
         self._cancelled.clear()
 
-    def schedule(self, now: float) -> Scheduled | None:
+    def can_run_ahead(self, exclude: frozenset[int] = frozenset()) -> bool:
+        # No preemption: it recomputes a request from its tokens, which must all be known. The
+        # blocks are counted for exactly the requests the schedule will take. (A step with
+        # requests whose sampling reads the history is finished as soon as it is launched, so
+        # the step in flight never holds one.)
+        return self.policy.decode.blocks_needed(1, exclude) <= self.bm.num_free_blocks
+
+    def schedule(self, now: float, exclude: frozenset[int] = frozenset()) -> Scheduled | None:
+        """exclude: id() of running requests to leave out (async: they end in the step in flight)."""
         cancelled = bool(self._cancelled)
         if cancelled:
             self._apply_cancels(now)
-        batch = self.policy.schedule(now)
+        batch = self.policy.schedule(now, exclude)
         self.num_preemptions += len(batch.preempted)
         if batch.empty:
             if cancelled:       # blocks came free with no step to report them
@@ -262,6 +293,9 @@ class ColocatedWorker(StepLoop):
             out = {"role": self.role, "instance_id": self.cfg.instance_id, **dataclasses.asdict(self.load()),
                    "used_blocks": self.bm.num_used_blocks, "num_blocks": self.bm.num_blocks,
                    "num_steps": self.num_steps, "num_decoded_tokens": self.num_decoded_tokens,
-                   "num_preemptions": self.num_preemptions, "prefix_hit_tokens": self.bm.num_prefix_hit_tokens}
+                   "num_preemptions": self.num_preemptions, "prefix_hit_tokens": self.bm.num_prefix_hit_tokens,
+                   "async_scheduling": self.async_steps is not None}
+            if self.async_steps is not None:
+                out["num_overlapped_steps"] = self.async_steps.num_overlapped
         out.update(self.rt.stats())
         return out

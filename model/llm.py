@@ -23,20 +23,23 @@ class LLM:
 
     model: a model folder, a preset name (dummy weights) or "embedded" (the default).
     mode: "prefill_first" (a waiting prefill runs before the next decode step) or "chunked".
+    async_scheduling: schedule and postprocess a step while the previous one runs on the device
+    (model/async_step.py); None: DISAGG_ASYNC_SCHEDULING, else on for CUDA.
     """
 
     def __init__(self, model: str = "embedded", *, device: str = "cpu", dtype: str = "auto",
                  block_size: int = 16, num_kv_blocks: int = 0, max_batch_tokens: int = 4096,
                  max_batch_size: int = 64, max_model_len: int = 0, enable_prefix_caching: bool = True,
                  mode: str = "prefill_first", chunk_tokens: int = 512, seed: int = 0,
-                 gpu_memory_utilization: float = 0.85):
+                 gpu_memory_utilization: float = 0.85, async_scheduling: bool | None = None):
         if mode not in ("prefill_first", "chunked"):
             raise ValueError(f"mode must be prefill_first or chunked, got {mode!r}")
         cfg = WorkerConfig(instance_id="llm", model=model, device=device, dtype=dtype, block_size=block_size,
                            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
                            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
                            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                           schedule=mode, chunk_tokens=chunk_tokens, seed=seed, max_queue=1 << 30)
+                           schedule=mode, chunk_tokens=chunk_tokens, seed=seed, max_queue=1 << 30,
+                           async_scheduling=async_scheduling)
         self.core = ColocatedWorker(cfg, emit=self._collect)
         rt = self.core.rt
         self.model, self.cfg, self.tokenizer, self.runner = rt.model, rt.model_config, rt.tokenizer, rt.runner

@@ -51,6 +51,8 @@ class WorkerConfig:
     torch_threads: int = 0
     seed: int = 0
     dummy_seed: int = 0
+    # Async scheduling (model/async_step.py): None = DISAGG_ASYNC_SCHEDULING, else on for CUDA.
+    async_scheduling: bool | None = None
 
 
 class LayerProgress:

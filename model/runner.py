@@ -44,6 +44,9 @@ class StepInput:
     decode: (token id, position, block table)."""
     prefill: list[tuple[list[int], int, list[int], bool]] = field(default_factory=list)
     decode: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    # Async scheduling: for each decode row, the index of its input token among the previous
+    # step's sampled tokens, still on the device (-1: the token id above is real). None: all real.
+    decode_src: list[int] | None = None
 
     @classmethod
     def from_batch(cls, batch: Batch) -> "StepInput":
@@ -191,29 +194,50 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden.index_select(0, field("want")))
 
+    def _feeder(self, src: list[int] | None, feed: torch.Tensor | None, offset: int = 0):
+        """A function that writes the previous step's sampled tokens (`feed`, on the device)
+        into the decode rows' input ids (async scheduling): no host round trip between steps."""
+        if src is None:
+            return None
+        if feed is None:
+            raise ValueError("a decode row takes its token from the previous step, but no tokens were fed")
+        rows = [i for i, s in enumerate(src) if s >= 0]
+        index = torch.tensor([[offset + i for i in rows], [src[i] for i in rows]], dtype=torch.int64)
+        index = index.to(self.device, non_blocking=True)
+
+        def write(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, index[0], feed.index_select(0, index[1]).to(ids.dtype))
+        return write
+
     @torch.inference_mode()
-    def decode(self, seqs) -> torch.Tensor | None:
+    def decode(self, seqs, feed=None) -> torch.Tensor | None:
+        """feed: `_feeder`'s function or None."""
         if self.graphs is not None and self.graphs.fits(seqs):
-            hidden = self.graphs.run(seqs)
+            hidden = self.graphs.run(seqs, feed)
             return self.model.compute_logits(hidden) if self.is_driver else None
         meta = AttentionMetadata(
             kind="decode",
             slot_mapping=self._tensor([self._slots(t, p, 1)[0] for _, p, t in seqs], torch.int64),
             block_tables=self._tensor(_pad_tables([t for _, _, t in seqs]), torch.int32),
             context_lens=self._tensor([p + 1 for _, p, _ in seqs], torch.int32))
-        hidden = self.model(self._tensor([s[0] for s in seqs], torch.int64),
-                            self._tensor([s[1] for s in seqs], torch.int64), self.kv_cache, meta)
+        ids = self._tensor([s[0] for s in seqs], torch.int64)
+        if feed is not None:
+            feed(ids)
+        hidden = self.model(ids, self._tensor([s[1] for s in seqs], torch.int64), self.kv_cache, meta)
         return self.model.compute_logits(hidden) if self.is_driver else None
 
     @torch.inference_mode()
-    def mixed(self, chunks, seqs) -> torch.Tensor | None:
+    def mixed(self, chunks, seqs, feed=None) -> torch.Tensor | None:
         """One forward pass over prefill `chunks` and decode `seqs` (StepInput's tuples); logits
-        of the chunks that want them, then of every decode row."""
+        of the chunks that want them, then of every decode row. feed: `_feeder`'s function, its
+        rows offset by the prefill tokens."""
         self.num_mixed_steps += 1
         packed, layout = pack_mixed(chunks, seqs, self.block_size)
         buf = torch.from_numpy(packed)
         buf = buf.to(self.device, non_blocking=True) if self.device.type == "cuda" else buf.long()
         ids, positions, meta, want = mixed_metadata(buf, layout)
+        if feed is not None:
+            feed(ids)
         hidden = self.model(ids, positions, self.kv_cache, meta)
         if not self.is_driver or not len(want):
             return None
@@ -224,16 +248,18 @@ class ModelRunner:
             return False
         return self.prefill_graphs is None or not self.prefill_graphs.fits(step.prefill)
 
-    def execute(self, step: StepInput, layer_hook=None) -> torch.Tensor | None:
+    def execute(self, step: StepInput, layer_hook=None, feed: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [num sampled, vocab] on rank 0 (prefill rows that want logits, then decode
-        rows: the order of Batch.sampled); None on other ranks or when nothing is sampled."""
+        rows: the order of Batch.sampled); None on other ranks or when nothing is sampled.
+        feed: the previous step's sampled tokens on the device, for rows in `step.decode_src`."""
         if self._use_mixed(step, layer_hook):
-            return self.mixed(step.prefill, step.decode)
+            offset = sum(len(c[0]) for c in step.prefill)
+            return self.mixed(step.prefill, step.decode, self._feeder(step.decode_src, feed, offset))
         parts = []
         if step.prefill:
             parts.append(self.prefill(step.prefill, layer_hook))
         if step.decode:
-            parts.append(self.decode(step.decode))
+            parts.append(self.decode(step.decode, self._feeder(step.decode_src, feed)))
         parts = [p for p in parts if p is not None]
         if not parts:
             return None

@@ -50,12 +50,12 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     logits = logits / temp.unsqueeze(1)
     v = logits.shape[-1]
     ks = [sp.top_k if 0 < sp.top_k < v else v for sp in params]
-    if any(k < v for k in ks):
+    if any(k < v for k in ks):     # decided on the host: no device sync (async scheduling)
         sorted_desc = logits.sort(-1, descending=True).values
         kth = sorted_desc.gather(1, torch.tensor(ks, device=dev).sub(1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     top_p = torch.tensor([sp.top_p for sp in params], dtype=logits.dtype, device=dev)
-    if (top_p < 1.0).any():
+    if any(sp.top_p < 1.0 for sp in params):
         sorted_logits, idx = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
@@ -64,7 +64,7 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
     min_p = torch.tensor([sp.min_p for sp in params], dtype=logits.dtype, device=dev)
-    if (min_p > 0).any():
+    if any(sp.min_p > 0 for sp in params):
         probs = logits.softmax(-1)
         keep = probs >= probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(~keep, float("-inf"))
@@ -98,6 +98,27 @@ class Sampler:
         """Sample for engine Requests: (token ids, per-row logprobs entry or None)."""
         return self.sample(logits, [r.sampling for r in reqs], [r.num_output_tokens for r in reqs],
                            [(r.prompt_token_ids, r.output_token_ids) for r in reqs])
+
+    def sample_device(self, logits: torch.Tensor, reqs) -> torch.Tensor:
+        """The tokens of `sample_requests` as a device tensor [B] (int64), without waiting for
+        the device: async scheduling feeds it to the next step and copies it to the host while
+        that step runs. Only for requests without penalties or logprobs (they need the host's
+        token history and values); the tokens equal `sample_requests`'s."""
+        params = [r.sampling for r in reqs]
+        if any(p.penalized or p.logprobs is not None for p in params):
+            raise ValueError("sample_device: penalties and logprobs need the host path (sample_requests)")
+        out = logits.argmax(-1)
+        rand = [b for b, p in enumerate(params) if not p.greedy]
+        if rand:
+            probs = filter_logits(logits[rand], [params[b] for b in rand]).softmax(-1)
+            # A row that is not a distribution samples greedily (as in `sample`); it is decided
+            # on the device, so such a row draws from a uniform stand-in whose draw is dropped.
+            ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+            probs = torch.where(ok.unsqueeze(1), probs, torch.ones_like(probs))
+            for j, b in enumerate(rand):
+                g = _row_generator(params[b].seed, reqs[b].num_output_tokens, logits.device, self.fallback)
+                out[b] = torch.where(ok[j], torch.multinomial(probs[j], 1, generator=g)[0], out[b])
+        return out
 
     def sample(self, logits, params, token_indices, histories=None) -> tuple[list[int], list[dict | None]]:
         if not any(p.needs_probs for p in params):

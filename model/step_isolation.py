@@ -40,6 +40,9 @@ class StepOutcome:
     logprobs: list
     failed: list[tuple[Request, str]] = field(default_factory=list)
     num_reruns: int = 0
+    # Async scheduling: the tokens still on the device, one per `batch.sampled` (then `tokens`
+    # and `logprobs` are empty until the caller copies them).
+    device_tokens: torch.Tensor | None = None
 
 
 def is_device_fault(e: BaseException) -> bool:
@@ -82,9 +85,10 @@ class StepIsolation:
         self.num_isolated = 0           # requests failed alone so far
         self.num_reruns = 0
 
-    def run(self, batch: Batch, execute: Callable[[], object]) -> StepOutcome:
+    def run(self, batch: Batch, execute: Callable[[], object], sample_device: Callable | None = None) -> StepOutcome:
         """`execute()` runs the whole batch the first time and returns its logits (one row per
-        `batch.sampled`)."""
+        `batch.sampled`). With `sample_device(logits, requests)` (async scheduling) the tokens of
+        a step that ran whole stay on the device; if it raises, rows are sampled on the host."""
         try:
             logits = self._execute_clearing_oom(batch, execute)
         except Exception as e:  # noqa: BLE001 - sorted below: a request's fault or the device's
@@ -94,6 +98,12 @@ class StepIsolation:
                         len(_members(batch)), type(e).__name__, e)
             tokens, failed, n = self._bisect(_members(batch), e)
         else:
+            if sample_device is not None and batch.sampled:
+                try:
+                    return StepOutcome(batch, [], [], device_tokens=sample_device(logits, batch.sampled))
+                except Exception as e:  # noqa: BLE001 - narrowed down row by row below
+                    if is_device_fault(e):
+                        raise
             tokens, failed = self._sample_rows(logits, batch.sampled)
             n = 0
         self.num_reruns += n

@@ -39,8 +39,9 @@ def test_transports_are_chosen_by_what_they_can_do():
 
 def test_colocated_worker_emits_tokens_and_load_and_matches_llm():
     events = []
+    # The sync loop (async scheduling finishes a step during the next call: test_async_scheduling).
     cfg = WorkerConfig(instance_id="c", model="tiny-llama", num_kv_blocks=32, max_queue=2,
-                       schedule="chunked", chunk_tokens=16)
+                       schedule="chunked", chunk_tokens=16, async_scheduling=False)
     w = ColocatedWorker(cfg, emit=events.extend)
     sp = SamplingParams(max_tokens=5, ignore_eos=True)
     prompts = [list(range(3, 40)), list(range(50, 60))]

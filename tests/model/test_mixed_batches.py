@@ -63,7 +63,7 @@ def test_chunked_mode_tokens_equal_prefill_first():
     chunked = LLM("tiny-llama", num_kv_blocks=128, mode="chunked", chunk_tokens=40)
     calls = []
     run_mixed = chunked.runner.mixed
-    chunked.runner.mixed = lambda c, s: calls.append(len(s)) or run_mixed(c, s)
+    chunked.runner.mixed = lambda c, s, *a: calls.append(len(s)) or run_mixed(c, s, *a)
     assert [o.token_ids for o in chunked.generate(PROMPTS, sp)] == want
     assert len(calls) >= 3 and max(calls) >= 2          # several steps carried decodes with chunks
 
