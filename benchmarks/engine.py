@@ -178,7 +178,7 @@ def linear_only_ms(model, rows: int) -> float:
     return do_bench(g.replay, warmup=10, rep=60, return_mode="median")
 
 
-KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+KERNEL_KINDS = (("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
                 ("attention", ("_prefill_kernel", "_decode_split_kernel", "_decode_reduce_kernel")),
                 ("rmsnorm", ("_rmsnorm_kernel",)), ("rope", ("_rope_kernel",)),
                 ("kv_write", ("_write_kv_kernel",)), ("memcpy", ("memcpy", "memset")),

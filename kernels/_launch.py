@@ -19,6 +19,11 @@ except ImportError:  # CPU install without the test extra: only the reference pa
 
 IMPLS = (None, "triton", "torch")
 
+try:        # Hopper grid-dependency control (programmatic dependent launch); absent in old Tritons
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except Exception:  # noqa: BLE001 - without it the PDL variants are unavailable
+    gdc_launch_dependents = gdc_wait = None
+
 
 def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter holds scalars as 1-element arrays and its Tensor.__index__ calls

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._launch import (FLOAT_DTYPES, output_like, check_shape, check_tensor, device_sms, is_interpreted, jit,
-                             next_pow2, tl, use_triton)
+from kernels._launch import (FLOAT_DTYPES, output_like, check_shape, check_tensor, device_sms, gdc_launch_dependents,
+                             gdc_wait, is_interpreted, jit, next_pow2, tl, use_triton)
 
 LOG2E = 1.4426950408889634
 
@@ -38,13 +38,54 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
+@jit
+def _combine_splits(PART_O, PART_LSE, OUT, b, kvh, num_kv_heads, num_splits, stride_ob, stride_oh,
+                    GROUP: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_SC: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What _decode_reduce_kernel does for the GROUP query heads of (b, kvh), run by the split
+    that finished last. Loads are .cg: the partials were written by other multiprocessors."""
+    offs_g = tl.arange(0, BLOCK_GC)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    rows = (b * num_kv_heads * GROUP + kvh * GROUP + offs_g).to(tl.int64) * num_splits
+    m = tl.full([BLOCK_GC], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_SC):
+        offs_s = s0 + tl.arange(0, BLOCK_SC)
+        lse = tl.load(PART_LSE + rows[:, None] + offs_s[None, :], mask=g_mask[:, None] & (offs_s < num_splits)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")
+        m = tl.maximum(m, tl.max(lse, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_GC, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_GC], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_SC):
+        offs_s = s0 + tl.arange(0, BLOCK_SC)
+        smask = g_mask[:, None] & (offs_s < num_splits)[None, :]
+        lse = tl.load(PART_LSE + rows[:, None] + offs_s[None, :], mask=smask, other=float("-inf"),
+                      cache_modifier=".cg")
+        w = tl.math.exp2(lse - m[:, None])
+        o = tl.load(PART_O + (rows[:, None] + offs_s[None, :])[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=smask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * o, 1)
+        den += tl.sum(w, 1)
+    o = acc / tl.maximum(den, 1e-30)[:, None]
+    heads = kvh * GROUP + offs_g
+    tl.store(OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             o.to(OUT.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
 @jit(do_not_specialize=['stride_btb', 'num_splits'])
-def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
+def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, CNT, qk_scale,
                          stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb,
                          stride_ob, stride_oh, num_splits,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                         WRITE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         WRITE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         PDL: tl.constexpr = False, COMBINE: tl.constexpr = False,
+                         BLOCK_GC: tl.constexpr = 1, BLOCK_SC: tl.constexpr = 1):
+    if PDL:     # launched with PDL: let the successor start, wait for the predecessor's writes
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -98,6 +139,13 @@ def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
         tl.store(PART_O + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(PART_LSE + row, lse, mask=g_mask)
+        if COMBINE:     # the last split of (b, kvh) to finish combines them: no reduce launch
+            tl.debug_barrier()      # every thread's partials are written before the count
+            count = CNT + b * tl.num_programs(1) + kvh
+            if tl.atomic_add(count, 1) == num_splits - 1:
+                _combine_splits(PART_O, PART_LSE, OUT, b, kvh, tl.num_programs(1), num_splits, stride_ob, stride_oh,
+                                GROUP, BLOCK_GC, BLOCK_SC, HEAD_DIM, BLOCK_D)
+                tl.store(count, 0)
     else:
         o_ptr = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=out_mask)
@@ -105,7 +153,11 @@ def _decode_split_kernel(Q, KC, VC, BT, CTX, OUT, PART_O, PART_LSE, qk_scale,
 
 @jit(do_not_specialize=['num_splits'])
 def _decode_reduce_kernel(PART_O, PART_LSE, OUT, stride_ob, stride_oh, num_heads, num_splits,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     # Combine the splits of one (sequence, query head): weights 2^(lse_s - max lse).
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -136,17 +188,34 @@ def _config(head_dim: int, interpreted: bool) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
+                    min_split_tokens: int = 256) -> int:
     """No split once there are two programs per multiprocessor; below that, about four programs
     per multiprocessor (rounded down: on H100, 16 x 8 heads x 16k ran 2.88 TB/s with 4 splits
     but 2.62 with 5, whose 640 programs fill the last wave unevenly), each split >= 256 tokens."""
     programs = batch * num_kv_heads
     if programs >= 2 * num_sms:
         return 1
-    return max(1, min(4 * num_sms // programs, max_context // 256, 64))
+    return max(1, min(4 * num_sms // programs, max_context // min_split_tokens, 64))
 
 
-def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None, out=None):
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Arrival counters of the combining splits, zero between launches (the combining program
+    resets its own); allocated at the eager warm-up that precedes graph capture."""
+    have = _COUNTERS.get(str(device))
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_decode_attention: combine counters must be allocated before graph capture")
+        have = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[str(device)] = have
+    return have
+
+
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, config=None, out=None,
+            pdl=False, combine=False):
     op = "paged_decode_attention"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     B, Hq, D = q.shape
@@ -175,34 +244,44 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, 
         num_splits = auto_num_splits(B, Hk, block_tables.shape[1] * page, device_sms(q))
     group = Hq // Hk
     partial = num_splits > 1
+    pdl = bool(pdl) and not interpreted and gdc_wait is not None
+    extra = {"launch_pdl": True} if pdl else {}
     part_o = torch.empty((B, Hq, num_splits, D) if partial else (1,), dtype=torch.float32, device=dev)
     part_lse = torch.empty((B, Hq, num_splits) if partial else (1,), dtype=torch.float32, device=dev)
     block_d = next_pow2(D)
+    combine = bool(combine) and partial
+    cnt = _counters(dev, B * Hk) if combine else part_lse
     _decode_split_kernel[(B, Hk, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse, cnt, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=cfg["BLOCK_N"], PAGE=page, WRITE_PARTIAL=partial, UPCAST=interpreted,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if partial:
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
+        COMBINE=combine, BLOCK_GC=next_pow2(group), BLOCK_SC=8,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+    if partial and not combine:
         _decode_reduce_kernel[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq,
                                        num_splits, HEAD_DIM=D, BLOCK_D=block_d,
-                                       BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+                                       BLOCK_S=max(2, next_pow2(num_splits)), PDL=pdl, num_warps=4, **extra)
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           num_splits: int | None = None, impl: str | None = None, out=None):
+                           num_splits: int | None = None, impl: str | None = None, out=None,
+                           pdl: bool = False, combine: bool = False):
     """Attention of one query token per sequence over its paged KV (shapes as in the reference).
     num_splits: how many parts each context is split into (flash-decoding); None picks from the
     batch size, KV heads and the block table width. impl: None (Triton on CUDA, reference on
     CPU), "triton" or "torch". out: an optional [B, Hq, D] tensor (rows may be strided) written
-    in place and returned."""
+    in place and returned. pdl: launch with programmatic dependent launch (Hopper): each kernel
+    lets its successor start early and waits for its predecessor before reading (the fused
+    decode path's chain, kernels/fused_gemv.py). combine: the last split of each (sequence, KV
+    head) to finish combines the splits, instead of a second kernel."""
     if not use_triton("paged_decode_attention", impl, _decode_split_kernel, q, k_cache, v_cache,
                       block_tables, context_lens):
         ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                          num_splits)
         return ref if out is None else output_like("paged_decode_attention", out, q).copy_(ref)
-    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out=out)
+    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out=out,
+                   pdl=pdl, combine=combine)

@@ -25,6 +25,7 @@ CONFIGS = (                     # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 4, 6), (32, 128, 4, 5), (64, 128, 4, 4),
 )
 _CHOICE: dict[tuple, tuple | None] = {}     # (device, dtype, N, K, rows) -> config, or None: cuBLAS
+_TIMES: dict[tuple, dict] = {}              # same key -> tune_skinny's report row
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,6 +155,7 @@ def tune_skinny(layers: list[torch.nn.Linear], rows=(1, 2, 4, 8), log=None) -> l
                    "GBps_best": n * k * w0.element_size() / times[best] / 1e3,
                    "GBps_cublas": n * k * w0.element_size() / times["cublas"] / 1e3}
             report.append(row)
+            _TIMES[key] = row
             if log:
                 log(f"gemv {n:>6}x{k:<6} rows={m}: cuBLAS {times['cublas']:6.1f} us, best {best} "
                     f"{times[best]:6.1f} us ({row['GBps_best']:.0f} GB/s)")
@@ -165,6 +167,14 @@ def chosen() -> dict:
     return dict(_CHOICE)
 
 
+def tuned_us(w: torch.Tensor, rows: int) -> float | None:
+    """µs per call that tune_skinny measured for the implementation it chose for w at `rows`
+    rows (None: not tuned)."""
+    row = _TIMES.get(_key(w, w.shape[0], w.shape[1], rows))
+    return None if row is None else row["best_us"]
+
+
 def reset() -> None:
     """Forget every choice: cuBLAS serves all shapes until tune_skinny runs again."""
     _CHOICE.clear()
+    _TIMES.clear()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.model_config import ModelConfig
+from model import fused_decode
 from kernels.decode_attention import paged_decode_attention
 from kernels.gemv import skinny_linear
 from kernels.kv_cache_write import write_kv_cache
@@ -129,10 +130,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        # model.fused_decode.FusedDecode when small decode batches take the fused kernels
+        # (ModelRunner sets it on CUDA after tuning them); None: the unfused path below.
+        self.fused_decode: fused_decode.FusedDecode | None = None
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata, layer_hook=None):
         """Hidden states after the final norm, [T, hidden]. `layer_hook(i)` runs after layer i
         has written its KV (layer-wise KV transfer starts sending there)."""
+        if fused_decode.applies(self, input_ids, meta):
+            return fused_decode.forward(self, input_ids, positions, kv_cache, meta, layer_hook)
         x = self.embed_tokens(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):

@@ -16,7 +16,10 @@ for debugging.
 
 On CUDA, before capture, kernels.gemv.tune_skinny times cuBLAS against a GEMV-shaped Triton
 kernel for each decode matmul shape at 1-8 rows on this model's weights and keeps the faster
-(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning).
+(DISAGG_SKINNY_GEMV=0: cuBLAS only, no tuning). Decode steps of <= 8 rows then take the fused
+kernels (model/fused_decode.py: norm, RoPE, KV write, SiLU and the residual add folded into four
+GEMVs per layer; configs tuned the same way, each mode checked once against its reference),
+unless DISAGG_FUSED_DECODE=0 (model/fused_plan.py: setup lists the other switches).
 
 A step with both prefill chunks and decode tokens (chunked prefill) runs as one forward pass
 over all their rows (`mixed`): the weights are read once, and only the attention is launched
@@ -103,6 +106,7 @@ class ModelRunner:
         if self.device.type == "cuda" and _skinny_gemv_from_env():
             from kernels.gemv import tune_skinny
             self.gemv_report = tune_skinny(model.skinny_layers())
+        self.fused_report = self._setup_fused_decode() if self.device.type == "cuda" else []
         if self.device.type == "cuda" and not self.enforce_eager and model.tp.size == 1:
             cache_tokens = kv_cache.shape[2] * block_size
             max_len = min(max_model_len or model.cos_sin.shape[0], model.cos_sin.shape[0], cache_tokens)
@@ -113,6 +117,14 @@ class ModelRunner:
                                                     min(max_prefill_graph_tokens, max_len), pool=pool)
         if self.device.type == "cuda":
             self.warmup()
+
+    def _setup_fused_decode(self) -> list[dict]:
+        """Decode steps of <= 8 rows take the fused kernels (model/fused_decode.py), tuned and
+        checked on this model first, unless DISAGG_FUSED_DECODE=0 or the model does not fit
+        them (model/fused_plan.py: setup, and the other switches)."""
+        from model.fused_plan import setup
+        self.model.fused_decode, report = setup(self.model)
+        return report
 
     def warmup(self) -> None:
         """Compile every kernel variant serving uses (prefill with and without a cached prefix,

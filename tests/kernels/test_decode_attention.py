@@ -46,6 +46,19 @@ def test_more_splits_than_tiles_and_empty_context(target, gen):
     assert torch.count_nonzero(out[1]) == 0
 
 
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_combining_split_matches_reference(target, gen, splits):
+    # The last split of each (sequence, KV head) combines the partials instead of a reduce
+    # kernel; its counters must be left at zero, so a second launch is right too. Includes an
+    # empty context and more splits than tiles (splits with nothing to attend).
+    q, kc, vc, bt, lens = _inputs(target, gen, 8, 2, 64, 16, [50, 0, 7, 33])
+    want = mod.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.125)
+    for _ in range(2):
+        out = mod.paged_decode_attention(q, kc, vc, bt, lens, 0.125, num_splits=splits, impl="triton", combine=True)
+        assert_close(out, want, target)
+    assert torch.count_nonzero(mod._COUNTERS[str(q.device)]) == 0
+
+
 def test_decode_fp16_on_interpreter(gen):
     from tests.kernels.helpers import Target
     target = Target("cpu", torch.float16)
