@@ -103,7 +103,17 @@ def build_workload(args):
         num = int(rate * args.duration_s * 1.5) + 20       # enough arrivals to fill the duration
     elif num is None and not args.duration_s:
         num = 100
-    if args.workload.startswith("random:"):
+    if isinstance(args.replay, str):
+        # Traces back to back at their own timestamps: the mix shifts during the run.
+        from placement.trace_mix import back_to_back
+        wl, segments = back_to_back(args.replay)
+        if args.rate is not None:
+            wl = wl.at_rate(args.rate)
+            segments = _rescaled(segments, wl)
+        if args.num_requests is not None:
+            wl = wl.head(args.num_requests)
+        args.segments = segments
+    elif args.workload.startswith("random:"):
         if args.replay:
             raise ConfigError("--replay needs a timed trace, not a random workload")
         wl = random_workload(args.workload, num, args.arrival, args.cv, args.seed)
@@ -114,6 +124,9 @@ def build_workload(args):
     scale = 0.0 if burst else args.time_scale
     if scale != 1.0:
         wl = replace(wl, arrival_s=wl.arrival_s * scale)
+        if getattr(args, "segments", None):
+            from placement.trace_mix import Segment
+            args.segments = [Segment(g.name, g.start_s * scale, g.end_s * scale, g.num_requests) for g in args.segments]
     if args.duration_s:
         wl = wl.head(max(1, int((wl.arrival_s < args.duration_s).sum())))
     return scale_hash_blocks(wl, getattr(args, "hash_block_tokens", 512))
@@ -130,6 +143,17 @@ def scale_hash_blocks(wl, block_tokens: int):
         return wl
     lens = -(-wl.prompt_lens * block_tokens // MOONCAKE_BLOCK_TOKENS)
     return replace(wl, prompt_lens=np.maximum(1, lens))
+
+
+def _rescaled(segments, wl):
+    """Segments' times after `at_rate` moved the arrivals (the request counts locate them)."""
+    from placement.trace_mix import Segment
+    out, lo = [], 0
+    for g in segments:
+        hi = lo + g.num_requests
+        out.append(Segment(g.name, float(wl.arrival_s[lo]), float(wl.arrival_s[hi - 1]), g.num_requests))
+        lo = hi
+    return out
 
 
 def clip_lengths(wl, info, max_prompt_len: int = 0, max_output_len: int = 0):
@@ -266,8 +290,14 @@ def add_bench_args(p) -> None:
     p.add_argument("--rate", type=float, default=None, help="mean request rate, req/s (inf = all at once)")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma gaps")
-    p.add_argument("--replay", action="store_true", help="use the trace's own timestamps (with --rate: rescaled)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (0.5 = twice as fast)")
+    p.add_argument("--replay", nargs="?", const=True, default=False, metavar="TRACE[,TRACE...]",
+                   help="use the trace's own timestamps (with --rate: rescaled); with traces named (NAME[:SECONDS] "
+                        "or trace files, comma-separated) replay them back to back instead of --workload, so the mix "
+                        "shifts during the run")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply arrival times (0.01 = compressed 100 times, 0.5 = twice as fast)")
+    p.add_argument("--window-s", type=float, default=0.0,
+                   help="attainment per window of this many seconds of arrivals in the JSON (0 = a tenth of the run)")
     p.add_argument("--num-requests", type=int, default=None, help="requests to send (default 100)")
     p.add_argument("--duration-s", type=float, default=None, help="send only requests arriving before this")
     p.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at most (0 = unbounded)")

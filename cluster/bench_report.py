@@ -40,7 +40,7 @@ def summarize(recs: list, wl, info, notes: dict, args) -> dict:
                  for s in STAGES}
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: v for k, v in vars(args).items() if k not in ("token", "func")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("token", "func", "segments")},
         "server": {"backend": getattr(args, "backend", "grpc"), "model": info.model, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size,
                    "max_prompt_tokens": info.max_prompt_tokens, "max_tokens_limit": info.max_tokens_limit},
         "workload": {"name": wl.name, "num_requests": len(recs), "offered_rate_rps": wl.rate, **notes},
@@ -65,8 +65,42 @@ def summarize(recs: list, wl, info, notes: dict, args) -> dict:
         "ttft_attainment": sum(r.ok and r.ttft_s <= ttft_slo for r in recs) / max(1, len(recs)),
         "tpot_attainment": sum(r.ok and r.tpot_s <= tpot_slo for r in recs) / max(1, len(recs)),
         "goodput_rps": sum(met) / duration, "goodput_definition": GOODPUT_DEFINITION,
+        "segments": segments(recs, met, getattr(args, "segments", None)),
+        "windows": windows(recs, met, getattr(args, "window_s", 0.0)),
         "requests": [_row(r) for r in recs],
     }
+
+
+def windows(recs: list, met: list, window_s: float) -> list[dict]:
+    """Attainment of the requests arriving in each window of `window_s` seconds (0: a tenth of
+    the run): how it moves while the mix shifts."""
+    if not recs:
+        return []
+    last = max(r.arrival_s for r in recs)
+    width = window_s if window_s and window_s > 0 else max(last / 10, 1e-3)
+    out = []
+    for k in range(int(last // width) + 1):
+        lo, hi = k * width, (k + 1) * width
+        idx = [i for i, r in enumerate(recs) if lo <= r.arrival_s < hi]
+        if idx:
+            ttft = [recs[i].ttft_s for i in idx if recs[i].ok]
+            out.append({"start_s": round(lo, 3), "end_s": round(hi, 3), "num_requests": len(idx),
+                        "attainment": sum(met[i] for i in idx) / len(idx),
+                        "num_failed": sum(not recs[i].ok for i in idx),
+                        "ttft_p90_s": float(np.percentile(ttft, 90)) if ttft else None})
+    return out
+
+
+def segments(recs: list, met: list, segs) -> list[dict]:
+    """Attainment per replayed trace (`--replay A,B`), in replay order."""
+    out, lo = [], 0
+    for g in segs or []:
+        hi = min(lo + g.num_requests, len(recs))
+        n = hi - lo
+        out.append({"name": g.name, "start_s": g.start_s, "end_s": g.end_s, "num_requests": n,
+                    "attainment": sum(met[lo:hi]) / n if n else None})
+        lo = hi
+    return out
 
 
 def _row(r) -> dict:
@@ -94,4 +128,10 @@ def format_table(res: dict) -> str:
     for name, st in rows:
         vals = "".join(f"{st[k] * 1e3:>10.1f}" if st[k] is not None else f"{'-':>10}" for k in ("mean", "p50", "p90", "p99"))
         lines.append(f"{name:<24}{vals}")
+    for g in res.get("segments") or []:
+        att = "-" if g["attainment"] is None else f"{g['attainment']:.3f}"
+        lines.append(f"trace {g['name']}: {g['num_requests']} requests from {g['start_s']:.1f} s, attainment {att}")
+    if res.get("windows"):
+        lines.append("attainment by arrival window: " + " ".join(
+            f"[{w['start_s']:.0f}s {w['attainment']:.2f}]" for w in res["windows"]))
     return "\n".join(lines)

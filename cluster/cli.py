@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Placement optimizer and simulator reports (issue 5): torch- and Ray-free.
     from placement.commands import register as register_placement
     register_placement(sub)
+    from placement.replan_commands import register as register_replan
+    register_replan(sub)
     add_common_args(parser, top=True)
     for p in sub.choices.values():
         add_common_args(p, top=False)

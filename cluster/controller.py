@@ -62,6 +62,8 @@ class Controller:
         self.admission = Admission(plan.block_size, self.pool, lambda: self.monitor.can_serve(), self.fail, self.drop,
                                    routing=plan.routing)
         self._tasks: set[asyncio.Task] = set()
+        self.observers: list = []           # called with each accepted request (cluster/replanner.py)
+        self.replanner = None               # set by cluster.replanner.start
         self.monitor = HealthMonitor(self)
         self.transfers = TransferCoordinator(self)
         self.roles = RoleChanger(self)
@@ -153,6 +155,8 @@ class Controller:
         t = Tracked(req)
         self.tracked[req.request_id] = t
         self.streams.open(t)
+        for observe in self.observers:
+            observe(t)
         # Shielded: a caller that goes away mid-dispatch must not leave it half done.
         task = asyncio.ensure_future(self.admission.dispatch(t, from_submit=True))
         try:
@@ -329,6 +333,7 @@ class Controller:
             phases[t.state.value] = phases.get(t.state.value, 0) + 1
         return {"workers": workers, "num_tracked": len(self.tracked), "num_pending": len(self.admission.pending),
                 "requests_by_state": phases, "counters": dict(self.counters),
+                "replan": self.replanner.summary() if self.replanner else None,
                 "routing": self.plan.routing, "prefix_cache": self.admission.prefix_stats(),
                 "transports": {f"{a}->{b}": k for (a, b), k in self.pools.transports.items()},
                 "role_changes": [dict(vars(r)) for r in self.roles.history]}

@@ -70,6 +70,7 @@ async def serve(args) -> int:
     from cluster.metrics import Metrics
     from cluster.ray_watch import watch_ray_safely
     plan = plan_from_args(args)
+    replan_cfg = replan_config_from_args(args)     # a bad --replan-* value fails before anything starts
     token = auth_token_from_args(args)
     metrics = Metrics()
     cluster = Cluster(plan, metrics, args.max_prompt_tokens, args.max_tokens_limit, args.max_pending)
@@ -88,6 +89,8 @@ async def serve(args) -> int:
             sock = bind_http(args.host, args.http_port)
         init_ray(args.ray_address)
         await cluster.astart()
+        from cluster.replanner import start as start_replanner
+        start_replanner(cluster, metrics, args.replan, replan_cfg, args.replan_latency_model)
         front.health.watch(cluster)
         if sock is not None:
             from cluster.openai_api.server import start_http
@@ -166,6 +169,15 @@ async def _on_ray_lost(cluster, front, why: str) -> int:
     os._exit(1)
 
 
+def replan_config_from_args(args):
+    """The re-planner's knobs: ReplanConfig's defaults, overridden by the --replan-* flags given."""
+    from placement.replan import ReplanConfig
+    given = {"interval_s": args.replan_interval_s, "window_s": args.replan_window_s, "margin": args.replan_margin,
+             "confirmations": args.replan_confirmations, "min_dwell_s": args.replan_dwell_s,
+             "min_window_requests": args.replan_min_requests}
+    return ReplanConfig(**{k: v for k, v in given.items() if v is not None})
+
+
 def served_model_name(args, plan: Plan) -> str:
     return args.served_model_name or args.model or plan.model or "embedded"
 
@@ -200,6 +212,20 @@ def add_serve_args(p) -> None:
                    help="prefill instance choice: expected prefix-cache hit against queued tokens "
                         "(prefix, the plan's default) or queued tokens only (load)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--replan", default="auto", choices=["auto", "off"],
+                   help="online re-planning: flip instances between roles when another split of the same instances "
+                        "serves the recent load better (auto: on when the plan allows it; see README)")
+    p.add_argument("--replan-interval-s", type=float, default=None, help="seconds between decisions (default 5)")
+    p.add_argument("--replan-window-s", type=float, default=None, help="recent arrivals judged (default 60)")
+    p.add_argument("--replan-margin", type=float, default=None,
+                   help="attainment a split must win by, 0-1 (default 0.05)")
+    p.add_argument("--replan-confirmations", type=int, default=None,
+                   help="decisions in a row naming the same flip before it happens (default 2)")
+    p.add_argument("--replan-dwell-s", type=float, default=None, help="seconds between two flips at least (default 60)")
+    p.add_argument("--replan-min-requests", type=int, default=None,
+                   help="fewer arrivals in the window: no decision (default 16)")
+    p.add_argument("--replan-latency-model", default="auto",
+                   help="auto (the committed profile of the plan's device and model, else roofline), roofline or a profile JSON")
     p.add_argument("--ready-file", default=None, help="write {host, port, metrics_port, http_port} here once serving")
 
 

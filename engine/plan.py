@@ -105,6 +105,9 @@ class Plan:
     slo_tpot_s: float = 0.0
     slo_attainment: float = 0.9
     workload: str = ""
+    # Online re-planning (`disagg serve --replan auto`) may change instances' roles; false opts
+    # this plan out (placement/replan.py says which plans allow it).
+    replan: bool = True
     predicted: dict = field(default_factory=dict)   # the optimizer's numbers, for the report
     verdict: dict = field(default_factory=dict)     # the planner's choice of kind, with runner-up
 
@@ -133,6 +136,8 @@ class Plan:
             raise ConfigError(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
         if self.kv_transfer_timeout_s <= 0:
             raise ConfigError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s}")
+        if not isinstance(self.replan, bool):
+            raise ConfigError(f"replan must be true or false, got {self.replan!r}")
         if not 0 < self.slo_attainment <= 1:
             raise ConfigError(f"slo_attainment must be in (0, 1], got {self.slo_attainment}")
 
