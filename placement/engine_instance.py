@@ -9,6 +9,9 @@ decode-side reservation that would leave the run short of blocks) cuts the run a
 in progress. Steps that preempt, and every prefill or mixed step, go through
 `ColocatedPolicy.schedule` one at a time, exactly as in the worker.
 
+Chunked mixed steps (prefill chunks + the whole decode batch) are taken with the lazy batch
+when it tracks the batch and the step preempts nobody (placement/lazy_mixed.py).
+
 Two ways to run: `DecodePolicy.max_steps_without_preemption` and `DecodePolicy.fast_forward`
 at O(batch) per run; or, with the counting block manager, a few dozen requests running and
 all of them in the batch, a `LazyBatch` at O(1) per join or finish.
