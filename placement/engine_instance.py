@@ -6,8 +6,8 @@ Decode steps are the hot path, so between events the instance runs a *fast-forwa
 steps of an unchanging batch, k chosen so that no request finishes before the last step and no
 step needs a block that is not free. Anything that changes the batch (a join, an arrival, a
 decode-side reservation that would leave the run short of blocks) cuts the run after the step
-in progress. Steps that preempt, and every prefill or mixed step, go through
-`ColocatedPolicy.schedule` one at a time, exactly as in the worker.
+in progress. Steps that preempt, and every prefill or mixed step (except the chunked mixed
+steps below), go through `ColocatedPolicy.schedule` one at a time, exactly as in the worker.
 
 Chunked mixed steps (prefill chunks + the whole decode batch) are taken with the lazy batch
 when it tracks the batch and the step preempts nobody (placement/lazy_mixed.py).
