@@ -47,6 +47,7 @@ class Record:
     finish_reason: str = ""
     timings: dict = field(default_factory=dict)     # the server's, from the last message
     cached_tokens: int = 0                          # prompt tokens the server's prefix cache served
+    num_messages: int = 0                           # token-bearing messages (the server may batch tokens)
     itl_s: list = field(default_factory=list)       # gaps between token-bearing messages
 
     @property
@@ -185,6 +186,7 @@ async def _one(stub, rec: Record, msg, t0: float, metadata, timeout_s):
                     rec.first_token_s = now
                 rec.last_token_s = now
                 rec.num_tokens += len(resp.token_ids)
+                rec.num_messages += 1
             last = resp
         rec.done_s = time.perf_counter() - t0
         rec.status = "OK"

@@ -70,6 +70,7 @@ async def _one(openai, client, rec: Record, body: dict, t0: float):
                     rec.first_token_s = now
                 rec.last_token_s = now
                 chunks += 1
+                rec.num_messages += 1
             if c.finish_reason:
                 rec.finish_reason = c.finish_reason
         rec.done_s = time.perf_counter() - t0
