@@ -300,17 +300,19 @@ class Simulator:
         d = req.decode_instance
         key = (p.index, d.index)
         link = self._links.get(key) or self._links.setdefault(key, self.dep.link(*key))
+        # The link serialises the copies' bytes; its latency (setup, messages) is a delay that
+        # the next copy overlaps, so it does not hold the link.
         start = max(now, self.link_free_s.get(key, 0.0))
-        end = start + p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
+        total = p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
+        latency = min(total, p.latency.kv_transfer_time(0, link))
+        end = start + total - latency           # the bytes are through
+        self.link_free_s[key] = end
+        end += latency
         if self.serving:                        # the controller's hops after the copy
             hops = self.serving.handover_delay(self.in_flight)
             if self.serving.handover_serial:    # ... in the channel's order: the link waits
-                end += hops
-                self.link_free_s[key] = end
-                return [(end, self._transfer_done, (p, req))]
-            self.link_free_s[key] = end
-            return [(end + hops, self._transfer_done, (p, req))]
-        self.link_free_s[key] = end             # the link is free once the copy is done
+                self.link_free_s[key] = end + hops
+            end += hops
         return [(end, self._transfer_done, (p, req))]
 
     def _transfer_done(self, now, arg):
