@@ -110,7 +110,7 @@ def run_overrides(run: dict, other_share: float | None) -> dict | None:
 # zero-load `interference` measured (beside a decode batch of 16). Under load the decode's
 # batches are 100-200 requests and, with async scheduling, it leaves the GPU fewer gaps: the
 # prefill gets less of it. Fitted after the other load terms (one coordinate step).
-PREFILL_SHARE_GRID = (0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 1.0)
+PREFILL_SHARE_GRID = (0.85, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.98, 1.0)
 
 
 def with_load_terms(profile: dict, terms: dict) -> dict:
@@ -192,7 +192,15 @@ def load_terms_from(path) -> dict:
     if "summary" in d:
         return dict(d["summary"]["load_terms"])
     if isinstance(d.get("serving"), dict):
-        return {k: d["serving"][k] for k in LOAD_GRID if k in d["serving"]}
+        terms = {k: d["serving"][k] for k in LOAD_GRID if k in d["serving"]}
+        # The prefill's share under load: the profile's speed over the zero-load one it measured.
+        zero = [e.get("serving_calibration", {}).get("shared_speeds") for e in d.get("tp", {}).values()]
+        zero = next((z for z in zero if z), None)
+        if zero and d["serving"].get("shared_speeds"):
+            scale = round(d["serving"]["shared_speeds"][0] / zero[0], 4)
+            if scale != 1.0:
+                terms["prefill_share_scale"] = scale
+        return terms
     raise ConfigError(f"--load-terms-from {p}: neither a fidelity.json with a summary nor a profile with a serving section")
 
 
