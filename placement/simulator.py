@@ -9,7 +9,8 @@ routing functions (engine.routing): on arrival a request is routed to a decode i
 instance by `PrefixRouter.pick` (queued prompt tokens, less the expected prefix hit with
 routing="prefix"); when no decode instance can take it,
 it waits here in arrival order. After its prefill the request has its first token (TTFT ends),
-its KV moves over the prefill->decode link (transfers on one link go one after another) and
+its KV moves over the prefill->decode link (the copies' bytes on one link go one after another;
+the link's latency overlaps the next copy) and
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
 each arrival to the instance with the most free blocks after its queued prompts. A mixed
 deployment (a colocated pool beside prefill and decode pools) picks the pool per arrival by
@@ -22,7 +23,7 @@ decode run is cut after its step in progress and continues at the new speed).
 
 A calibrated profile's serving terms (placement/serving.py) add what serving costs beyond the
 engine: arrivals reach the controller `dispatch_s` late, the controller's hops after each KV
-copy (fixed + per request in flight) hold the link, decode steps cost more per request in
+copy (fixed + per request in flight) hold the link (`handover_serial`), decode steps cost more per request in
 flight, and on CPU the workers share the cores with the frontend and the other processes.
 
 `phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
