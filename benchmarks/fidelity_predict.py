@@ -106,27 +106,55 @@ def run_overrides(run: dict, other_share: float | None) -> dict | None:
     return {"other_cores": other_share * max(0.0, cores["other"])}
 
 
+# A shared GPU under load: the prefill's speed beside the decode, as a multiple of the one the
+# zero-load `interference` measured (beside a decode batch of 16). Under load the decode's
+# batches are 100-200 requests and, with async scheduling, it leaves the GPU fewer gaps: the
+# prefill gets less of it. Fitted after the other load terms (one coordinate step).
+PREFILL_SHARE_GRID = (0.85, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.98, 1.0)
+
+
+def with_load_terms(profile: dict, terms: dict) -> dict:
+    """`profile` with load terms in its serving section; `prefill_share_scale` scales the
+    shared GPU's prefill speed; `other_share` is per run (run_overrides), not a serving term."""
+    serving = {**profile.get("serving", {}), **{k: v for k, v in terms.items()
+                                               if k not in ("other_share", "prefill_share_scale")}}
+    scale = terms.get("prefill_share_scale")
+    if scale is not None and serving.get("shared_speeds"):
+        p, d = serving["shared_speeds"]
+        serving["shared_speeds"] = [min(1.0, p * scale), d]
+    return dict(profile, serving=serving)
+
+
 def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False,
                    grid: dict | None = None) -> tuple[dict, float]:
     """The load terms (LOAD_GRID's, and on CPU `other_share`) that minimise the summed loss over
-    `runs` (dicts with "run", the bench JSON, and "cpu_cores"), by grid search. Returns
+    `runs` (dicts with "run", the bench JSON, and "cpu_cores"), by grid search; then, on a
+    shared GPU, the prefill's share under load (PREFILL_SHARE_GRID) with those fixed. Returns
     (terms, loss)."""
     import itertools
+
+    def total(terms):
+        share = terms.get("other_share")
+        prof = with_load_terms(profile, terms)
+        return sum(_loss(measured(r["run"]), simulate_run(plan, prof, r["run"], 0.0, slo,
+                                                          serving=run_overrides(r, share)), slo)
+                   for r in runs)
     grid = dict(grid or LOAD_GRID)
     if cpu:
         grid["other_share"] = OTHER_SHARE_GRID
     best, best_loss = {}, float("inf")
     for values in itertools.product(*grid.values()):
         terms = dict(zip(grid, values))
-        share = terms.pop("other_share", None)
-        prof = dict(profile, serving={**profile.get("serving", {}), **terms})
-        loss = sum(_loss(measured(r["run"]), simulate_run(plan, prof, r["run"], 0.0, slo,
-                                                          serving=run_overrides(r, share)), slo)
-                   for r in runs)
-        if share is not None:
-            terms["other_share"] = share
+        loss = total(terms)
         if loss < best_loss - 1e-12:
             best, best_loss = terms, loss
+    if not cpu and (profile.get("serving") or {}).get("shared_speeds"):
+        base = best
+        for scale in PREFILL_SHARE_GRID:
+            terms = dict(base, prefill_share_scale=scale)
+            loss = total(terms)
+            if loss < best_loss - 1e-12:
+                best, best_loss = terms, loss
     return best, best_loss
 
 
@@ -164,7 +192,15 @@ def load_terms_from(path) -> dict:
     if "summary" in d:
         return dict(d["summary"]["load_terms"])
     if isinstance(d.get("serving"), dict):
-        return {k: d["serving"][k] for k in LOAD_GRID if k in d["serving"]}
+        terms = {k: d["serving"][k] for k in LOAD_GRID if k in d["serving"]}
+        # The prefill's share under load: the profile's speed over the zero-load one it measured.
+        zero = [e.get("serving_calibration", {}).get("shared_speeds") for e in d.get("tp", {}).values()]
+        zero = next((z for z in zero if z), None)
+        if zero and d["serving"].get("shared_speeds"):
+            scale = round(d["serving"]["shared_speeds"][0] / zero[0], 4)
+            if scale != 1.0:
+                terms["prefill_share_scale"] = scale
+        return terms
     raise ConfigError(f"--load-terms-from {p}: neither a fidelity.json with a summary nor a profile with a serving section")
 
 
@@ -183,7 +219,7 @@ def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: 
         fit_runs, _ = split_rates(runs, fit_rates)
         loaded, loss = fit_load_terms(plan, zero, fit_runs, slo, cpu=bool(cpu_cores)) if fit_runs else ({}, 0.0)
     share = loaded.get("other_share", 1.0) if cpu_cores else None
-    full = dict(zero, serving={**zero["serving"], **{k: v for k, v in loaded.items() if k != "other_share"}})
+    full = with_load_terms(zero, loaded)
     out = []
     for r in sorted(runs, key=lambda r: r["rate"]):
         meas = measured(r["run"])

@@ -16,9 +16,9 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
   a CUDA IPC copy is queued on the stream and the thread goes on, so copies serialise on the
   GPU), and the controller then makes 3-4 awaited hops per request (receive_kv returns,
   first token seen, release, start_decode: cluster/transfers.py). In the simulator the copies
-  on one prefill -> decode link go one at a time in FIFO order (link latency + bytes /
-  bandwidth), and the hops after each copy take `handover_s + handover_s_per_stream *
-  requests in flight`: they wait their turn in the controller's event loop, which also fans
+  on one prefill -> decode link go one at a time in FIFO order (each holds the link for bytes /
+  bandwidth and lands the link's latency later: the next copy overlaps that latency), and the
+  hops after each copy take `handover_s + handover_s_per_stream * requests in flight`: they wait their turn in the controller's event loop, which also fans
   every decode step's tokens out to the streams. With `handover_serial` (the default) the hops
   hold the link, so the next request's hand-over waits for them: a request's receive on the
   decode side completes only after the one numbered before it (the channel's order), so the

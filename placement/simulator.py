@@ -9,7 +9,8 @@ routing functions (engine.routing): on arrival a request is routed to a decode i
 instance by `PrefixRouter.pick` (queued prompt tokens, less the expected prefix hit with
 routing="prefix"); when no decode instance can take it,
 it waits here in arrival order. After its prefill the request has its first token (TTFT ends),
-its KV moves over the prefill->decode link (transfers on one link go one after another) and
+its KV moves over the prefill->decode link (the copies' bytes on one link go one after another;
+the link's latency overlaps the next copy) and
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
 each arrival to the instance with the most free blocks after its queued prompts. A mixed
 deployment (a colocated pool beside prefill and decode pools) picks the pool per arrival by
@@ -22,7 +23,7 @@ decode run is cut after its step in progress and continues at the new speed).
 
 A calibrated profile's serving terms (placement/serving.py) add what serving costs beyond the
 engine: arrivals reach the controller `dispatch_s` late, the controller's hops after each KV
-copy (fixed + per request in flight) hold the link, decode steps cost more per request in
+copy (fixed + per request in flight) hold the link (`handover_serial`), decode steps cost more per request in
 flight, and on CPU the workers share the cores with the frontend and the other processes.
 
 `phase="prefill"` or `"decode"` simulates one phase alone, as DistServe's Algorithm 1 sizes
@@ -301,17 +302,19 @@ class Simulator:
         d = req.decode_instance
         key = (p.index, d.index)
         link = self._links.get(key) or self._links.setdefault(key, self.dep.link(*key))
+        # The link serialises the copies' bytes; its latency (setup, messages) is a delay that
+        # the next copy overlaps, so it does not hold the link.
         start = max(now, self.link_free_s.get(key, 0.0))
-        end = start + p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
+        total = p.latency.kv_transfer_time(req.num_computed_tokens * self.dep.kv_bytes_per_token, link)
+        latency = min(total, p.latency.kv_transfer_time(0, link))
+        end = start + total - latency           # the bytes are through
+        self.link_free_s[key] = end
+        end += latency
         if self.serving:                        # the controller's hops after the copy
             hops = self.serving.handover_delay(self.in_flight)
             if self.serving.handover_serial:    # ... in the channel's order: the link waits
-                end += hops
-                self.link_free_s[key] = end
-                return [(end, self._transfer_done, (p, req))]
-            self.link_free_s[key] = end
-            return [(end + hops, self._transfer_done, (p, req))]
-        self.link_free_s[key] = end             # the link is free once the copy is done
+                self.link_free_s[key] = end + hops
+            end += hops
         return [(end, self._transfer_done, (p, req))]
 
     def _transfer_done(self, now, arg):

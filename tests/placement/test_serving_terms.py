@@ -23,21 +23,33 @@ def dep_with(serving: dict | None, link_bw: float | None = None, **kw) -> Deploy
 
 def test_handover_is_a_queue_per_link_and_its_hops_slow_with_requests_in_flight():
     # Two prompts of 100 arrive together and prefill one after the other (0-1.0, 1.0-2.0); on a
-    # slow link (100 tokens: 0.01 + 2.0 s) r1's copy waits for r0's: 1.0-3.01, then 3.01-5.02.
+    # slow link (100 tokens: 0.01 + 2.0 s) r1's bytes wait for r0's: 1.0-3.0 (lands 3.01),
+    # then 3.0-5.0 (lands 5.01): the link's latency does not hold it.
     wl = workload([0.0, 0.0], [100, 100], [3, 3])
     r = simulate(dep_with(None, link_bw=5e4), wl)
     np.testing.assert_allclose(r.first_token_s, [1.0, 2.0])
-    np.testing.assert_allclose(r.transfer_end_s, [3.01, 5.02])
+    np.testing.assert_allclose(r.transfer_end_s, [3.01, 5.01])
     # The controller's hops after each copy (0.05 s) hold the link (the channel's order): r0
     # lands at 3.06, r1's copy waits for that: 3.06-5.07, then its hops: 5.12.
     r = simulate(dep_with({"handover_s": 0.05}, link_bw=5e4), wl)
     np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.12])
     # Hops as a pure delay (not the runtime's structure): the link is free after each copy.
     r = simulate(dep_with({"handover_s": 0.05, "handover_serial": False}, link_bw=5e4), wl)
-    np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.07])
+    np.testing.assert_allclose(r.transfer_end_s, [3.06, 5.06])
     # 0.01 s more per request in flight (both are, until they finish): 0.07 of hops each.
     r = simulate(dep_with({"handover_s": 0.05, "handover_s_per_stream": 0.01}, link_bw=5e4), wl)
     np.testing.assert_allclose(r.transfer_end_s, [3.08, 5.16])
+
+
+def test_link_latency_overlaps_the_next_copy():
+    # A link of 2.5 s latency and 1e9 B/s (the bytes take ~nothing): r0's prefill ends at 1.0,
+    # r1's at 2.0; each lands 2.5 s (+ bytes) later. Held for its latency, the link would make
+    # r1 wait until 3.5 and land at 6.0 (the bug that queued same-GPU hand-overs).
+    prof = dict(profile(), kv_transfer={"intra_node": {"bandwidth": 1e9, "latency_s": 2.5}})
+    dep = Deployment(16, KV_BYTES, prefill=group(prof=prof), decode=group(prof=prof))
+    r = simulate(dep, workload([0.0, 0.0], [100, 100], [3, 3]))
+    copy = 100 * KV_BYTES / 1e9
+    np.testing.assert_allclose(r.transfer_end_s, [3.5 + copy, 4.5 + copy])
 
 
 def test_decode_host_time_grows_with_requests_in_flight():

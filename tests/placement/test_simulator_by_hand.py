@@ -68,12 +68,13 @@ def test_decode_join_waits_for_the_step_boundary():
 
 
 def test_kv_transfers_on_one_link_go_one_after_another():
-    # r0 prefills alone [0, 1.0]; r1 and r2 (t=0.1) together [1.0, 2.5]. Each KV takes 0.11 s
-    # on the one prefill->decode link, so r2's waits for r1's.
+    # r0 prefills alone [0, 1.0]; r1 and r2 (t=0.1) together [1.0, 2.5]. Each KV takes 0.01 s
+    # of latency + 0.1 s of bytes on the one prefill->decode link, so r2's bytes wait for r1's
+    # (2.5-2.6), not for r1's latency: r2 lands at 2.6 + 0.11.
     dep = disagg()
     r = simulate(dep, workload([0.0, 0.1, 0.1], [100] * 3, [2] * 3))
     np.testing.assert_allclose(r.first_token_s, [1.0, 2.5, 2.5])
-    np.testing.assert_allclose(r.transfer_end_s, [1.11, 2.61, 2.72])
+    np.testing.assert_allclose(r.transfer_end_s, [1.11, 2.61, 2.71])
 
 
 def test_request_waits_at_controller_until_decode_blocks_free():
