@@ -43,7 +43,7 @@ class Admission:
         self.pending: deque[Tracked] = deque()
         self.inflight: dict[str, int] = {}            # attempts per route (a colocated instance, or the pool)
         self.prefill_tokens: dict[str, int] = {}      # queued prompt tokens per prefill instance
-        self.prefill_assigned: dict[str, int] = {}    # requests given to each (tie-break)
+        self.prefill_assigned: dict[str, int] = {}    # requests given to each prefill or colocated (tie-break)
         self.decode_free: dict[str, int] = {}         # free blocks per decode instance, after reservations
         self.router = PrefixRouter(routing, block_size)
         # wid (P/D) or request id (colocated) -> (instance, tokens charged to its queue)
@@ -157,8 +157,9 @@ class Admission:
         if keys:
             ids = [i.instance_id for i in live_c]
             k, hit = self.router.pick(ids, [self.prefill_tokens.get(i, 0) for i in ids], keys,
-                                      [self.inflight.get(i, 0) for i in ids])
+                                      [self.prefill_assigned.get(i, 0) for i in ids])
         inst = live_c[k]
+        self.prefill_assigned[inst.instance_id] = self.prefill_assigned.get(inst.instance_id, 0) + 1
         # Set before awaiting: the first tokens may arrive before the call returns.
         t.prefill, t.decode, t.blocks = None, inst, None
         t.move(RequestState.PREFILLING)

@@ -110,6 +110,7 @@ class Simulator:
         for c in self.colocated:            # keyed apart from prefill instance p.index
             self.router.adopt(("colocated", c.index), deployment.colocated.num_blocks)
         self._num_assigned = [0] * len(self.prefills)
+        self._num_assigned_colocated = [0] * len(self.colocated)
 
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
@@ -232,7 +233,8 @@ class Simulator:
         keys = self.router.keys(req.prompt_token_ids)
         if keys:        # the controller's rule: queued prompt tokens less the expected hit
             k, _ = self.router.pick([("colocated", c.index) for c in self.colocated],
-                                    [c.queued_tokens for c in self.colocated], keys)
+                                    [c.queued_tokens for c in self.colocated], keys, self._num_assigned_colocated)
+            self._num_assigned_colocated[k] += 1
         else:
             free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])
             k = pick_decode(free, -(1 << 60))
