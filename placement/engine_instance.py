@@ -6,8 +6,11 @@ Decode steps are the hot path, so between events the instance runs a *fast-forwa
 steps of an unchanging batch, k chosen so that no request finishes before the last step and no
 step needs a block that is not free. Anything that changes the batch (a join, an arrival, a
 decode-side reservation that would leave the run short of blocks) cuts the run after the step
-in progress. Steps that preempt, and every prefill or mixed step, go through
-`ColocatedPolicy.schedule` one at a time, exactly as in the worker.
+in progress. Steps that preempt, and every prefill or mixed step (except the chunked mixed
+steps below), go through `ColocatedPolicy.schedule` one at a time, exactly as in the worker.
+
+Chunked mixed steps (prefill chunks + the whole decode batch) are taken with the lazy batch
+when it tracks the batch and the step preempts nobody (placement/lazy_mixed.py).
 
 Two ways to run: `DecodePolicy.max_steps_without_preemption` and `DecodePolicy.fast_forward`
 at O(batch) per run; or, with the counting block manager, a few dozen requests running and
@@ -27,6 +30,7 @@ from placement.blocks import CountingBlockManager
 from placement.deployment import InstanceGroup
 from placement.sim_instances import _run_time, _steps_ended, make_block_manager
 from placement.lazy import LazyBatch
+from placement.lazy_mixed import lazy_mixed_step
 
 
 class EngineInstance:
@@ -37,8 +41,11 @@ class EngineInstance:
 
     def __init__(self, index: int, group: InstanceGroup, block_size: int, on_first_token, on_finish,
                  exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
-                 prefix_caching: bool = False):
+                 lazy_mixed: bool = True, prefix_caching: bool = False):
         self.index = index
+        # Chunked mixed steps with the decode batch kept lazy (placement/lazy_mixed.py);
+        # False: every mixed step through ColocatedPolicy.schedule (the reference, in tests).
+        self.lazy_mixed = lazy_mixed and max_run_steps > 0
         # A LazyBatch pays off from a few dozen running requests; below, plain passes are cheaper.
         self.lazy_min_batch = lazy_min_batch
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
@@ -311,6 +318,10 @@ class EngineInstance:
         if waiting:
             head = waiting[0]
             if head.block_ids or self.bm.can_allocate(head.all_token_ids):
+                if self.lazy_mixed and self.policy.mode == "chunked" and self.use_lazy and self.decode.running:
+                    events = self._try_lazy_mixed(now)
+                    if events is not None:
+                        return events
                 # prefill_first runs the prefill alone: the decode batch (lazy or not) waits.
                 return self._real_step(now, prefill_only=self.policy.mode == "prefill_first")
         running = self.decode.running
@@ -329,6 +340,14 @@ class EngineInstance:
                     return self._real_step(now)     # this step preempts
                 return self._start_run(now, None, lazy.size, k, lazy.sum_tokens)
         return self._next_eager(now, running)
+
+    def _try_lazy_mixed(self, now):
+        running = self.decode.running
+        if self.lazy is not None and (len(running) < self.lazy_min_batch // 2 or not self.lazy.size):
+            self._materialize()
+        if self.lazy is None and len(running) >= self.lazy_min_batch:
+            self._build_lazy()
+        return lazy_mixed_step(self, now) if self.lazy is not None else None
 
     def _build_lazy(self):
         lazy = LazyBatch(self.block_size)

@@ -60,14 +60,15 @@ class Simulator:
     `exact_blocks` uses the engine's BlockManager instead of the counting twin;
     `max_run_steps=0` turns fast-forwarding off: every step goes through
     `ColocatedPolicy.schedule`; `lazy_min_batch` is the batch size from which decode runs use
-    a LazyBatch (tests check that every way gives the same answer). `serving` (default: the
+    a LazyBatch, `lazy_mixed=False` runs chunked mixed steps with the decode batch
+    materialised (tests check that every way gives the same answer). `serving` (default: the
     latency model's, from a profile's "serving" section) adds what serving costs beyond the
     engine (placement/serving.py)."""
 
     def __init__(self, deployment: Deployment, workload: Workload, phase: str = "both",
                  exact_blocks: bool = False, prefix_caching: bool = False,
                  slo: tuple[float, float] | None = None, max_misses: int | None = None,
-                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
+                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32, lazy_mixed: bool = True,
                  serving: ServingTerms | None = None, routing: str = "load"):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -94,7 +95,7 @@ class Simulator:
         self._links: dict = {}
         self._sampling: dict[int, SamplingParams] = {}   # one frozen object per output length
         self._engine_options = dict(exact_blocks=exact_blocks, max_run_steps=max_run_steps,
-                                    lazy_min_batch=lazy_min_batch)
+                                    lazy_min_batch=lazy_min_batch, lazy_mixed=lazy_mixed)
         self._build_instances(exact_blocks)
         self.serving = serving if serving is not None else serving_terms(deployment)
         self.in_flight = 0              # requests arrived and not finished (the load terms' count)
