@@ -1,16 +1,18 @@
-"""Admission and routing: which route takes a request (a colocated instance, or the
+"""Admission and routing: which route takes a request (the colocated instances, or the
 prefill/decode pool: the least loaded by requests in flight per rank, ties to colocated;
-engine/routing.py), which prefill and decode instances within the pool (prefill: fewest queued
-tokens less the expected prefix-cache hit, or fewest queued tokens with routing "load"; decode:
-most free blocks after reservations), and the queue of requests waiting for capacity (FCFS:
+engine/routing.py), which instance within it (prefill and colocated: fewest queued prompt
+tokens less the expected prefix-cache hit, or with routing "load" fewest queued tokens for
+prefill and fewest requests in flight per rank for colocated; decode: most free blocks after
+reservations), and the queue of requests waiting for capacity (FCFS:
 retries and requests that already waited go back to the front).
 
 It owns the router's view of the instances: requests in flight per route, queued tokens and a
 prefix index (PrefixRouter: the block hashes routed there, LRU at its KV capacity) per prefill
-instance, free blocks per decode instance. Events refresh the last (each carries its
+and colocated instance, free blocks per decode instance. Events refresh the last (each carries its
 instance's load); the others are counted here as requests come and go. A request is charged to
-its prefill instance's queue with the tokens it is expected to compute (prompt less expected
-hit), and exactly that charge comes off when its prefill is done or taken back.
+its prefill (or colocated) instance's queue with the tokens it is expected to compute (prompt
+less expected hit), and exactly that charge comes off when its prefill is done (colocated: its
+first token) or taken back.
 """
 from __future__ import annotations
 
@@ -41,23 +43,24 @@ class Admission:
         self.pending: deque[Tracked] = deque()
         self.inflight: dict[str, int] = {}            # attempts per route (a colocated instance, or the pool)
         self.prefill_tokens: dict[str, int] = {}      # queued prompt tokens per prefill instance
-        self.prefill_assigned: dict[str, int] = {}    # requests given to each (tie-break)
+        self.prefill_assigned: dict[str, int] = {}    # requests given to each prefill or colocated (tie-break)
         self.decode_free: dict[str, int] = {}         # free blocks per decode instance, after reservations
         self.router = PrefixRouter(routing, block_size)
-        self.charges: dict[str, tuple[str, int]] = {}   # wid -> (prefill instance, tokens charged there)
-        self.prefix_tokens: dict[str, list[int]] = {}   # prefill instance -> [cached, prompt] tokens prefilled
+        # wid (P/D) or request id (colocated) -> (instance, tokens charged to its queue)
+        self.charges: dict[str, tuple[str, int]] = {}
+        self.prefix_tokens: dict[str, list[int]] = {}   # instance -> [cached, prompt] tokens prefilled
 
     def adopt(self, inst: Instance) -> None:
         """A new (or restarted) instance joins with an empty queue and every block free."""
-        if inst.role == "prefill":
+        if inst.role in ("prefill", "colocated"):
             self.prefill_tokens[inst.instance_id] = 0
             self.router.adopt(inst.instance_id, inst.num_blocks)
             for wid in [w for w, (i, _) in self.charges.items() if i == inst.instance_id]:
                 del self.charges[wid]       # charged to the instance this one replaces
         elif inst.role == "decode":
             self.decode_free[inst.instance_id] = inst.num_blocks
-        if inst.role != "prefill":
-            self.router.forget(inst.instance_id)     # a former prefill instance's cache is no target now
+        else:
+            self.router.forget(inst.instance_id)     # a former prefill's cache is no target now
 
     def on_load(self, inst: Instance, free_blocks: int) -> None:
         if inst.role == "decode":
@@ -74,14 +77,15 @@ class Admission:
             self.prefill_tokens[entry[0]] -= entry[1]
 
     def prefilled(self, inst: Instance, wid: str, num_tokens: int, num_cached_tokens: int) -> None:
-        """A prefill on `inst` is done (its KV is scheduled): uncharge it and count its hit."""
+        """A prefill on `inst` is done (prefill: its KV is scheduled; colocated: its first token
+        came, `wid` is then the request id): uncharge it and count its hit."""
         self.uncharge(wid)
         counts = self.prefix_tokens.setdefault(inst.instance_id, [0, 0])
         counts[0] += num_cached_tokens
         counts[1] += num_tokens
 
     def prefix_stats(self) -> dict:
-        """Per prefill instance: prompt tokens prefilled, those served by its prefix cache, and
+        """Per prefill or colocated instance: prompt tokens prefilled, those served by its prefix cache, and
         their ratio (the hit rate)."""
         return {i: {"hit_tokens": h, "prompt_tokens": n, "hit_rate": h / n if n else 0.0}
                 for i, (h, n) in self.prefix_tokens.items()}
@@ -140,15 +144,28 @@ class Admission:
         if k == PD_ROUTE:
             await self._dispatch_pd(t, live_p, live_d, live_c, from_submit, front)
         else:
-            await self._dispatch_colocated(t, live_c[k], from_submit, front)
+            await self._dispatch_colocated(t, live_c, k, from_submit, front)
 
-    async def _dispatch_colocated(self, t: Tracked, inst: Instance, from_submit: bool, front: bool) -> None:
-        """The whole attempt runs on one colocated instance."""
+    async def _dispatch_colocated(self, t: Tracked, live_c: list[Instance], k: int, from_submit: bool,
+                                  front: bool) -> None:
+        """The whole attempt runs on one colocated instance: live_c[k] (the load rule's choice)
+        with routing "load", else the one with the fewest queued prompt tokens less the expected
+        prefix hit (engine.routing.PrefixRouter.pick, as for prefill instances)."""
         attempt, wid = t.attempt, t.wid
+        keys = self.router.keys(t.req.prompt_token_ids)
+        hit = 0
+        if keys:
+            ids = [i.instance_id for i in live_c]
+            k, hit = self.router.pick(ids, [self.prefill_tokens.get(i, 0) for i in ids], keys,
+                                      [self.prefill_assigned.get(i, 0) for i in ids])
+        inst = live_c[k]
+        self.prefill_assigned[inst.instance_id] = self.prefill_assigned.get(inst.instance_id, 0) + 1
         # Set before awaiting: the first tokens may arrive before the call returns.
         t.prefill, t.decode, t.blocks = None, inst, None
         t.move(RequestState.PREFILLING)
         self.assign(t, inst.instance_id)
+        # Charged until its first token (or until it leaves the instance): see unassign.
+        self.charge(t.request_id, inst.instance_id, t.req.num_tokens - hit)
         spec = RequestSpec(wid, t.req.prompt_token_ids, t.req.sampling, list(t.req.output_token_ids),
                            attempt=attempt)
         try:
@@ -184,6 +201,8 @@ class Admission:
         self.inflight[route] = self.inflight.get(route, 0) + 1
 
     def unassign(self, t: Tracked) -> None:
+        if t.route is not None and t.route != PD_ROUTE:
+            self.uncharge(t.request_id)     # a colocated attempt's prompt left that queue
         if t.route is not None:
             self.inflight[t.route] -= 1
             t.route = None
@@ -217,8 +236,8 @@ class Admission:
             return
         if not blocks:
             if not stale() and live_c:
-                await self._dispatch_colocated(t, min(live_c, key=lambda i: self.inflight.get(i.instance_id, 0)),
-                                               from_submit, front)
+                k = min(range(len(live_c)), key=lambda j: self.inflight.get(live_c[j].instance_id, 0))
+                await self._dispatch_colocated(t, live_c, k, from_submit, front)
             elif not stale():
                 self.park(t, front)
             return

@@ -250,6 +250,12 @@ class Controller:
         for wid, toks in ev.tokens.items():
             t = self._current(wid)
             if t is not None and t.decode is inst and (t.state is DECODING or (t.colocated and t.state is PREFILLING)):
+                if t.state is PREFILLING:       # a colocated prefill ended: its queue charge and hit
+                    cached = ev.num_cached_tokens.get(wid, 0)
+                    self.admission.prefilled(inst, t.request_id, t.req.num_tokens, cached)
+                    if self.metrics:
+                        self.metrics.on_prefilled(inst.instance_id, t.req.num_tokens, cached)
+                    t.num_cached_tokens = max(t.num_cached_tokens, cached)
                 t.move(DECODING)
                 self.deliver(t, toks, ev.finished.get(wid), ev.logprobs.get(wid))
         for wid in ev.finished:

@@ -38,11 +38,11 @@ class Metrics:
         self.decode_batch = Gauge("disagg_decode_batch_size", "Requests in the last decode step", ["instance"], registry=r)
         self.pending = Gauge("disagg_controller_pending_requests", "Requests waiting for decode capacity", registry=r)
         self.in_flight = Gauge("disagg_requests_in_flight", "Requests accepted and not finished", registry=r)
-        self.prefix_hit_tokens = Counter("disagg_prefix_hit_tokens", "Prompt tokens served by a prefill "
+        self.prefix_hit_tokens = Counter("disagg_prefix_hit_tokens", "Prompt tokens served by a prefill or colocated "
                                          "instance's prefix cache", ["instance"], registry=r)
-        self.prefix_prompt_tokens = Counter("disagg_prefix_prompt_tokens", "Prompt tokens prefilled per prefill "
+        self.prefix_prompt_tokens = Counter("disagg_prefix_prompt_tokens", "Prompt tokens prefilled per prefill or colocated "
                                             "instance (hit or computed)", ["instance"], registry=r)
-        self.prefix_hit_rate = Gauge("disagg_prefix_hit_rate", "Prefix cache hit rate per prefill instance since "
+        self.prefix_hit_rate = Gauge("disagg_prefix_hit_rate", "Prefix cache hit rate per prefill or colocated instance since "
                                      "start: hit tokens / prompt tokens", ["instance"], registry=r)
         self._prefix: dict[str, list[int]] = {}
         self.retries = Gauge("disagg_controller_retries", "Requests recomputed after a failure (total)", registry=r)
@@ -75,7 +75,7 @@ class Metrics:
         t.times["prev_token"] = now
 
     def on_prefilled(self, instance: str, num_tokens: int, num_cached_tokens: int) -> None:
-        """A prefill instance prefilled `num_tokens` prompt tokens, `num_cached_tokens` of them
+        """A prefill or colocated instance prefilled `num_tokens` prompt tokens, `num_cached_tokens` of them
         from its prefix cache."""
         self.prefix_hit_tokens.labels(instance).inc(num_cached_tokens)
         self.prefix_prompt_tokens.labels(instance).inc(num_tokens)

@@ -58,6 +58,9 @@ class StepTokens(WorkerEvent):
     finished: dict[str, str] = field(default_factory=dict)     # request id -> finish reason
     batch_size: int = 0
     logprobs: dict[str, list] = field(default_factory=dict)
+    # Requests whose prefill ended in this step -> prompt tokens its prefix cache served (the
+    # router's hit rate and queue charge for colocated instances).
+    num_cached_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

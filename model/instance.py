@@ -276,8 +276,10 @@ class ColocatedWorker(StepLoop):
             finish(req, req.finish_reason, t1)
             del self.requests[req.request_id]
         self.num_decoded_tokens += len(new)
+        cached = {c.request.request_id: c.request.num_cached_tokens for c in batch.prefill
+                  if c.is_last and c.request.request_id in new}
         return [StepTokens(tokens=new, finished=finished, batch_size=len(batch.sampled), logprobs=lps, time=t1,
-                           load=self.load())]
+                           load=self.load(), num_cached_tokens=cached)]
 
     def load(self) -> Load:
         """What the router needs, sent with every event (call under the lock)."""

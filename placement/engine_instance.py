@@ -41,7 +41,7 @@ class EngineInstance:
 
     def __init__(self, index: int, group: InstanceGroup, block_size: int, on_first_token, on_finish,
                  exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
-                 lazy_mixed: bool = True):
+                 lazy_mixed: bool = True, prefix_caching: bool = False):
         self.index = index
         # Chunked mixed steps with the decode batch kept lazy (placement/lazy_mixed.py);
         # False: every mixed step through ColocatedPolicy.schedule (the reference, in tests).
@@ -49,7 +49,7 @@ class EngineInstance:
         # A LazyBatch pays off from a few dozen running requests; below, plain passes are cheaper.
         self.lazy_min_batch = lazy_min_batch
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
-        self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks)
+        self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
         self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
                                       group.mode, group.chunk_tokens)
         self.decode = self.policy.decode
@@ -251,7 +251,9 @@ class EngineInstance:
         lat = self.latency
         decode_context = sum(r.num_tokens for r in b.decode)
         if b.prefill:
-            self.queued_tokens -= b.num_prefill_tokens
+            # A request's first chunk starts at its prefix hit: those tokens leave the queue too.
+            self.queued_tokens -= b.num_prefill_tokens + sum(c.start for c in b.prefill
+                                                             if c.start == c.request.num_cached_tokens)
             chunks = [(c.num_tokens, c.start) for c in b.prefill]
             if b.decode:
                 t = lat.mixed_time(chunks, len(b.decode), decode_context)

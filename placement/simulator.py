@@ -12,7 +12,8 @@ it waits here in arrival order. After its prefill the request has its first toke
 its KV moves over the prefill->decode link (the copies' bytes on one link go one after another;
 the link's latency overlaps the next copy) and
 the prefill blocks are freed only once the transfer completes. A colocated deployment routes
-each arrival to the instance with the most free blocks after its queued prompts. A mixed
+each arrival by the same `PrefixRouter.pick` with routing="prefix" (colocated instances then
+hold a prefix cache too), else to the instance with the most free blocks after its queued prompts. A mixed
 deployment (a colocated pool beside prefill and decode pools) picks the pool per arrival by
 queued prompt tokens (`_colocated_first`).
 
@@ -108,7 +109,10 @@ class Simulator:
         self.router = PrefixRouter(routing if self.prefix_caching else "load", bs)
         for p in self.prefills:
             self.router.adopt(p.index, deployment.prefill.num_blocks)
+        for c in self.colocated:            # keyed apart from prefill instance p.index
+            self.router.adopt(("colocated", c.index), deployment.colocated.num_blocks)
         self._num_assigned = [0] * len(self.prefills)
+        self._num_assigned_colocated = [0] * len(self.colocated)
 
     def _build_instances(self, exact):
         dep, bs = self.dep, self.block_size
@@ -124,7 +128,8 @@ class Simulator:
                                 for i in range(dep.decode.num_instances)]
         if dep.colocated is not None:
             self.colocated = [EngineInstance(i, dep.colocated, bs, self._on_first_token,
-                                             self._on_finish, **self._engine_options)
+                                             self._on_finish, **self._engine_options,
+                                             prefix_caching=self.prefix_caching)
                               for i in range(dep.colocated.num_instances)]
         # Requests that can never fit anywhere are refused at arrival (they count as misses).
         groups = [g for g in (dep.prefill if self.prefills else None,
@@ -227,9 +232,15 @@ class Simulator:
         return min(c.queued_tokens for c in self.colocated) <= min(p.queued_tokens for p in self.prefills)
 
     def _route_colocated(self, req, now):
-        free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])
-        inst = self.colocated[pick_decode(free, -(1 << 60))]
-        return inst.arrive(req, now)
+        keys = self.router.keys(req.prompt_token_ids)
+        if keys:        # the controller's rule: queued prompt tokens less the expected hit
+            k, _ = self.router.pick([("colocated", c.index) for c in self.colocated],
+                                    [c.queued_tokens for c in self.colocated], keys, self._num_assigned_colocated)
+            self._num_assigned_colocated[k] += 1
+        else:
+            free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])
+            k = pick_decode(free, -(1 << 60))
+        return self.colocated[k].arrive(req, now)
 
     def _dispatch(self, now):
         """Route waiting requests in arrival order while a decode instance can take the head."""

@@ -82,3 +82,23 @@ def test_plan_routing_is_validated_and_serve_overrides_it():
         Plan.from_dict({"routing": "random"})
     args = SimpleNamespace(plan=None, model=None, device=None, kv_transfer_timeout=None, routing="load")
     assert plan_from_args(args).routing == "load"
+
+
+def test_colocated_instances_route_by_the_same_cost_and_load_routing_is_unchanged():
+    from engine.routing import PD_ROUTE, pick_route
+    prompt = [random.Random(3).randrange(3, 200) for _ in range(10 * BS)]
+    keys = block_keys(prompt, BS)
+    router = PrefixRouter("prefix", BS)
+    for i in ("colocated-0", "colocated-1"):
+        router.adopt(i, 64)
+    ids = ["colocated-0", "colocated-1"]
+    # Idle and cold: the one given fewer requests so far (the tie-break) takes the prompt...
+    assert router.pick(ids, [0, 0], keys, [1, 0]) == (1, 0)
+    # ...and its follow-up goes back there while the saving (144 tokens) outweighs the queue gap.
+    assert router.pick(ids, [0, 100], keys, [0, 5]) == (1, 9 * BS)
+    assert router.pick(ids, [0, 200], keys, [0, 5])[0] == 0
+    # Routing "load" keeps no index: colocated instances are chosen by requests in flight per
+    # rank as before, and the pool choice is the same function either way.
+    load = PrefixRouter("load", BS)
+    assert load.keys(prompt) == [] and load.hit_tokens(ids, load.keys(prompt)) == [0, 0]
+    assert pick_route([2.0, 1.0], 1.5) == 1 and pick_route([2.0, 2.0], 1.0) == PD_ROUTE

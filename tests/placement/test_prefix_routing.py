@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from placement.simulator import Simulator
-from tests.placement.helpers import disagg, group, workload
+from placement.deployment import Deployment
+from tests.placement.helpers import KV_BYTES, disagg, group, workload
 
 # Three conversations of three turns, 20 s apart (every instance idle at each arrival): turn t
 # of conversation c repeats the t + 1 blocks of 512 tokens of the turns before and adds one.
@@ -65,3 +66,28 @@ def test_without_prefix_caching_routing_prefix_is_load_routing():
     a = Simulator(disagg(prefill=group(2)), _conversations(), routing="prefix").run()
     b = Simulator(disagg(prefill=group(2)), _conversations(), routing="load").run()
     assert np.array_equal(a.first_token_s, b.first_token_s)
+
+
+def _run_colocated(routing):
+    dep = Deployment(16, KV_BYTES, colocated=group(2, num_blocks=2000))
+    sim = Simulator(dep, _conversations(), prefix_caching=True, routing=routing)
+    return sim, sim.run()
+
+
+def test_colocated_instances_hold_a_prefix_cache_and_route_by_the_same_rule():
+    (sim_p, res_p), (sim_l, res_l) = _run_colocated("prefix"), _run_colocated("load")
+    # Prefix routing spreads the cold first turns (ties: fewest given) and sends every follow-up
+    # turn to its history, where it finds the previous turn's full blocks cached.
+    assert sum(c.bm.num_prefix_hit_tokens for c in sim_p.colocated) == \
+        sum((t + 1) * 512 - 16 for t in range(1, TURNS)) * CONVS
+    assert all(c.bm.num_prefix_query_tokens > 0 for c in sim_p.colocated)
+    # Load routing (most free blocks, ties to the first) puts every idle arrival on instance 0.
+    assert sim_l.colocated[1].bm.num_prefix_query_tokens == 0
+    wl = _conversations()
+    prefill_s = res_p.first_token_s - res_p.prefill_start_s
+    for i, n in enumerate(wl.prompt_lens.tolist()):
+        cached = 0 if i < CONVS else (i // CONVS + 1) * 512 - 16
+        assert prefill_s[i] == pytest.approx(0.5 + 0.005 * (n - cached), rel=1e-6), i
+    assert np.isfinite(res_p.finish_s).all() and np.isfinite(res_l.finish_s).all()
+    # Queue charges come off as they were put on, hits included.
+    assert all(c.queued_tokens == 0 for c in sim_p.colocated + sim_l.colocated)
