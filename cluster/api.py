@@ -54,7 +54,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     kw = {"num_cpus": num_cpus} if num_cpus else {}
     if num_gpus is not None:
         kw["num_gpus"] = num_gpus
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
+    except Exception as e:  # noqa: BLE001 - the local raylet or GCS did not come up
+        from engine.errors import ConfigError
+        raise ConfigError(f"could not start a local Ray cluster: {str(e).strip().splitlines()[-1]} "
+                          "(its logs: /tmp/ray/session_latest/logs; on an overloaded machine the start "
+                          "can time out: try again)") from None
 
 
 def closed_to_network() -> None:
