@@ -111,7 +111,8 @@ def test_unauthenticated_50mb_bodies_are_refused_before_reading(served):
     before, peak, codes = _rss_peak_during(pids, lambda: send(None))
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
     growth_mib = (peak - before) / 1024
-    assert growth_mib < 20, f"server tree RSS grew {growth_mib:.1f} MiB for 4 unauthenticated 50 MB bodies"
+    # Reading even one of the bodies would add >= 50 MiB; the tree's own noise was 6-21 MiB.
+    assert growth_mib < 40, f"server tree RSS grew {growth_mib:.1f} MiB for 4 unauthenticated 50 MB bodies"
     # Authenticated but over the receive limit: refused too, memory stays bounded.
     md = (("authorization", f"Bearer {TOKEN}"),)
     before2, peak2, codes2 = _rss_peak_during(pids, lambda: send(md))
