@@ -134,7 +134,7 @@ def _token_times(rec, start_unix_s: float) -> np.ndarray:
     return start_unix_s + rec.first_token_s + np.concatenate([[0.0], np.cumsum(rec.itl_s)])
 
 
-def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 64, 128), decode_tokens: int = 200,
+def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 64, 128), decode_tokens: int = 256,
                  num_prefills: int = 24) -> dict:
     """How a prefill and a decode instance sharing a GPU slow each other, at several decode
     batch sizes (the prefill's share of the GPU falls as the decode's batch grows). Alone:
@@ -177,21 +177,26 @@ def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 6
 
 
 def interference_row(batch: int, prefill_alone_s: float, precs, p_start_unix_s: float, drecs,
-                     d_start_unix_s: float, skip: int = 5) -> dict | None:
+                     d_start_unix_s: float, skip: int = 10) -> dict | None:
     """One decode batch's row of `interference` from the records of its run: prefill-only
-    records `precs` (their run started at `p_start_unix_s`) and the decode batch's `drecs`.
+    records `precs` (their run started at `p_start_unix_s`; only those that ran while every
+    decode request was between its first and last token count) and the decode batch's `drecs`.
     The decode's gaps (after its first `skip`, while the batch forms) ending inside the
     prefills' window are "together"; those before and after it "alone", fitted as a line in
     the gap's index and read at the window's gaps. None when the run gave too little."""
-    ok_p = [r for r in precs if r.ok]
-    if not ok_p:
+    ok_d = [r for r in drecs if r.ok and len(r.itl_s) > skip]
+    if not ok_d:
+        return None
+    # Only the prefills that ran while the whole batch was decoding count.
+    d_lo = max(d_start_unix_s + r.first_token_s for r in ok_d)
+    d_hi = min(d_start_unix_s + r.last_token_s for r in ok_d)
+    ok_p = [r for r in precs if r.ok and d_lo <= p_start_unix_s + r.sent_s and p_start_unix_s + r.done_s <= d_hi]
+    if len(ok_p) < 3:
         return None
     lo = p_start_unix_s + min(r.sent_s for r in ok_p)
     hi = p_start_unix_s + max(r.done_s for r in ok_p)
     idx_a, gap_a, idx_w, gap_w = [], [], [], []
-    for r in drecs:
-        if not r.ok or len(r.itl_s) <= skip:
-            continue
+    for r in ok_d:
         t = _token_times(r, d_start_unix_s)[1:]         # when each gap ended
         gaps = np.asarray(r.itl_s, float)
         idx = np.arange(len(gaps))
@@ -206,12 +211,14 @@ def interference_row(batch: int, prefill_alone_s: float, precs, p_start_unix_s: 
     if len(gap_w) < 5 or len(gap_a) < 5:
         return None
     idx_a, gap_a, idx_w, gap_w = map(np.asarray, (idx_a, gap_a, idx_w, gap_w))
-    # A robust line through the medians of the two sides (outliers do not tilt it).
-    side_b = idx_a < np.min(idx_w)
-    nb, na = int(side_b.sum()), int((~side_b).sum())
-    if nb >= 5 and na >= 5:
-        x0, y0 = float(np.median(idx_a[side_b])), float(np.median(gap_a[side_b]))
-        x1, y1 = float(np.median(idx_a[~side_b])), float(np.median(gap_a[~side_b]))
+    # A robust line through the medians of the two sides of the window (outliers do not tilt
+    # it); with only one side (the batch started late, or ended early), of its two halves.
+    side = idx_a < np.min(idx_w)
+    if min(side.sum(), (~side).sum()) < 5:
+        side = idx_a < np.median(idx_a)
+    if min(side.sum(), (~side).sum()) >= 3:
+        x0, y0 = float(np.median(idx_a[side])), float(np.median(gap_a[side]))
+        x1, y1 = float(np.median(idx_a[~side])), float(np.median(gap_a[~side]))
         slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
         expected = y0 + slope * (idx_w - x0)
     else:

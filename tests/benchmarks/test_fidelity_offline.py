@@ -103,6 +103,7 @@ def _records(start_gaps, window, slow, n_tokens=200, batch=4):
             g = (0.010 + 2e-5 * i) * (slow if window[0] <= t < window[1] else 1.0)
             r.itl_s.append(g)
             t += g
+        r.last_token_s = t - 1000.0
         recs.append(r)
     return recs
 
@@ -122,8 +123,11 @@ def test_interference_row_reads_each_speed_from_one_run():
     # The decode's gaps alone grow with its context: read at the window's steps, not averaged.
     assert row["decode_itl_ratio"] == pytest.approx(1.6, rel=0.01)
     assert row["shared_speeds"] == pytest.approx([2 / 3, 0.5], rel=0.02)
-    # Too little inside the window (the decode finished first): no row.
+    # Prefills that ran after the decode had finished do not count: here none ran beside it.
     assert interference_row(4, 0.02, pre, 1000.9, _records(0.1, (0, 0), 1.0, n_tokens=20), 1000.0) is None
+    # Nor those before the whole batch decodes: from 1001.22 on only the last five count.
+    late = interference_row(4, 0.02, pre, 1000.9, _records(1.22, (1001.25, 1001.5), 1.6), 1000.0)
+    assert late["window_s"] == pytest.approx(0.25) and late["decode_itl_ratio"] == pytest.approx(1.6, rel=0.02)
 
 
 def test_the_interference_table_reaches_the_calibrated_profile():
