@@ -76,7 +76,7 @@ def verdict(meas: dict, pred: dict) -> dict:
 # them and for a decode step; from "absent" to ~10x what the runtime's Python loops could cost.
 LOAD_GRID = {"handover_s": (0.0, 1e-3, 2e-3, 5e-3, 1e-2),
              "handover_s_per_stream": (0.0, 2e-5, 5e-5, 1e-4, 2e-4),
-             "step_host_s_per_stream": (0.0, 5e-6, 1e-5, 2e-5, 5e-5)}
+             "step_host_s_per_stream": (0.0, 5e-6, 1e-5, 2e-5, 3e-5, 4e-5, 5e-5, 7e-5)}
 
 
 def _loss(meas: dict, pred: dict, slo) -> float:
@@ -150,19 +150,35 @@ def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False
     grid = dict(grid or LOAD_GRID)
     if cpu:
         grid["other_share"] = OTHER_SHARE_GRID
-    best, best_loss = {}, float("inf")
-    for values in itertools.product(*grid.values()):
-        terms = dict(zip(grid, values))
-        loss = total(terms)
-        if loss < best_loss - 1e-12:
-            best, best_loss = terms, loss
-    if not cpu and (profile.get("serving") or {}).get("shared_speeds"):
-        base = best
+    shared_gpu = not cpu and bool((profile.get("serving") or {}).get("shared_speeds"))
+    cache: dict = {}
+
+    def cached(terms):
+        key = tuple(sorted(terms.items()))
+        if key not in cache:
+            cache[key] = total(terms)
+        return cache[key]
+    # Coordinate descent: the grid's terms with the prefill's share fixed, then the share with
+    # them fixed, until neither moves (the share and the decode step's term both move TPOT and
+    # TTFT under load, so fitting each once, in one order, can stop short of the joint best).
+    best, best_loss, share = {}, float("inf"), None
+    for _ in range(4 if shared_gpu else 1):
+        moved = False
+        for values in itertools.product(*grid.values()):
+            terms = dict(zip(grid, values), **({} if share is None else {"prefill_share_scale": share}))
+            loss = cached(terms)
+            if loss < best_loss - 1e-12:
+                best, best_loss, moved = terms, loss, True
+        if not shared_gpu:
+            break
+        base = {k: v for k, v in best.items() if k != "prefill_share_scale"}
         for scale in PREFILL_SHARE_GRID:
             terms = dict(base, prefill_share_scale=scale)
-            loss = total(terms)
+            loss = cached(terms)
             if loss < best_loss - 1e-12:
-                best, best_loss = terms, loss
+                best, best_loss, moved, share = terms, loss, True, scale
+        if not moved:
+            break
     return best, best_loss
 
 

@@ -185,7 +185,9 @@ def test_a_serving_profile_with_the_table_reaches_the_deployment(tmp_path):
     plan = Plan.load(repo / "benchmarks" / "plans" / "h200_1p1d_llama3_8b.json")
     prof = json.loads((repo / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json").read_text())
     committed = repo / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json"
-    assert deployment_from_plan(plan, latency=str(committed)).shared_speed_table is None    # no table: scalar
+    assert deployment_from_plan(plan, latency=str(committed)).shared_speed_table[0][0] == 1    # measured 14:45
+    before = repo / "benchmarks" / "recorded" / "fidelity-h200-2026-12-02b" / "profile-serving-allrates.json"
+    assert deployment_from_plan(plan, latency=str(before)).shared_speed_table is None       # no table: scalar
     prof["serving"]["shared_speeds_by_batch"] = [[1, 0.9, 0.6], [128, 0.5, 0.5]]
     path = tmp_path / "p.json"
     path.write_text(json.dumps(prof))
