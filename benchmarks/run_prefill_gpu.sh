@@ -21,9 +21,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 timeout ${COMPILE_TIMEOUT_S:-45} python3 -m benchmarks.prefill_v2_compile 2>&1 | grep -v '^ \|^$' \
   | tail -40 | tee "$OUT/compile.log"
 if [ -z "$SKIP_TESTS" ]; then
-  timeout ${TEST_TIMEOUT_S:-120} python3 -m pytest -m gpu tests/kernels/test_prefill_attention.py -q -rs \
+  timeout ${TEST_TIMEOUT_S:-140} python3 -m pytest -m gpu tests/kernels/test_prefill_attention.py -q -rs \
     --durations=8 2>&1 | tail -60 | tee "$OUT/pytest_gpu.log"
 fi
-timeout ${SWEEP_TIMEOUT_S:-180} python3 -m benchmarks.prefill_sweep --out "$OUT/prefill_sweep.json" \
-  --variants ${VARIANTS:-all} --budget-s ${SWEEP_BUDGET_S:-160} 2>&1 | tee "$OUT/prefill_sweep.log"
+timeout ${SWEEP_TIMEOUT_S:-170} python3 -m benchmarks.prefill_sweep --out "$OUT/prefill_sweep.json" \
+  --variants ${VARIANTS:-all} --budget-s ${SWEEP_BUDGET_S:-150} 2>&1 | tee "$OUT/prefill_sweep.log"
 date -u | tee -a "$OUT/env.txt"
