@@ -24,7 +24,8 @@ def source(fn, cfg: dict, has_prefix: bool, num_seqs: int):
                  KC="*bf16", VC="*bf16", BT="*i32", PLEN="*i32", qk_scale="fp32")
     consts = dict(GROUP=4, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, PAGE=16 if has_prefix else 1,
                   HAS_PREFIX=has_prefix, WS=bool(cfg.get("WS")) and not has_prefix,
-                  SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")), PIPE=bool(cfg.get("PIPE")),
+                  SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")),
+                  PIPE=bool(cfg.get("PIPE")),
                   PERSISTENT=bool(cfg.get("PERSISTENT")), SEARCH_STEPS=max(1, num_seqs.bit_length()),
                   DEVICE_DESC=dev, UPCAST=False, DOT_PRECISION="tf32")
     signature, constexprs, attrs = {}, {}, {}

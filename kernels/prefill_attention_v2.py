@@ -7,12 +7,14 @@ a software-pipelined off-diagonal loop, and persistent scheduling, longest tiles
 `prefill_attention._launch` runs it for config VARIANT="v2" (V2_CONFIGS) and, by default, where
 DEFAULT_V2_BY_TOKENS says so; otherwise, and for head dims it cannot take, v1 runs.
 
-Hopper warp specialisation (Triton 3.6/3.7, checked by compiling for sm_90 without a GPU) takes
-only: descriptors made in the kernel (host ones fail to compile with it), num_warps=4 (8 warps
-compile without specialising), one key loop with no loop before it (a diagonal loop after it,
-or the while-loop sequence search before it, fail to compile) and no branch after it (the loop
-then compiles without specialising). Hence the unrolled search, the single masked loop, the
-branch-free store, and no warp specialisation with a cached prefix (its loop comes first).
+Hopper warp specialisation (checked with Triton 3.7.1 by compiling for sm_90 without a GPU:
+benchmarks/prefill_v2_compile.py; the GPU host's 3.6 may differ) takes only: descriptors made in
+the kernel (host ones fail to compile with it), num_warps=4 (8 warps compile without
+specialising), one key loop with no loop before it (a diagonal loop after it, the diagonal tiles
+unrolled before it, or the while-loop sequence search before it, fail to compile) and no branch
+after it (the loop then compiles without specialising). Hence the unrolled search, the single
+masked loop, the branch-free store, and no warp specialisation with a cached prefix (its loop
+comes first).
 """
 from __future__ import annotations
 
@@ -312,7 +314,7 @@ def launch_v2(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, p
         block_tables.stride(0), B, Hq, k.shape[1], total, T,
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         PAGE=k_cache.shape[1] if has_prefix else 1, HAS_PREFIX=has_prefix,
-        WS=ws, SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP", False)), PIPE=bool(cfg.get("PIPE", False)),
+        WS=ws, SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")), PIPE=bool(cfg.get("PIPE", False)),
         PERSISTENT=persistent, SEARCH_STEPS=max(1, B.bit_length()), DEVICE_DESC=device_desc,
         UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
