@@ -66,7 +66,8 @@ def sdpa_out(q, k, v, backend):
 def kernel_entries(v1_sweep: bool, variants: str) -> list[tuple[str, dict | None]]:
     from kernels import prefill_attention_v2 as pre
     # {} rather than None: v1 with its default config even where DEFAULT_V2_BY_TOKENS picks v2
-    entries = [("v1-default", {}), ("v1-tma-128x64-w8-s3",
+    # "dispatch": config None, what the model's prefill runs (DEFAULT_V2_BY_TOKENS's choice)
+    entries = [("v1-default", {}), ("dispatch", None), ("v1-tma-128x64-w8-s3",
                                       dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True))]
     if v1_sweep:
         entries += [(f"v1-{bm}x{bn}-w{w}-s{st}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st))

@@ -227,20 +227,19 @@ V2_CONFIGS = {
     "v2-persist-128x64-w8-s3": _v2(128, 64, 8, 3, PERSISTENT=True),
     "v2-single-dev-128x128-w4-s2": _v2(128, 128, 4, 2, DEVICE_DESC=True, SINGLE_LOOP=True),
     "v2-ws-single-dev-128x128-w4-s2": _v2(128, 128, 4, 2, DEVICE_DESC=True, SINGLE_LOOP=True, WS=True),
-    "v2-ws-single-dev-128x64-w4-s3": _v2(128, 64, 4, 3, DEVICE_DESC=True, SINGLE_LOOP=True, WS=True),
-    "v2-ws-single-dev-128x64-w4-s4": _v2(128, 64, 4, 4, DEVICE_DESC=True, SINGLE_LOOP=True, WS=True),
     "v2-ws-single-dev-persist-128x128-w4-s2": _v2(128, 128, 4, 2, DEVICE_DESC=True, SINGLE_LOOP=True,
                                                   WS=True, PERSISTENT=True),
-    "v2-ws-single-dev-persist-128x64-w4-s3": _v2(128, 64, 4, 3, DEVICE_DESC=True, SINGLE_LOOP=True,
-                                                 WS=True, PERSISTENT=True),
 }
+# Not offered: warp-specialised 128x64 tiles (3 or 4 stages, persistent or not) compile on the
+# H200's Triton 3.6 but write inf/NaN (2026-12-02 15:02 UTC run, docs/benchmarks.md).
 
 
 # Per head dim, (minimum total tokens, V2_CONFIGS name or None for v1) rules in increasing
-# order, the last match wins: which v2 variant replaces the v1 kernel by default. Empty until a
-# GPU run shows a variant faster than v1 (benchmarks/prefill_sweep.py prints the rules it
-# supports).
-DEFAULT_V2_BY_TOKENS: dict[int, list[tuple[int, str | None]]] = {}
+# order, the last match wins: which v2 variant replaces the v1 kernel by default. From the H200
+# run of 2026-12-02 15:02 UTC (benchmarks/prefill_sweep.py prints the rules a run supports):
+# host-made descriptors with v1's tiles are 1.04-1.05x v1 at 2k-16k tokens (0.90-0.96x cuDNN);
+# shorter prefills were not measured and keep v1.
+DEFAULT_V2_BY_TOKENS: dict[int, list[tuple[int, str | None]]] = {128: [(2048, "v2-host-128x64-w8-s3")]}
 
 
 def default_variant(num_tokens: int, head_dim: int) -> dict | None:
