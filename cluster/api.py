@@ -58,8 +58,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     kw = {"num_cpus": num_cpus} if num_cpus else {}
     if num_gpus is not None:
         kw["num_gpus"] = num_gpus
-    # Ray gives its raylet a fixed 30 s to register with the GCS; on an overloaded machine that
-    # can pass. Such a start is retried (its half-started processes killed first) before giving up.
+    # Ray gives its raylet a fixed 30 s to register with the GCS (and waits a fixed time for the
+    # GCS's port file); on an overloaded machine that can pass. A failed start is retried (its
+    # half-started processes killed first) before giving up.
     attempts = int(os.environ.get("DISAGG_RAY_START_ATTEMPTS", "3"))
     for attempt in range(1, attempts + 1):
         try:
@@ -69,7 +70,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             ray.shutdown()
             killed = _kill_own_ray_processes()
-            if attempt < attempts and "timed out during startup" in str(e):
+            if attempt < attempts:      # e.g. the raylet or the GCS port file not there in time
                 log.warning("the local Ray cluster did not start in time (attempt %d of %d; %d half-started "
                             "processes stopped): trying again", attempt, attempts, killed)
                 time.sleep(2.0 * attempt)
