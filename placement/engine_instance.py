@@ -32,6 +32,9 @@ from placement.sim_instances import _run_time, _steps_ended, make_block_manager
 from placement.lazy import LazyBatch
 from placement.lazy_mixed import lazy_mixed_step
 
+LAZY_MIN_BATCH = 32             # running requests from which decode runs use a LazyBatch
+CHUNKED_LAZY_MIN_BATCH = 8      # the same for chunked instances (their mixed steps too)
+
 
 class EngineInstance:
     """The decode side of a disaggregated deployment, or a colocated instance.
@@ -40,13 +43,17 @@ class EngineInstance:
     events."""
 
     def __init__(self, index: int, group: InstanceGroup, block_size: int, on_first_token, on_finish,
-                 exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
+                 exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int | None = None,
                  lazy_mixed: bool = True, prefix_caching: bool = False):
         self.index = index
         # Chunked mixed steps with the decode batch kept lazy (placement/lazy_mixed.py);
         # False: every mixed step through ColocatedPolicy.schedule (the reference, in tests).
         self.lazy_mixed = lazy_mixed and max_run_steps > 0
         # A LazyBatch pays off from a few dozen running requests; below, plain passes are cheaper.
+        # In chunked mode every step while prompts wait is a mixed step, which without a lazy
+        # batch goes through ColocatedPolicy.schedule at O(batch): there it pays off sooner.
+        if lazy_min_batch is None:
+            lazy_min_batch = CHUNKED_LAZY_MIN_BATCH if group.mode == "chunked" else LAZY_MIN_BATCH
         self.lazy_min_batch = lazy_min_batch
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
         self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)

@@ -61,7 +61,7 @@ class Simulator:
     `exact_blocks` uses the engine's BlockManager instead of the counting twin;
     `max_run_steps=0` turns fast-forwarding off: every step goes through
     `ColocatedPolicy.schedule`; `lazy_min_batch` is the batch size from which decode runs use
-    a LazyBatch, `lazy_mixed=False` runs chunked mixed steps with the decode batch
+    a LazyBatch (default: engine_instance's, lower for chunked instances), `lazy_mixed=False` runs chunked mixed steps with the decode batch
     materialised (tests check that every way gives the same answer). `serving` (default: the
     latency model's, from a profile's "serving" section) adds what serving costs beyond the
     engine (placement/serving.py)."""
@@ -69,7 +69,7 @@ class Simulator:
     def __init__(self, deployment: Deployment, workload: Workload, phase: str = "both",
                  exact_blocks: bool = False, prefix_caching: bool = False,
                  slo: tuple[float, float] | None = None, max_misses: int | None = None,
-                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32, lazy_mixed: bool = True,
+                 max_run_steps: int = 1 << 30, lazy_min_batch: int | None = None, lazy_mixed: bool = True,
                  serving: ServingTerms | None = None, routing: str = "load"):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
