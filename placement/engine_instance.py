@@ -235,16 +235,15 @@ class EngineInstance:
         return self._after_step(now, finished)
 
     def _release(self, finished):
-        # What ColocatedPolicy.release does for requests that are only in the decode batch,
-        # by identity: `in`/`remove` on the running list would call Request.__eq__ per entry.
+        # What ColocatedPolicy.release does for requests that are only in the decode batch.
         if not finished:
             return
         running = self.decode.running
         for r in finished:
-            for i, x in enumerate(running):
-                if x is r:
-                    del running[i]
-                    break
+            try:
+                del running[running.index(r)]   # the simulator's requests compare identities
+            except ValueError:
+                pass
             self.bm.free(r.block_ids)
         lazy, m = self.lazy, self.decode.max_batch_size
         if lazy is not None and len(running) > m - len(finished):

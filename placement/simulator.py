@@ -55,6 +55,37 @@ PHASES = ("both", "prefill", "decode")
 _NAN = float("nan")
 
 
+class SimRequest(Request):
+    """The simulator's requests: two are equal only when they are the same object (their ids
+    differ anyway, so the answers are Request's), which lets the policies' list scans (`in`,
+    `remove`) compare identities instead of every field."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+class _TokenCount:
+    """What a counting block manager is given for a request's tokens: it only asks how many."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class CountedRequest(SimRequest):
+    """A request whose token contents never matter (counting block manager, no prefix
+    caching): `all_token_ids` is only measured, so it is not built (a copy of the prompt per
+    call)."""
+
+    @property
+    def all_token_ids(self):
+        return _TokenCount(len(self.prompt_token_ids) + len(self.output_token_ids))
+
+
 class Simulator:
     """One simulation run. `slo=(ttft_s, tpot_s)` with `max_misses` stops the run as soon as
     more than `max_misses` requests are known to miss (a goodput probe that cannot pass).
@@ -219,7 +250,8 @@ class Simulator:
         sampling = self._sampling.get(out)
         if sampling is None:
             sampling = self._sampling[out] = SamplingParams(max_tokens=out, ignore_eos=True)
-        req = Request(str(i), prompt, sampling, arrival_s=now)
+        cls = SimRequest if self.prefix_caching or self.exact_blocks else CountedRequest
+        req = cls(str(i), prompt, sampling, arrival_s=now)
         req.index = i
         return req
 
