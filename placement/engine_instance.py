@@ -32,8 +32,10 @@ from placement.sim_instances import _run_time, _steps_ended, make_block_manager
 from placement.lazy import LazyBatch
 from placement.lazy_mixed import lazy_mixed_step
 
-LAZY_MIN_BATCH = 32             # running requests from which decode runs use a LazyBatch
-CHUNKED_LAZY_MIN_BATCH = 8      # the same for chunked instances (their mixed steps too)
+LAZY_MIN_BATCH = 8              # running requests from which decode runs use a LazyBatch
+# A lazy batch that misses requests of the batch (see `_keep_lazy`) is dropped below half of
+# this, as before the threshold above came down from 32 (so the figures stay the same).
+MISSING_LAZY_MIN_BATCH = 32
 
 
 class EngineInstance:
@@ -49,12 +51,9 @@ class EngineInstance:
         # Chunked mixed steps with the decode batch kept lazy (placement/lazy_mixed.py);
         # False: every mixed step through ColocatedPolicy.schedule (the reference, in tests).
         self.lazy_mixed = lazy_mixed and max_run_steps > 0
-        # A LazyBatch pays off from a few dozen running requests; below, plain passes are cheaper.
-        # In chunked mode every step while prompts wait is a mixed step, which without a lazy
-        # batch goes through ColocatedPolicy.schedule at O(batch): there it pays off sooner.
-        if lazy_min_batch is None:
-            lazy_min_batch = CHUNKED_LAZY_MIN_BATCH if group.mode == "chunked" else LAZY_MIN_BATCH
-        self.lazy_min_batch = lazy_min_batch
+        # A LazyBatch pays off from a few running requests; below, plain passes are cheaper.
+        self.lazy_min_batch = LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
+        self.missing_lazy_min_batch = MISSING_LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
         self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
         self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
@@ -333,7 +332,7 @@ class EngineInstance:
         running = self.decode.running
         if not running:
             return None
-        if self.lazy is not None and (len(running) < self.lazy_min_batch // 2 or not self.lazy.size):
+        if self.lazy is not None and not self._keep_lazy(running):
             self._materialize()
         if self.use_lazy and (self.lazy is not None or len(running) >= self.lazy_min_batch):
             if self.lazy is None:
@@ -349,11 +348,29 @@ class EngineInstance:
 
     def _try_lazy_mixed(self, now):
         running = self.decode.running
-        if self.lazy is not None and (len(running) < self.lazy_min_batch // 2 or not self.lazy.size):
+        if self.lazy is not None and not self._keep_lazy(running):
             self._materialize()
         if self.lazy is None and len(running) >= self.lazy_min_batch:
             self._build_lazy()
         return lazy_mixed_step(self, now) if self.lazy is not None else None
+
+    def _keep_lazy(self, running) -> bool:
+        """Whether the lazy batch stays for the next step (else it is materialised).
+
+        A lazy batch can miss requests of the batch: `_track` admits a request only while
+        running holds at most max_batch_size, so when a prefill_first step moves several
+        requests into decode past that size, those that still fall within the batch are not
+        tracked (the plain path would step them) until the lazy batch is rebuilt. That
+        behaviour is kept as it was, so such a batch is dropped exactly when it was before
+        (below MISSING_LAZY_MIN_BATCH // 2 running); a batch that tracks everything gives
+        the plain path's answers, so it may stay down to lazy_min_batch // 2."""
+        size = self.lazy.size
+        if not size:
+            return False
+        n = len(running)
+        m = self.decode.max_batch_size
+        floor = self.lazy_min_batch if size == (n if n < m else m) else self.missing_lazy_min_batch
+        return n >= floor // 2
 
     def _build_lazy(self):
         lazy = LazyBatch(self.block_size)
