@@ -374,7 +374,7 @@ class EngineInstance:
 
     def _build_lazy(self):
         lazy = LazyBatch(self.block_size)
-        if all(lazy.admit(r) for r in self.decode.running[:self.decode.max_batch_size]):
+        if lazy.admit_all(self.decode.running[:self.decode.max_batch_size]):
             self.lazy = lazy
 
     def _next_eager(self, now, running):
