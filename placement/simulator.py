@@ -271,7 +271,7 @@ class Simulator:
             self._num_assigned_colocated[k] += 1
         else:
             free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])
-            k = pick_decode(free, -(1 << 60))
+            k = free.index(max(free))       # pick_decode(free, -inf): the most, ties to the first
         return self.colocated[k].arrive(req, now)
 
     def _dispatch(self, now):
@@ -411,11 +411,11 @@ def _free_for_routing(instances, now, minus=None, need=None) -> list[int]:
     exact counts (`free_blocks`, O(batch) mid-run) computed only for instances that could be
     picked: an instance whose upper bound is below another's lower bound cannot win, and the
     winner's lower bound decides as well as its exact count when it already covers `need`."""
-    upper, lower = [], []
-    for i, inst in enumerate(instances):
-        u = inst.bm.num_free_blocks - (minus[i] if minus else 0)
-        upper.append(u)
-        lower.append(u - inst.pending_blocks)
+    upper = [inst.bm.num_free_blocks for inst in instances]
+    if minus:
+        upper = [u - m for u, m in zip(upper, minus)]
+    # pending_blocks is 0 without a run in flight.
+    lower = [u if inst.run is None else u - inst.pending_blocks for u, inst in zip(upper, instances)]
     top = max(lower)
     contenders = [i for i, u in enumerate(upper) if u >= top]
     if len(contenders) == 1 and (need is None or top >= need):
