@@ -54,6 +54,8 @@ class EngineInstance:
         # A LazyBatch pays off from a few running requests; below, plain passes are cheaper.
         self.lazy_min_batch = LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
         self.missing_lazy_min_batch = MISSING_LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
+        # From this many running requests a (non-empty) lazy batch stays whatever it tracks.
+        self.keep_above = max(self.lazy_min_batch, self.missing_lazy_min_batch) // 2
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
         self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
         self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
@@ -117,7 +119,7 @@ class EngineInstance:
         if self.run_need is not None:
             return self.run_need
         k, batch = self.run[1], self.run[4]
-        size = len(batch) if batch is not None else self.lazy.size
+        size = len(batch) if batch is not None else len(self.lazy.state)
         return size * (k // self.block_size + 1)    # no request takes more in k steps
 
     def _run_need(self) -> int:
@@ -322,7 +324,9 @@ class EngineInstance:
         waiting = self.policy.prefill.waiting
         if waiting:
             head = waiting[0]
-            if head.block_ids or self.bm.can_allocate(head.all_token_ids):
+            # A counting block manager's can_allocate, without the request's token list.
+            if head.block_ids or (-(-head.num_tokens // self.block_size) <= self.bm.num_free_blocks
+                                  if self.use_lazy else self.bm.can_allocate(head.all_token_ids)):
                 if self.lazy_mixed and self.policy.mode == "chunked" and self.use_lazy and self.decode.running:
                     events = self._try_lazy_mixed(now)
                     if events is not None:
@@ -332,18 +336,24 @@ class EngineInstance:
         running = self.decode.running
         if not running:
             return None
-        if self.lazy is not None and not self._keep_lazy(running):
+        lazy = self.lazy
+        if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
+                and not self._keep_lazy(running):
             self._materialize()
-        if self.use_lazy and (self.lazy is not None or len(running) >= self.lazy_min_batch):
-            if self.lazy is None:
+            lazy = None
+        if self.use_lazy and (lazy is not None or len(running) >= self.lazy_min_batch):
+            if lazy is None:
                 self._build_lazy()
-            if self.lazy is not None:
                 lazy = self.lazy
-                limit = min(lazy.steps_to_first_finish(), self.max_run_steps)
+            if lazy is not None:
+                heap = lazy.heap
+                limit = heap[0][0] - lazy.step if heap else 1 << 30     # lazy.steps_to_first_finish()
+                if self.max_run_steps < limit:
+                    limit = self.max_run_steps
                 k = lazy.max_steps(self.bm.num_free_blocks, limit)
                 if k == 0:
                     return self._real_step(now)     # this step preempts
-                return self._start_run(now, None, lazy.size, k, lazy.sum_tokens)
+                return self._start_run(now, None, len(lazy.state), k, lazy.sum_tokens)
         return self._next_eager(now, running)
 
     def _try_lazy_mixed(self, now):

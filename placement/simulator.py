@@ -41,7 +41,7 @@ from collections import deque
 import numpy as np
 
 from engine.batching import finish
-from engine.request import FinishReason, Request, RequestState
+from engine.request import TRANSITIONS, FinishReason, Request, RequestState
 from engine.routing import PrefixRouter, pick_decode
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
@@ -55,6 +55,9 @@ PHASES = ("both", "prefill", "decode")
 _NAN = float("nan")
 
 
+_ALLOWED = {id(a): frozenset(map(id, b)) for a, b in TRANSITIONS.items()}
+
+
 class SimRequest(Request):
     """The simulator's requests: two are equal only when they are the same object (their ids
     differ anyway, so the answers are Request's), which lets the policies' list scans (`in`,
@@ -62,6 +65,12 @@ class SimRequest(Request):
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+
+    def transition(self, new_state: RequestState) -> None:
+        # Request.transition's check by identity (an Enum member hashes in Python).
+        if id(new_state) not in _ALLOWED[id(self.state)]:
+            super().transition(new_state)       # raises InvalidTransition
+        self.state = new_state
 
 
 class _TokenCount:
