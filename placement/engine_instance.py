@@ -358,7 +358,9 @@ class EngineInstance:
 
     def _try_lazy_mixed(self, now):
         running = self.decode.running
-        if self.lazy is not None and not self._keep_lazy(running):
+        lazy = self.lazy
+        if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
+                and not self._keep_lazy(running):
             self._materialize()
         if self.lazy is None and len(running) >= self.lazy_min_batch:
             self._build_lazy()
