@@ -13,7 +13,7 @@ Chunked mixed steps (prefill chunks + the whole decode batch) are taken with the
 when it tracks the batch and the step preempts nobody (placement/lazy_mixed.py).
 
 Two ways to run: `DecodePolicy.max_steps_without_preemption` and `DecodePolicy.fast_forward`
-at O(batch) per run; or, with the counting block manager, a few dozen requests running and
+at O(batch) per run; or, with the counting block manager, LAZY_MIN_BATCH requests running and
 all of them in the batch, a `LazyBatch` at O(1) per join or finish.
 
 `speed` (1 = the latency model's times) is lowered by the simulator while a prefill instance
