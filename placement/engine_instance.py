@@ -33,9 +33,9 @@ from placement.lazy import LazyBatch
 from placement.lazy_mixed import lazy_mixed_step
 
 LAZY_MIN_BATCH = 8              # running requests from which decode runs use a LazyBatch
-# A lazy batch that misses requests of the batch (see `_keep_lazy`) is dropped below half of
-# this, as before the threshold above came down from 32 (so the figures stay the same).
-MISSING_LAZY_MIN_BATCH = 32
+# The threshold before it came down from 32: where a lazy batch can miss requests of the batch
+# (see `_keep_lazy`), it lives and misses them exactly as it did under that threshold.
+BEFORE_LAZY_MIN_BATCH = 32
 
 
 class EngineInstance:
@@ -53,9 +53,10 @@ class EngineInstance:
         self.lazy_mixed = lazy_mixed and max_run_steps > 0
         # A LazyBatch pays off from a few running requests; below, plain passes are cheaper.
         self.lazy_min_batch = LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
-        self.missing_lazy_min_batch = MISSING_LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
+        self.before_min_batch = BEFORE_LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
         # From this many running requests a (non-empty) lazy batch stays whatever it tracks.
-        self.keep_above = max(self.lazy_min_batch, self.missing_lazy_min_batch) // 2
+        self.keep_above = max(self.lazy_min_batch, self.before_min_batch) // 2
+        self.lazy_before = False        # whether the rules of before_min_batch would hold one now
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
         self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
         self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
@@ -165,14 +166,22 @@ class EngineInstance:
         """A request just appended to decode.running: record it for its first decode step and
         let the lazy batch track it (it tracks running[:max_batch_size] only)."""
         self.fresh.append(req)
-        if self.lazy is not None and len(self.decode.running) <= self.decode.max_batch_size:
+        if self.lazy is None:
+            return
+        running, m = self.decode.running, self.decode.max_batch_size
+        if len(running) <= m:
             if not self.lazy.admit(req):
                 self._materialize()
+        elif not self.lazy_before and (running[-1] is not req and running.index(req) < m):
+            # A request of the batch the lazy batch would miss (see _keep_lazy), where the
+            # rules of before_min_batch held none: the plain path steps it, so drop the lazy one.
+            self._materialize()
 
     def _materialize(self):
         if self.lazy is not None:
             self.lazy.materialize_all()
             self.lazy = None
+        self.lazy_before = False
 
     # Fast-forward runs ----------------------------------------------------------------
     def _need(self, num_steps):
@@ -337,6 +346,7 @@ class EngineInstance:
         if not running:
             return None
         lazy = self.lazy
+        before = self._before(lazy, len(running))
         if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
                 and not self._keep_lazy(running):
             self._materialize()
@@ -345,6 +355,7 @@ class EngineInstance:
             if lazy is None:
                 self._build_lazy()
                 lazy = self.lazy
+            self.lazy_before = before and lazy is not None
             if lazy is not None:
                 heap = lazy.heap
                 limit = heap[0][0] - lazy.step if heap else 1 << 30     # lazy.steps_to_first_finish()
@@ -359,12 +370,20 @@ class EngineInstance:
     def _try_lazy_mixed(self, now):
         running = self.decode.running
         lazy = self.lazy
+        before = self._before(lazy, len(running))
         if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
                 and not self._keep_lazy(running):
             self._materialize()
         if self.lazy is None and len(running) >= self.lazy_min_batch:
             self._build_lazy()
+        self.lazy_before = before and self.lazy is not None
         return lazy_mixed_step(self, now) if self.lazy is not None else None
+
+    def _before(self, lazy, n: int) -> bool:
+        """Whether the rules of before_min_batch (build from it, drop below half of it or
+        when empty, at these same points) would hold a lazy batch after this check."""
+        return n >= self.before_min_batch or (self.lazy_before and lazy is not None and bool(lazy.state)
+                                              and n >= self.before_min_batch // 2)
 
     def _keep_lazy(self, running) -> bool:
         """Whether the lazy batch stays for the next step (else it is materialised).
@@ -374,14 +393,16 @@ class EngineInstance:
         requests into decode past that size, those that still fall within the batch are not
         tracked (the plain path would step them) until the lazy batch is rebuilt. That
         behaviour is kept as it was, so such a batch is dropped exactly when it was before
-        (below MISSING_LAZY_MIN_BATCH // 2 running); a batch that tracks everything gives
-        the plain path's answers, so it may stay down to lazy_min_batch // 2."""
+        (below BEFORE_LAZY_MIN_BATCH // 2 running); a batch that tracks everything gives
+        the plain path's answers, so it may stay down to lazy_min_batch // 2. (A batch that
+        the before_min_batch rules would not hold is dropped by `_track` instead of missing
+        requests: the plain path steps them there.)"""
         size = self.lazy.size
         if not size:
             return False
         n = len(running)
         m = self.decode.max_batch_size
-        floor = self.lazy_min_batch if size == (n if n < m else m) else self.missing_lazy_min_batch
+        floor = self.lazy_min_batch if size == (n if n < m else m) else self.before_min_batch
         return n >= floor // 2
 
     def _build_lazy(self):
