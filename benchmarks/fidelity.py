@@ -131,6 +131,9 @@ def online(args, fit_rates, load_terms=None) -> int:
                         plan.prefill.device, "--torch-threads", str(threads), "--out", str(prof_path), "--quiet"],
                        cwd=REPO, env=ENV, check=True)
     engine_profile = load_profile(prof_path)
+    if prof_path.resolve() != (out / prof_path.name).resolve():
+        # The folder then holds all that `--from-dir` needs, wherever it is re-predicted.
+        (out / prof_path.name).write_bytes(prof_path.read_bytes())
     engine = ProfiledModel(engine_profile)
     mc = load_model_config(resolve_model_source(plan.model))
     slo = (args.ttft_slo_s, args.tpot_slo_s)

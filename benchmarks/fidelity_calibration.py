@@ -122,7 +122,10 @@ def calibrate(server: str, serve_pid: int, engine, prompt_lens=(16, 128, 512), b
     out["frontend_cpu_s_per_token"] = sum(after[k] - before[k] for k in ("serve", "ray", "client")) / max(1, tokens)
     out["other_cores"] = cpu_usage(start, after)["other"]
     if shared:
-        out["interference"] = interference(server)
+        try:
+            out["interference"] = interference(server)
+        except Exception as e:  # noqa: BLE001 - the run goes on with the even split, and says why
+            out["interference_error"] = f"{type(e).__name__}: {e}"[:500]
     return out
 
 
@@ -131,52 +134,104 @@ def _token_times(rec, start_unix_s: float) -> np.ndarray:
     return start_unix_s + rec.first_token_s + np.concatenate([[0.0], np.cumsum(rec.itl_s)])
 
 
-def interference(server: str, prompt_len: int = 256, decode_batch: int = 16, decode_tokens: int = 500,
-                 num_prefills: int = 40) -> dict:
-    """How a prefill and a decode instance sharing a GPU slow each other. Alone: prefill-only
-    requests (1 output token) of `prompt_len` tokens one at a time with the decode idle, and
-    `decode_batch` requests decoding together with the prefill idle. Together: the same decode
-    load while the same prefills run one after another. The prefill's speed while the decode
-    is busy (it always is here) = its compute time alone / together; the decode's = f /
-    (ITL together / ITL alone - 1 + f), f being the share of the window the prefill worker
-    was computing (a step overlaps a prefill for that share of the time). ITLs are compared at
-    the same token positions (the decode's step time grows with its context)."""
+def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 64, 128), decode_tokens: int = 256,
+                 num_prefills: int = 24) -> dict:
+    """How a prefill and a decode instance sharing a GPU slow each other, at several decode
+    batch sizes (the prefill's share of the GPU falls as the decode's batch grows). Alone:
+    prefill-only requests (1 output token) of `prompt_len` tokens one at a time with the
+    decode idle. Then for each batch b: b requests decode `decode_tokens` tokens together
+    and, once they run, the same prefills run one after another for part of their time.
+    The prefill's speed beside a decode batch of b = its compute time alone / together; the
+    decode's = f / (ITL together / ITL alone - 1 + f), f being the share of the window the
+    prefill worker was computing (a step overlaps a prefill for that share of the time). The
+    decode's ITL alone comes from the same run, before and after the prefills' window, as a
+    line in the step's index (its step time grows with its context), read at the window's
+    steps. `by_batch` holds one row per batch; the top-level keys are the row at 16 (or the
+    nearest), the scalar older profiles carry (`shared_speeds`). ~1-2 s per batch."""
     from cluster.bench import replay
+    t0 = time.monotonic()
+    alone = [r.timings["prefill_compute_s"] for r in asyncio.run(replay(bench_args(
+        server, f"random:{prompt_len},1,0", num_requests=max(4, num_prefills // 2), max_concurrency=1,
+        num_warmups=1)))[0] if r.ok]
+    alone_p = float(np.median(alone))
+    rows = []
+    for b in decode_batches:
+        lead_s = 0.3 + 0.003 * b                        # the batch's own prefills, then some steps alone
+        dec_spec = f"random:64,{decode_tokens},0"
 
-    def prefill_times(recs):
-        return [r.timings["prefill_compute_s"] for r in recs if r.ok]
-    alone_p = prefill_times(asyncio.run(replay(bench_args(
-        server, f"random:{prompt_len},1,0", num_requests=num_prefills // 2, max_concurrency=1, num_warmups=0)))[0])
-    dec_spec = f"random:64,{decode_tokens},0"
-    drecs = asyncio.run(replay(bench_args(server, dec_spec, num_requests=decode_batch, num_warmups=0)))[0]
-    alone_gaps = np.array([r.itl_s for r in drecs if r.ok and len(r.itl_s) == decode_tokens - 1])
+        async def together():
+            dec = asyncio.create_task(replay(bench_args(server, dec_spec, num_requests=b, num_warmups=0)))
+            await asyncio.sleep(lead_s)
+            pre = await replay(bench_args(server, f"random:{prompt_len},1,0", num_requests=num_prefills,
+                                          max_concurrency=1, num_warmups=0))
+            return pre, await dec
+        (precs, _, _, pnotes), (drecs, _, _, dnotes) = asyncio.run(together())
+        row = interference_row(b, alone_p, precs, pnotes["start_unix_s"], drecs, dnotes["start_unix_s"])
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        raise RuntimeError("interference: no decode batch gave a measurement")
+    ref = min(rows, key=lambda r: abs(r["decode_batch"] - 16))
+    return {"prompt_len": prompt_len, "prefill_alone_s": alone_p, **{k: ref[k] for k in ref},
+            "by_batch": rows, "seconds": time.monotonic() - t0}
 
-    async def together():
-        dec = asyncio.create_task(replay(bench_args(server, dec_spec, num_requests=decode_batch, num_warmups=0)))
-        await asyncio.sleep(0.5)                    # the decode batch is running
-        pre = await replay(bench_args(server, f"random:{prompt_len},1,0", num_requests=num_prefills,
-                                      max_concurrency=1, num_warmups=0))
-        return pre, await dec
-    (precs, _, _, pnotes), (drecs, _, _, dnotes) = asyncio.run(together())
-    ok_p = [r for r in precs if r.ok]
-    lo = pnotes["start_unix_s"] + min(r.sent_s for r in ok_p)
-    hi = pnotes["start_unix_s"] + max(r.done_s for r in ok_p)
-    ratios = []
-    for r in drecs:
-        if not (r.ok and len(r.itl_s) == decode_tokens - 1) or not len(alone_gaps):
-            continue
-        t = _token_times(r, dnotes["start_unix_s"])[1:]      # when each gap ended
-        inside = (t > lo) & (t < hi)
-        if inside.sum() >= 5:
-            ratios.append(np.median(np.array(r.itl_s)[inside]) / np.median(alone_gaps[:, inside]))
-    busy = sum(prefill_times(ok_p)) / max(hi - lo, 1e-9)
-    slow_p = float(np.median(prefill_times(ok_p)) / np.median(alone_p))
-    slow_d = float(np.median(ratios)) if ratios else 1.0
+
+def interference_row(batch: int, prefill_alone_s: float, precs, p_start_unix_s: float, drecs,
+                     d_start_unix_s: float, skip: int = 10) -> dict | None:
+    """One decode batch's row of `interference` from the records of its run: prefill-only
+    records `precs` (their run started at `p_start_unix_s`; only those that ran while every
+    decode request was between its first and last token count) and the decode batch's `drecs`.
+    The decode's gaps (after its first `skip`, while the batch forms) ending inside the
+    prefills' window are "together"; those before and after it "alone", fitted as a line in
+    the gap's index and read at the window's gaps. None when the run gave too little."""
+    ok_d = [r for r in drecs if r.ok and len(r.itl_s) > skip]
+    if not ok_d:
+        return None
+    # Only the prefills that ran while the whole batch was decoding count.
+    d_lo = max(d_start_unix_s + r.first_token_s for r in ok_d)
+    d_hi = min(d_start_unix_s + r.last_token_s for r in ok_d)
+    ok_p = [r for r in precs if r.ok and d_lo <= p_start_unix_s + r.sent_s and p_start_unix_s + r.done_s <= d_hi]
+    if len(ok_p) < 3:
+        return None
+    lo = p_start_unix_s + min(r.sent_s for r in ok_p)
+    hi = p_start_unix_s + max(r.done_s for r in ok_p)
+    idx_a, gap_a, idx_w, gap_w = [], [], [], []
+    for r in ok_d:
+        t = _token_times(r, d_start_unix_s)[1:]         # when each gap ended
+        gaps = np.asarray(r.itl_s, float)
+        idx = np.arange(len(gaps))
+        keep = idx >= skip
+        inside = keep & (t - gaps > lo) & (t < hi)      # the whole gap within the window
+        out_b = keep & (t < lo)
+        out_a = keep & (t - gaps > hi)
+        idx_a += list(idx[out_b | out_a])
+        gap_a += list(gaps[out_b | out_a])
+        idx_w += list(idx[inside])
+        gap_w += list(gaps[inside])
+    if len(gap_w) < 5 or len(gap_a) < 5:
+        return None
+    idx_a, gap_a, idx_w, gap_w = map(np.asarray, (idx_a, gap_a, idx_w, gap_w))
+    # A robust line through the medians of the two sides of the window (outliers do not tilt
+    # it); with only one side (the batch started late, or ended early), of its two halves.
+    side = idx_a < np.min(idx_w)
+    if min(side.sum(), (~side).sum()) < 5:
+        side = idx_a < np.median(idx_a)
+    if min(side.sum(), (~side).sum()) >= 3:
+        x0, y0 = float(np.median(idx_a[side])), float(np.median(gap_a[side]))
+        x1, y1 = float(np.median(idx_a[~side])), float(np.median(gap_a[~side]))
+        slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
+        expected = y0 + slope * (idx_w - x0)
+    else:
+        expected = np.full(len(idx_w), float(np.median(gap_a)))
+    slow_d = float(np.median(gap_w / np.maximum(expected, 1e-9)))
+    p_times = [r.timings["prefill_compute_s"] for r in ok_p]
+    busy = sum(p_times) / max(hi - lo, 1e-9)
+    slow_p = float(np.median(p_times) / prefill_alone_s)
     speed_d = busy / (slow_d - 1 + busy) if slow_d > 1 and busy > 0 else 1.0
-    return {"prompt_len": prompt_len, "decode_batch": decode_batch, "prefill_alone_s": float(np.median(alone_p)),
-            "prefill_together_s": float(np.median(prefill_times(ok_p))), "prefill_busy_share": float(busy),
-            "decode_itl_ratio": slow_d, "window_s": hi - lo,
-            "shared_speeds": [float(min(1.0, 1 / slow_p)), float(min(1.0, speed_d))]}
+    return {"decode_batch": int(batch), "prefill_together_s": float(np.median(p_times)),
+            "prefill_busy_share": float(busy), "decode_itl_ratio": slow_d, "decode_itl_alone_s": float(np.median(expected)),
+            "window_s": hi - lo, "gaps_alone": int(len(gap_a)), "gaps_together": int(len(gap_w)),
+            "shared_speeds": [float(min(1.0, 1 / slow_p)) if slow_p > 0 else 1.0, float(min(1.0, speed_d))]}
 
 
 
@@ -216,6 +271,9 @@ def fit_calibration(cal: dict, kv_bytes_per_token: int, gpu: bool = False) -> di
                 "other_cores": cal["other_cores"]})
     if "interference" in cal:
         fit["shared_speeds"] = cal["interference"]["shared_speeds"]
+        rows = sorted(cal["interference"].get("by_batch") or [], key=lambda r: r["decode_batch"])
+        if len(rows) >= 2:      # the speeds beside each decode batch (recordings before 2026-12-02 15:00 lack it)
+            fit["shared_speeds_by_batch"] = [[r["decode_batch"], *r["shared_speeds"]] for r in rows]
     return fit
 
 
@@ -247,6 +305,8 @@ def serving_terms(fit: dict, cpu_cores: float = 0.0, **loaded) -> dict:
     terms = {"dispatch_s": max(0.0, fit["ttft_offset_s"])}
     if fit.get("shared_speeds"):
         terms["shared_speeds"] = list(fit["shared_speeds"])
+    if fit.get("shared_speeds_by_batch"):
+        terms["shared_speeds_by_batch"] = [list(r) for r in fit["shared_speeds_by_batch"]]
     if cpu_cores:
         terms.update(host_cores=float(cpu_cores), other_cores=max(0.0, float(fit.get("other_cores", 0.0))),
                      frontend_cpu_s_per_token=float(fit.get("frontend_cpu_s_per_token", 0.0)))

@@ -27,7 +27,13 @@ fidelity() {    # $1: timeout (s), $2: default rates, $3: default requests per r
   timeout "$1" python3 -m benchmarks.fidelity --plan "benchmarks/plans/${gpu,,}_1p1d_llama3_8b.json" --workload azure-conv \
     --rates "${RATES:-$2}" --num-requests "${NUM:-$3}" --ttft-slo-s 0.4 --tpot-slo-s 0.04 \
     --profile "placement/profiles/${gpu}_llama-3-8b.json" --ray-worker-niceness 0 --out "$OUT/fidelity" \
-    ${LOAD_TERMS:+--load-terms-from "$LOAD_TERMS"} 2>&1 | grep -v "^(raylet)" | tail -60 | tee "$OUT/fidelity.log"
+    ${LOAD_TERMS:+--load-terms-from "$LOAD_TERMS"} 2>&1 | grep -v "^(raylet)" | tail -80 | tee "$OUT/fidelity.log"
+  # One file for the whole folder (fidelity.json with the calibration's raw measurements, the
+  # interference table included, plan.json, bench-rate*.json, the engine profile, serve.log):
+  # `python -m benchmarks.fidelity --from-dir fidelity --out DIR [--fit-rates R]` re-predicts and refits it.
+  [ -f "$OUT/fidelity/serve.log" ] && tail -n 3000 "$OUT/fidelity/serve.log" > "$OUT/serve.tail" \
+    && mv "$OUT/serve.tail" "$OUT/fidelity/serve.log"
+  tar czf "$OUT/fidelity.tar.gz" -C "$OUT" fidelity && rm -rf "$OUT/fidelity"
 }
 case "${STAGE:-main}" in
   main)           # GPU tests, KV transfer and engine benchmarks

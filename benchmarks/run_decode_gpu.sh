@@ -20,6 +20,7 @@ fi
 timeout ${DECODE_TIMEOUT_S:-250} python3 -m benchmarks.decode_speed --out "$OUT/decode_speed.json" \
   ${VARIANTS:+--variants $VARIANTS} 2>&1 | tee "$OUT/decode_speed.log"
 if [ -n "$PREFILL" ]; then
-  timeout ${PREFILL_TIMEOUT_S:-60} python3 -m benchmarks.prefill_sweep --out "$OUT/prefill_sweep.json" 2>&1 | tee "$OUT/prefill_sweep.log"
+  timeout ${PREFILL_TIMEOUT_S:-60} python3 -m benchmarks.prefill_sweep --out "$OUT/prefill_sweep.json" \
+    --v1-sweep --variants none --budget-s 55 2>&1 | tee "$OUT/prefill_sweep.log"
 fi
 date -u

@@ -10,8 +10,10 @@ callers that already run asyncio (the gRPC frontend).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from cluster.controller import Controller
@@ -22,6 +24,8 @@ from engine.sampling_params import SamplingParams
 from model.input_processor import InputProcessor
 from model.output_processor import RequestOutput
 from model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 OFFLOAD_PROMPT_ITEMS = 16384        # characters or token ids
 
@@ -54,13 +58,64 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     kw = {"num_cpus": num_cpus} if num_cpus else {}
     if num_gpus is not None:
         kw["num_gpus"] = num_gpus
-    try:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
-    except Exception as e:  # noqa: BLE001 - the local raylet or GCS did not come up
-        from engine.errors import ConfigError
-        raise ConfigError(f"could not start a local Ray cluster: {str(e).strip().splitlines()[-1]} "
-                          "(its logs: /tmp/ray/session_latest/logs; on an overloaded machine the start "
-                          "can time out: try again)") from None
+    # Ray gives its raylet a fixed 30 s to register with the GCS; on an overloaded machine that
+    # can pass. Such a start is retried (its half-started processes killed first) before giving up.
+    attempts = int(os.environ.get("DISAGG_RAY_START_ATTEMPTS", "3"))
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
+            return
+        except Exception as e:  # noqa: BLE001 - the local raylet or GCS did not come up
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            ray.shutdown()
+            killed = _kill_own_ray_processes()
+            if attempt < attempts and "timed out during startup" in str(e):
+                log.warning("the local Ray cluster did not start in time (attempt %d of %d; %d half-started "
+                            "processes stopped): trying again", attempt, attempts, killed)
+                time.sleep(2.0 * attempt)
+                continue
+            from engine.errors import ConfigError
+            raise ConfigError(f"could not start a local Ray cluster: {last} "
+                              f"(after {attempt} attempt{'s' if attempt > 1 else ''}; its logs: "
+                              "/tmp/ray/session_latest/logs; on an overloaded machine the start can time "
+                              "out: try again)") from None
+
+
+_RAY_PROCESS_MARKERS = ("gcs_server", "raylet", "ray/_private", "ray/dashboard", "ray/autoscaler", "ray::")
+
+
+def _kill_own_ray_processes() -> int:
+    """SIGKILL the Ray processes that descend from this process (what a failed `ray.init` left
+    running), and nothing else: other processes' Ray clusters are untouched. Linux (/proc) only."""
+    import signal
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return 0
+    children: dict[int, list[int]] = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    todo, killed = list(children.get(os.getpid(), [])), 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            cmd = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmd for m in _RAY_PROCESS_MARKERS):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
 
 
 def closed_to_network() -> None:

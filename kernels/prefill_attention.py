@@ -281,6 +281,9 @@ def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_l
     T, Hq, D = q.shape
     B = cu_seqlens.shape[0] - 1
     interpreted = is_interpreted(_prefill_kernel)
+    from kernels import prefill_attention_v2 as v2  # it imports this module's helpers
+    if config is None and not interpreted:
+        config = v2.default_variant(T, D)
     cfg = dict(_config(D, interpreted), **(config or {}))
     out = output_like("prefill_attention", out, q)
     if T == 0 or B == 0:
@@ -290,6 +293,10 @@ def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_l
         k_cache = v_cache = k
         block_tables = prefix_lens = cu_seqlens
     cache_strides = k_cache.stride()[:3] if has_prefix else (0, 0, 0)
+    if cfg.get("VARIANT") == "v2" and v2.v2_ok(q, k, v, out, interpreted):
+        v2.launch_v2(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens,
+                   cache_strides, has_prefix, cfg, interpreted)
+        return out
     use_tma = cfg.get("TMA", False) and _tma_ok(q, k, v)
     k_arg, v_arg = (_kv_descriptor(k, cfg["BLOCK_N"]), _kv_descriptor(v, cfg["BLOCK_N"])) if use_tma else (k, v)
     grid = (Hq, T // cfg["BLOCK_M"] + B)

@@ -18,6 +18,17 @@ from model.output_processor import Delta, OutputProcessor, RequestOutput
 from model.rank_runtime import WorkerConfig
 
 
+class _EventSink:
+    """Where the LLM's worker emits its events."""
+    __slots__ = ("events",)
+
+    def __init__(self):
+        self.events: list = []
+
+    def __call__(self, events: list) -> None:
+        self.events.extend(events)
+
+
 class LLM:
     """Offline generation: `LLM().generate(["Hello"], SamplingParams(max_tokens=8))`.
 
@@ -40,7 +51,8 @@ class LLM:
                            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                            schedule=mode, chunk_tokens=chunk_tokens, seed=seed, max_queue=1 << 30,
                            async_scheduling=async_scheduling)
-        self.core = ColocatedWorker(cfg, emit=self._collect)
+        self._sink = _EventSink()   # not a bound method of self: the worker must not keep the LLM alive
+        self.core = ColocatedWorker(cfg, emit=self._sink)
         rt = self.core.rt
         self.model, self.cfg, self.tokenizer, self.runner = rt.model, rt.model_config, rt.tokenizer, rt.runner
         self.block_manager = self.core.bm
@@ -50,13 +62,44 @@ class LLM:
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._results: dict[str, RequestOutput] = {}
-        self._events: list[dict] = []
 
-    def _collect(self, events: list) -> None:
-        self._events.extend(events)
+    def close(self) -> None:
+        """Free the model and its KV cache now. `del llm` does the same once nothing else holds
+        the LLM (no reference cycle keeps them: a second LLM on the same GPU finds the memory
+        free). A closed LLM refuses requests."""
+        core = self.__dict__.pop("core", None)
+        model = self.__dict__.get("model")
+        on_gpu = model is not None and any(p.is_cuda for p in model.parameters())
+        del model
+        for name in ("model", "runner", "block_manager"):
+            self.__dict__.pop(name, None)
+        if core is not None:
+            # The worker's parts refer back to it (its step isolation and async stepper hold its
+            # methods): emptied, the cycles hold nothing, and the model and KV cache go now.
+            rt = core.__dict__.get("rt")
+            core.__dict__.clear()
+            if rt is not None:
+                rt.__dict__.clear()
+        if on_gpu:      # what the runner's own cycles (graphs, tuned kernels) hold, now too
+            import gc
+            gc.collect()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # Requests ---------------------------------------------------------------------------
     def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None) -> str:
+        if "core" not in self.__dict__:
+            raise RuntimeError("this LLM is closed")
         req = self.inputs.build(prompt, sampling, request_id, arrival_s=time.monotonic())
         if req.request_id in self.requests:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
@@ -84,7 +127,7 @@ class LLM:
             if self.requests and self.core.num_preemptions == preempted:
                 raise RuntimeError("scheduler made no progress: a request needs more KV blocks than exist")
             return []
-        events, self._events = self._events, []
+        events, self._sink.events = self._sink.events, []
         deltas = [d for ev in events for d in self._postprocess(ev)]
         self.core.apply_cancels()       # requests a stop string ended leave the batch now
         return deltas

@@ -58,7 +58,9 @@ class Deployment:
     slice the device: while both are busy the prefill runs at `shared_speeds[0]` and the decode
     at `shared_speeds[1]` of their own models' speeds (processes without MPS never run kernels
     at the same time, so the two add up to about 1; (0.5, 0.5) is an even split, and
-    benchmarks/fidelity.py measures the split on a running cluster)."""
+    benchmarks/fidelity.py measures the split on a running cluster). `shared_speed_table`, when
+    given, replaces that scalar split by one that follows the decode's current batch: rows
+    `(decode_batch, prefill_speed, decode_speed)`, interpolated (placement.serving.speeds_at)."""
 
     block_size: int
     kv_bytes_per_token: int
@@ -67,6 +69,7 @@ class Deployment:
     colocated: InstanceGroup | None = None
     shared: list[tuple[int, int]] = field(default_factory=list)
     shared_speeds: tuple[float, float] = (0.5, 0.5)
+    shared_speed_table: tuple[tuple[float, float, float], ...] | None = None
 
     def __post_init__(self):
         if (self.prefill is None) != (self.decode is None):
@@ -89,6 +92,10 @@ class Deployment:
         if len(self.shared_speeds) != 2 or not all(0 < v <= 1 for v in self.shared_speeds):
             raise ConfigError(f"shared_speeds must be two speeds in (0, 1] (prefill, decode), "
                               f"got {self.shared_speeds}")
+        if self.shared_speed_table is not None:
+            from placement.serving import check_speed_table, speed_table
+            self.shared_speed_table = speed_table(self.shared_speed_table)
+            check_speed_table(self.shared_speed_table, "shared_speed_table")
 
     @property
     def disaggregated(self) -> bool:
@@ -180,8 +187,9 @@ def deployment_from_plan(plan: Plan, latency: str = "roofline", colocated_mode: 
     # A calibrated profile carries the speeds measured on the shared GPU (placement/serving.py).
     terms = getattr(p.latency, "serving", None)
     speeds = terms.shared_speeds if shared and terms is not None and terms.shared_speeds else (0.5, 0.5)
+    table = terms.shared_speeds_by_batch if shared and terms is not None else None
     return Deployment(plan.block_size, kv, prefill=p, decode=d, colocated=colocated, shared=shared,
-                      shared_speeds=speeds)
+                      shared_speeds=speeds, shared_speed_table=table)
 
 
 def shared_pairs(plan: Plan) -> list[tuple[int, int]]:

@@ -9,6 +9,8 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
                 "handover_s_per_stream": 1e-04,   // ... slower with every request in flight
                 "step_host_s_per_stream": 1e-05,  // decode step: host time per request in flight
                 "shared_speeds": [0.54, 0.53],    // shared GPU: speeds while both are busy
+                "shared_speeds_by_batch": [[1, 0.9, 0.6], [16, 0.6, 0.48], [128, 0.5, 0.5]],
+                                                  // ... beside a decode batch of b: [b, prefill, decode]
                 "host_cores": 2, "other_cores": 0.3, "frontend_cpu_s_per_token": 0.0009}
 
 - The runtime's hand-over is a queue: each prefill rank has one sender thread per decode rank
@@ -29,6 +31,12 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
   request (scheduling, sampling, output processing, the step's event); the worker's step also
   waits for the GIL it shares with the KV receive threads and the streaming generator, which
   grows with the requests in flight: `step_host_s_per_stream`.
+- A shared GPU's split depends on the decode's load: beside a decode batch of 1 the prefill
+  gets most of the device, beside 128 much less. `shared_speeds_by_batch` (measured by
+  benchmarks/fidelity_calibration.py's `interference` at several decode batches) gives the
+  speeds at each measured batch; the simulator reads them, interpolated linearly in the
+  decode's current batch (clamped at the table's ends), whenever both are busy
+  (`speeds_at`). Without the table the scalar `shared_speeds` holds at every batch.
 - On CPU the device IS the cores (`host_cores` > 0): the prefill and decode workers (one
   thread each), the frontend and client (`frontend_cpu_s_per_token` of CPU per streamed
   token) and everyone else on the machine (`other_cores`, measured, as threads of at most a
@@ -51,6 +59,7 @@ class ServingTerms:
     handover_serial: bool = True        # the hops hold the link: the next copy waits for them
     step_host_s_per_stream: float = 0.0
     shared_speeds: tuple[float, float] | None = None
+    shared_speeds_by_batch: tuple[tuple[float, float, float], ...] | None = None
     host_cores: float = 0.0
     other_cores: float = 0.0
     frontend_cpu_s_per_token: float = 0.0
@@ -61,6 +70,9 @@ class ServingTerms:
             if f.name == "shared_speeds":
                 if v is not None and (len(v) != 2 or not all(0 < s <= 1 for s in v)):
                     raise ConfigError(f"serving.shared_speeds must be two speeds in (0, 1], got {v}")
+            elif f.name == "shared_speeds_by_batch":
+                if v is not None:
+                    check_speed_table(v, "serving.shared_speeds_by_batch")
             elif f.name == "handover_serial":
                 if not isinstance(v, bool):
                     raise ConfigError(f"serving.handover_serial must be true or false, got {v!r}")
@@ -78,16 +90,61 @@ class ServingTerms:
         d = dict(d)
         if d.get("shared_speeds") is not None:
             d["shared_speeds"] = tuple(float(x) for x in d["shared_speeds"])
+        if d.get("shared_speeds_by_batch") is not None:
+            d["shared_speeds_by_batch"] = speed_table(d["shared_speeds_by_batch"])
         return cls(**d)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if d["shared_speeds"] is not None:
             d["shared_speeds"] = list(d["shared_speeds"])
+        if d["shared_speeds_by_batch"] is not None:
+            d["shared_speeds_by_batch"] = [list(r) for r in d["shared_speeds_by_batch"]]
+        else:
+            del d["shared_speeds_by_batch"]     # profiles without the table stay as they were
         return d
 
     def handover_delay(self, in_flight: int) -> float:
         return self.handover_s + self.handover_s_per_stream * in_flight
+
+
+def speed_table(rows) -> tuple[tuple[float, float, float], ...]:
+    """`[[decode_batch, prefill_speed, decode_speed], ...]` as a tuple sorted by batch."""
+    try:
+        return tuple(sorted((float(b), float(p), float(d)) for b, p, d in rows))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"serving.shared_speeds_by_batch must be rows [decode_batch, prefill_speed, "
+                          f"decode_speed], got {rows!r}") from e
+
+
+def check_speed_table(rows, name: str) -> None:
+    bad = not rows or any(len(r) != 3 for r in rows)
+    if not bad:
+        batches = [r[0] for r in rows]
+        bad = batches != sorted(set(batches)) or batches[0] < 0 \
+            or not all(0 < s <= 1 for r in rows for s in r[1:])
+    if bad:
+        raise ConfigError(f"{name} must be rows [decode_batch >= 0, prefill_speed, decode_speed] with distinct "
+                          f"batches in increasing order and speeds in (0, 1], got {rows!r}")
+
+
+def speeds_at(table, batch: float, step: float = 0.005) -> tuple[float, float]:
+    """(prefill, decode) speeds beside a decode batch of `batch`: linear between the table's
+    rows, the end rows' speeds beyond them; rounded to `step`, so that a batch growing by one
+    request re-times the runs only when the speeds moved by that much."""
+    from bisect import bisect_right
+    i = bisect_right([r[0] for r in table], batch)
+    if i == 0:
+        p, d = table[0][1], table[0][2]
+    elif i == len(table):
+        p, d = table[-1][1], table[-1][2]
+    else:
+        (b0, p0, d0), (b1, p1, d1) = table[i - 1], table[i]
+        w = (batch - b0) / (b1 - b0)
+        p, d = p0 + w * (p1 - p0), d0 + w * (d1 - d0)
+    if step:
+        p, d = (max(step, round(round(x / step) * step, 9)) for x in (p, d))
+    return min(1.0, p), min(1.0, d)
 
 
 def _water_fill(demands: list[float], capacity: float) -> list[float]:

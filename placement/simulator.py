@@ -20,7 +20,9 @@ queued prompt tokens (`_colocated_first`).
 Prefill and decode instances that share GPUs (`Deployment.shared`) time-slice them: after each
 event the simulator looks at whether each pair is busy, and while both are, each runs at its
 share of `Deployment.shared_speeds` (a prefill batch in flight is stretched by its remaining work; a
-decode run is cut after its step in progress and continues at the new speed).
+decode run is cut after its step in progress and continues at the new speed). With a
+`Deployment.shared_speed_table` (a calibrated profile's `shared_speeds_by_batch`) the split
+follows the decode's current batch: re-read whenever that batch changes while both are busy.
 
 A calibrated profile's serving terms (placement/serving.py) add what serving costs beyond the
 engine: arrivals reach the controller `dispatch_s` late, the controller's hops after each KV
@@ -46,7 +48,7 @@ from engine.routing import PrefixRouter, pick_decode
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
 from placement.engine_instance import EngineInstance
-from placement.serving import CoreShare, ServingTerms, serving_terms
+from placement.serving import CoreShare, ServingTerms, serving_terms, speeds_at
 from placement.sim_instances import PrefillInstance
 from placement.slo_metrics import SimResult
 from placement.workload import Workload, prompt_token_ids
@@ -197,8 +199,9 @@ class Simulator:
         push, pop = heapq.heappush, heapq.heappop
         pairs = [(self.prefills[i], self.decodes[j]) for i, j in self.dep.shared] \
             if self.prefills and self.decodes else []
-        busy = [(False, False)] * len(pairs)
         p_speed, d_speed = self.dep.shared_speeds
+        busy = [(False, False, p_speed, d_speed)] * len(pairs)
+        table, table_speeds = self.dep.shared_speed_table, {}
         cores = CoreShare(self.serving, self.prefills + self.decodes + self.colocated) \
             if self.serving and self.serving.host_cores else None
         while heap and not self.stopped:
@@ -208,11 +211,19 @@ class Simulator:
             if pairs:
                 events = list(events or ())
                 for k, (p, d) in enumerate(pairs):
-                    state = (p.busy, d.busy)
+                    if table is not None and p.busy and d.busy:
+                        # The split follows the decode's batch (the requests it steps now).
+                        b = min(len(d.decode.running), d.decode.max_batch_size)
+                        speeds = table_speeds.get(b)
+                        if speeds is None:
+                            speeds = table_speeds[b] = speeds_at(table, b)
+                        state = (True, True, *speeds)
+                    else:
+                        state = (p.busy, d.busy, p_speed, d_speed)
                     if state != busy[k]:
                         busy[k] = state
-                        events.extend(p.set_speed(now, p_speed if state[1] else 1.0) or ())
-                        events.extend(d.set_speed(now, d_speed if state[0] else 1.0) or ())
+                        events.extend(p.set_speed(now, state[2] if state[1] else 1.0) or ())
+                        events.extend(d.set_speed(now, state[3] if state[0] else 1.0) or ())
             if cores is not None:
                 events = list(events or ())
                 events.extend(cores.update(now))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels import prefill_attention as mod
+from kernels import prefill_attention_v2 as v2
 from tests.kernels.helpers import assert_close, block_tables, cu_seqlens
 
 # (q heads, kv heads, head dim, block size, new lengths, prefix lengths or None). Lengths are
@@ -121,3 +122,74 @@ def test_dispatch(target, gen, monkeypatch):
     mod.prefill_attention(q, k, v, cu, 0.1)
     mod.prefill_attention(q, k, v, cu, 0.1, impl="torch")
     assert len(calls) == (1 if target.device == "cuda" else 0)
+
+
+# The v2 kernel (tensor descriptors, optional pipelined / persistent / warp-specialised loops).
+# Small tiles on the interpreter; the descriptors are made on the host or in the kernel.
+V2_CPU_MODES = {
+    "host": dict(),
+    "pipe": dict(PIPE=True),
+    "single": dict(SINGLE_LOOP=True),
+    "persist-dev-ws-single": dict(PERSISTENT=True, DEVICE_DESC=True, WS=True, SINGLE_LOOP=True),
+}
+
+
+@pytest.mark.parametrize("mode", list(V2_CPU_MODES))
+@pytest.mark.parametrize("hq,hk,d,bs,lens,prefix", [c for c in CASES if c.id != "gqa2-d80-prefix"])
+def test_v2_matches_reference(gen, mode, hq, hk, d, bs, lens, prefix, monkeypatch):
+    # CPU (interpreter) only: the GPU tiles run in test_v2_gpu_variants_match_reference
+    from tests.kernels.helpers import Target
+    target = Target("cpu", torch.float32)
+    calls = []
+    monkeypatch.setattr(v2, "launch_v2", lambda *a, _f=v2.launch_v2: calls.append(1) or _f(*a))
+    q, k, v, cu, kw = _inputs(target, gen, hq, hk, d, bs, lens, prefix)
+    tiles = dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
+    args = (q, k, v, cu, d ** -0.5, kw.get("k_cache"), kw.get("v_cache"), kw.get("block_tables"),
+            kw.get("prefix_lens"))
+    out = mod._launch(*args, config=dict(VARIANT="v2", **tiles, **V2_CPU_MODES[mode]))
+    assert calls, "the v2 kernel did not run"
+    assert_close(out, mod.prefill_attention_ref(*args), target)
+
+
+def test_v2_falls_back_to_v1_for_odd_head_dims(gen, monkeypatch):
+    calls = []
+    monkeypatch.setattr(v2, "launch_v2", lambda *a: calls.append(1))
+    from tests.kernels.helpers import Target
+    target = Target("cpu", torch.float32)
+    q, k, v, cu, _ = _inputs(target, gen, 2, 1, 80, 16, [19, 33], None)
+    out = mod._launch(q, k, v, cu, 0.1, None, None, None, None, config=dict(VARIANT="v2"))
+    assert not calls
+    assert_close(out, mod.prefill_attention_ref(q, k, v, cu, 0.1), target)
+
+
+def _is_unsupported(e: Exception) -> bool:
+    """A variant this Triton cannot compile on this GPU (e.g. warp specialisation on Hopper)."""
+    return type(e).__name__ in ("CompilationError", "MLIRError", "OutOfResources") \
+        or "PassManager" in str(e) or "warp_specialize" in str(e)
+
+
+# each loop structure once with a cached prefix (a compile per variant and prefix flag costs)
+V2_PREFIX_GPU = ["v2-host-128x64-w8-s3", "v2-pipe-128x64-w8-s3", "v2-persist-128x64-w8-s3",
+                 "v2-ws-single-dev-128x128-w4-s2"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,lens,prefix", [
+    *[pytest.param(n, [1, 64, 65, 3, 2048], None, id=f"{n}-ragged") for n in v2.V2_CONFIGS],
+    *[pytest.param(n, [700, 129, 1000], [300, 0, 1200], id=f"{n}-prefix") for n in V2_PREFIX_GPU]])
+def test_v2_gpu_variants_match_reference(gen, name, lens, prefix):
+    # Every variant the benchmark measures, compiled for the GPU with its real tiles, in bf16.
+    from tests.kernels.helpers import Target
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper GPU")
+    target = Target("cuda", torch.bfloat16)
+    q, k, v, cu, kw = _inputs(target, gen, 32, 8, 128, 16, lens, prefix)
+    args = (q, k, v, cu, 128 ** -0.5, kw.get("k_cache"), kw.get("v_cache"), kw.get("block_tables"),
+            kw.get("prefix_lens"))
+    try:
+        out = mod._launch(*args, config=v2.V2_CONFIGS[name])
+    except Exception as e:  # noqa: BLE001 - an unsupported variant is reported, a wrong one fails
+        if _is_unsupported(e):
+            pytest.skip(f"{name} does not compile here: {type(e).__name__}: {str(e)[:200]}")
+        raise
+    assert_close(out, mod.prefill_attention_ref(*args), target)

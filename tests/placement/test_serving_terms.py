@@ -9,7 +9,7 @@ import pytest
 from engine.errors import ConfigError
 from placement.deployment import Deployment
 from placement.latency_profile import ProfiledModel
-from placement.serving import ServingTerms, _water_fill
+from placement.serving import ServingTerms, _water_fill, speeds_at
 from placement.simulator import simulate
 from tests.placement.helpers import KV_BYTES, group, profile, workload
 
@@ -129,3 +129,67 @@ def test_a_plan_sharing_a_gpu_takes_the_measured_split_from_a_serving_profile():
     assert served.decode.latency.serving.step_host_s_per_stream > 0
     plain = deployment_from_plan(plan, latency=str(repo / "placement" / "profiles" / "H200_llama-3-8b.json"))
     assert plain.shared_speeds == (0.5, 0.5) and plain.decode.latency.serving is None
+
+
+def test_shared_speeds_follow_the_decode_batch_by_interpolation():
+    table = ((1, 0.8, 0.7), (32, 0.4, 0.6))
+    assert speeds_at(table, 0) == speeds_at(table, 1) == (0.8, 0.7)         # below: the first row
+    assert speeds_at(table, 500) == (0.4, 0.6)                              # above: the last row
+    p, d = speeds_at(table, 16.5, step=0)                                    # half way: linear
+    assert p == pytest.approx(0.6) and d == pytest.approx(0.65)
+    assert speeds_at(table, 16) == (0.605, 0.65)      # 0.6065, 0.6516 on the simulator's 0.005 grid
+    terms = ServingTerms.from_dict({"shared_speeds": [0.6, 0.5], "shared_speeds_by_batch": [[32, 0.4, 0.6], [1, 0.8, 0.7]]})
+    assert terms.shared_speeds_by_batch == ((1.0, 0.8, 0.7), (32.0, 0.4, 0.6))     # sorted by batch
+    assert ServingTerms.from_dict(terms.to_dict()) == terms
+    # A profile without the table keeps its serving section as it was (no new key written).
+    assert "shared_speeds_by_batch" not in ServingTerms(shared_speeds=(0.6, 0.5)).to_dict()
+    for bad in ([[1, 0.8]], [[1, 0.8, 0]], [[4, 0.8, 0.7], [4, 0.5, 0.5]], []):
+        with pytest.raises(ConfigError, match="shared_speeds_by_batch"):
+            ServingTerms.from_dict({"shared_speeds_by_batch": bad})
+    with pytest.raises(ConfigError, match="shared_speed_table"):
+        Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speed_table=[[1, 2, 0.5]])
+
+
+def _probe_prefill_s(decode_batch: int, table=None, speeds=(0.5, 0.5)) -> float:
+    # `decode_batch` requests (10-token prompts, 400 tokens each: decode steps of 0.1 s at full
+    # speed) are decoding when a 100-token probe arrives at t=20 (its prefill: 1.0 s alone).
+    n = decode_batch
+    wl = workload([0.0] * n + [20.0], [10] * n + [100], [400] * n + [1])
+    dep = Deployment(16, KV_BYTES, prefill=group(), decode=group(), shared=[(0, 0)], shared_speeds=speeds,
+                     shared_speed_table=table)
+    r = simulate(dep, wl)
+    assert r.finish_s[:n].min() > r.first_token_s[n] > 20.0     # the decode ran throughout
+    return float(r.first_token_s[n] - r.prefill_start_s[n])
+
+
+def test_a_bigger_decode_batch_slows_the_simulated_prefill():
+    # Measured on the H200 (2026-12-02 05:22) beside a decode batch of 16 only: one scalar split.
+    # With a table the prefill's speed follows the decode's batch: 0.8 beside 1, 0.4 beside 32.
+    table = ((1, 0.8, 0.7), (32, 0.4, 0.6))
+    assert _probe_prefill_s(1, table) == pytest.approx(1.0 / 0.8)
+    assert _probe_prefill_s(32, table) == pytest.approx(1.0 / 0.4)
+    assert _probe_prefill_s(16, table) == pytest.approx(1.0 / 0.605)       # interpolated
+    assert _probe_prefill_s(1, table) < _probe_prefill_s(8, table) < _probe_prefill_s(16, table) \
+        < _probe_prefill_s(32, table)
+    # Without the table the scalar split holds at every batch (profiles and recordings before it).
+    assert _probe_prefill_s(1) == pytest.approx(_probe_prefill_s(32)) == pytest.approx(2.0)
+
+
+def test_a_serving_profile_with_the_table_reaches_the_deployment(tmp_path):
+    import json
+    from pathlib import Path
+
+    from engine.plan import Plan
+    from placement.deployment import deployment_from_plan
+    repo = Path(__file__).resolve().parents[2]
+    plan = Plan.load(repo / "benchmarks" / "plans" / "h200_1p1d_llama3_8b.json")
+    prof = json.loads((repo / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json").read_text())
+    committed = repo / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json"
+    assert deployment_from_plan(plan, latency=str(committed)).shared_speed_table[0][0] == 1    # measured 14:45
+    before = repo / "benchmarks" / "recorded" / "fidelity-h200-2026-12-02b" / "profile-serving-allrates.json"
+    assert deployment_from_plan(plan, latency=str(before)).shared_speed_table is None       # no table: scalar
+    prof["serving"]["shared_speeds_by_batch"] = [[1, 0.9, 0.6], [128, 0.5, 0.5]]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    dep = deployment_from_plan(plan, latency=str(path))
+    assert dep.shared_speed_table == ((1, 0.9, 0.6), (128, 0.5, 0.5))
