@@ -13,7 +13,7 @@ Chunked mixed steps (prefill chunks + the whole decode batch) are taken with the
 when it tracks the batch and the step preempts nobody (placement/lazy_mixed.py).
 
 Two ways to run: `DecodePolicy.max_steps_without_preemption` and `DecodePolicy.fast_forward`
-at O(batch) per run; or, with the counting block manager, a few dozen requests running and
+at O(batch) per run; or, with the counting block manager, LAZY_MIN_BATCH requests running and
 all of them in the batch, a `LazyBatch` at O(1) per join or finish.
 
 `speed` (1 = the latency model's times) is lowered by the simulator while a prefill instance
@@ -32,6 +32,11 @@ from placement.sim_instances import _run_time, _steps_ended, make_block_manager
 from placement.lazy import LazyBatch
 from placement.lazy_mixed import lazy_mixed_step
 
+LAZY_MIN_BATCH = 8              # running requests from which decode runs use a LazyBatch
+# The threshold before it came down from 32: where a lazy batch can miss requests of the batch
+# (see `_keep_lazy`), it lives and misses them exactly as it did under that threshold.
+BEFORE_LAZY_MIN_BATCH = 32
+
 
 class EngineInstance:
     """The decode side of a disaggregated deployment, or a colocated instance.
@@ -40,14 +45,18 @@ class EngineInstance:
     events."""
 
     def __init__(self, index: int, group: InstanceGroup, block_size: int, on_first_token, on_finish,
-                 exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int = 32,
+                 exact_blocks: bool = False, max_run_steps: int = 1 << 30, lazy_min_batch: int | None = None,
                  lazy_mixed: bool = True, prefix_caching: bool = False):
         self.index = index
         # Chunked mixed steps with the decode batch kept lazy (placement/lazy_mixed.py);
         # False: every mixed step through ColocatedPolicy.schedule (the reference, in tests).
         self.lazy_mixed = lazy_mixed and max_run_steps > 0
-        # A LazyBatch pays off from a few dozen running requests; below, plain passes are cheaper.
-        self.lazy_min_batch = lazy_min_batch
+        # A LazyBatch pays off from a few running requests; below, plain passes are cheaper.
+        self.lazy_min_batch = LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
+        self.before_min_batch = BEFORE_LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
+        # From this many running requests a (non-empty) lazy batch stays whatever it tracks.
+        self.keep_above = max(self.lazy_min_batch, self.before_min_batch) // 2
+        self.lazy_before = False        # whether the rules of before_min_batch would hold one now
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
         self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
         self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
@@ -111,7 +120,7 @@ class EngineInstance:
         if self.run_need is not None:
             return self.run_need
         k, batch = self.run[1], self.run[4]
-        size = len(batch) if batch is not None else self.lazy.size
+        size = len(batch) if batch is not None else len(self.lazy.state)
         return size * (k // self.block_size + 1)    # no request takes more in k steps
 
     def _run_need(self) -> int:
@@ -157,14 +166,22 @@ class EngineInstance:
         """A request just appended to decode.running: record it for its first decode step and
         let the lazy batch track it (it tracks running[:max_batch_size] only)."""
         self.fresh.append(req)
-        if self.lazy is not None and len(self.decode.running) <= self.decode.max_batch_size:
+        if self.lazy is None:
+            return
+        running, m = self.decode.running, self.decode.max_batch_size
+        if len(running) <= m:
             if not self.lazy.admit(req):
                 self._materialize()
+        elif not self.lazy_before and (running[-1] is not req and running.index(req) < m):
+            # A request of the batch the lazy batch would miss (see _keep_lazy), where the
+            # rules of before_min_batch held none: the plain path steps it, so drop the lazy one.
+            self._materialize()
 
     def _materialize(self):
         if self.lazy is not None:
             self.lazy.materialize_all()
             self.lazy = None
+        self.lazy_before = False
 
     # Fast-forward runs ----------------------------------------------------------------
     def _need(self, num_steps):
@@ -228,16 +245,15 @@ class EngineInstance:
         return self._after_step(now, finished)
 
     def _release(self, finished):
-        # What ColocatedPolicy.release does for requests that are only in the decode batch,
-        # by identity: `in`/`remove` on the running list would call Request.__eq__ per entry.
+        # What ColocatedPolicy.release does for requests that are only in the decode batch.
         if not finished:
             return
         running = self.decode.running
         for r in finished:
-            for i, x in enumerate(running):
-                if x is r:
-                    del running[i]
-                    break
+            try:
+                del running[running.index(r)]   # the simulator's requests compare identities
+            except ValueError:
+                pass
             self.bm.free(r.block_ids)
         lazy, m = self.lazy, self.decode.max_batch_size
         if lazy is not None and len(running) > m - len(finished):
@@ -317,7 +333,9 @@ class EngineInstance:
         waiting = self.policy.prefill.waiting
         if waiting:
             head = waiting[0]
-            if head.block_ids or self.bm.can_allocate(head.all_token_ids):
+            # A counting block manager's can_allocate, without the request's token list.
+            if head.block_ids or (-(-head.num_tokens // self.block_size) <= self.bm.num_free_blocks
+                                  if self.use_lazy else self.bm.can_allocate(head.all_token_ids)):
                 if self.lazy_mixed and self.policy.mode == "chunked" and self.use_lazy and self.decode.running:
                     events = self._try_lazy_mixed(now)
                     if events is not None:
@@ -327,31 +345,69 @@ class EngineInstance:
         running = self.decode.running
         if not running:
             return None
-        if self.lazy is not None and (len(running) < self.lazy_min_batch // 2 or not self.lazy.size):
+        lazy = self.lazy
+        before = self._before(lazy, len(running))
+        if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
+                and not self._keep_lazy(running):
             self._materialize()
-        if self.use_lazy and (self.lazy is not None or len(running) >= self.lazy_min_batch):
-            if self.lazy is None:
+            lazy = None
+        if self.use_lazy and (lazy is not None or len(running) >= self.lazy_min_batch):
+            if lazy is None:
                 self._build_lazy()
-            if self.lazy is not None:
                 lazy = self.lazy
-                limit = min(lazy.steps_to_first_finish(), self.max_run_steps)
+            self.lazy_before = before and lazy is not None
+            if lazy is not None:
+                heap = lazy.heap
+                limit = heap[0][0] - lazy.step if heap else 1 << 30     # lazy.steps_to_first_finish()
+                if self.max_run_steps < limit:
+                    limit = self.max_run_steps
                 k = lazy.max_steps(self.bm.num_free_blocks, limit)
                 if k == 0:
                     return self._real_step(now)     # this step preempts
-                return self._start_run(now, None, lazy.size, k, lazy.sum_tokens)
+                return self._start_run(now, None, len(lazy.state), k, lazy.sum_tokens)
         return self._next_eager(now, running)
 
     def _try_lazy_mixed(self, now):
         running = self.decode.running
-        if self.lazy is not None and (len(running) < self.lazy_min_batch // 2 or not self.lazy.size):
+        lazy = self.lazy
+        before = self._before(lazy, len(running))
+        if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
+                and not self._keep_lazy(running):
             self._materialize()
         if self.lazy is None and len(running) >= self.lazy_min_batch:
             self._build_lazy()
+        self.lazy_before = before and self.lazy is not None
         return lazy_mixed_step(self, now) if self.lazy is not None else None
+
+    def _before(self, lazy, n: int) -> bool:
+        """Whether the rules of before_min_batch (build from it, drop below half of it or
+        when empty, at these same points) would hold a lazy batch after this check."""
+        return n >= self.before_min_batch or (self.lazy_before and lazy is not None and bool(lazy.state)
+                                              and n >= self.before_min_batch // 2)
+
+    def _keep_lazy(self, running) -> bool:
+        """Whether the lazy batch stays for the next step (else it is materialised).
+
+        A lazy batch can miss requests of the batch: `_track` admits a request only while
+        running holds at most max_batch_size, so when a prefill_first step moves several
+        requests into decode past that size, those that still fall within the batch are not
+        tracked (the plain path would step them) until the lazy batch is rebuilt. That
+        behaviour is kept as it was, so such a batch is dropped exactly when it was before
+        (below BEFORE_LAZY_MIN_BATCH // 2 running); a batch that tracks everything gives
+        the plain path's answers, so it may stay down to lazy_min_batch // 2. (A batch that
+        the before_min_batch rules would not hold is dropped by `_track` instead of missing
+        requests: the plain path steps them there.)"""
+        size = self.lazy.size
+        if not size:
+            return False
+        n = len(running)
+        m = self.decode.max_batch_size
+        floor = self.lazy_min_batch if size == (n if n < m else m) else self.before_min_batch
+        return n >= floor // 2
 
     def _build_lazy(self):
         lazy = LazyBatch(self.block_size)
-        if all(lazy.admit(r) for r in self.decode.running[:self.decode.max_batch_size]):
+        if lazy.admit_all(self.decode.running[:self.decode.max_batch_size]):
             self.lazy = lazy
 
     def _next_eager(self, now, running):

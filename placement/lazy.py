@@ -56,6 +56,30 @@ class LazyBatch:
         self.sum_tokens += n
         return True
 
+    def admit_all(self, reqs) -> bool:
+        """`admit` each of `reqs` in order (False at the first that cannot be tracked); one
+        heapify instead of a push per request (the heap pops in the same order: its entries
+        are totally ordered by their sequence numbers)."""
+        bs, step, seq = self.bs, self.step, self.seq
+        state, fresh, heap = self.state, self.fresh, self.heap
+        total = 0
+        for req in reqs:
+            out = len(req.output_token_ids)
+            n = len(req.prompt_token_ids) + out
+            s0 = len(req.block_ids) * bs - n + 1
+            if not 0 <= s0 <= bs:
+                return False
+            key = id(req)
+            state[key] = [req, step, n, step + s0]
+            fresh[key] = step + s0
+            heap.append((step + req.sampling.max_tokens - out, seq, req))
+            seq += 1
+            total += n
+        heapq.heapify(heap)
+        self.seq = seq
+        self.sum_tokens += total
+        return True
+
     def need(self, num_steps: int) -> int:
         """KV blocks the next `num_steps` steps take."""
         if num_steps <= 0:
@@ -126,5 +150,14 @@ class LazyBatch:
         self.sum_tokens -= st[2]
 
     def materialize_all(self) -> None:
+        step, bs = self.step, self.bs
         for st in self.state.values():
-            self.materialize(st[0])
+            k = step - st[1]
+            if k:
+                req = st[0]
+                tokens = st[2] + k
+                req.output_token_ids.extend(repeat(0, k))
+                grow = -(-(tokens - 1) // bs) - len(req.block_ids)
+                if grow > 0:
+                    req.block_ids.extend(repeat(-1, grow))
+                st[1], st[2] = step, tokens

@@ -27,8 +27,9 @@ def lazy_mixed_step(inst, now):
     """Start a mixed step of `inst` (an EngineInstance with `inst.lazy` set); events, or None
     if this step must go through `ColocatedPolicy.schedule` (it would preempt)."""
     lazy, bm, policy = inst.lazy, inst.bm, inst.policy
-    size = lazy.size
-    if size != min(len(inst.decode.running), inst.decode.max_batch_size):
+    size = len(lazy.state)
+    n, m = len(inst.decode.running), inst.decode.max_batch_size
+    if size != (n if n < m else m):
         return None
     budget = policy.chunk_tokens - size
     if budget <= 0:

@@ -43,7 +43,7 @@ from collections import deque
 import numpy as np
 
 from engine.batching import finish
-from engine.request import FinishReason, Request, RequestState
+from engine.request import TRANSITIONS, FinishReason, Request, RequestState
 from engine.routing import PrefixRouter, pick_decode
 from engine.sampling_params import SamplingParams
 from placement.deployment import Deployment
@@ -57,13 +57,54 @@ PHASES = ("both", "prefill", "decode")
 _NAN = float("nan")
 
 
+_ALLOWED = {id(a): frozenset(map(id, b)) for a, b in TRANSITIONS.items()}
+
+
+class SimRequest(Request):
+    """The simulator's requests: two are equal only when they are the same object (their ids
+    differ anyway, so the answers are Request's), which lets the policies' list scans (`in`,
+    `remove`) compare identities instead of every field."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def transition(self, new_state: RequestState) -> None:
+        # Request.transition's check by identity (an Enum member hashes in Python).
+        if id(new_state) not in _ALLOWED[id(self.state)]:
+            super().transition(new_state)       # raises InvalidTransition
+        self.state = new_state
+
+
+class _TokenCount:
+    """What a counting block manager is given for a request's tokens: it only asks how many."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class CountedRequest(SimRequest):
+    """A request whose token contents never matter (counting block manager, no prefix
+    caching): `all_token_ids` is only measured, so it is not built (a copy of the prompt per
+    call)."""
+
+    @property
+    def all_token_ids(self):
+        return _TokenCount(len(self.prompt_token_ids) + len(self.output_token_ids))
+
+
 class Simulator:
     """One simulation run. `slo=(ttft_s, tpot_s)` with `max_misses` stops the run as soon as
     more than `max_misses` requests are known to miss (a goodput probe that cannot pass).
     `exact_blocks` uses the engine's BlockManager instead of the counting twin;
     `max_run_steps=0` turns fast-forwarding off: every step goes through
     `ColocatedPolicy.schedule`; `lazy_min_batch` is the batch size from which decode runs use
-    a LazyBatch, `lazy_mixed=False` runs chunked mixed steps with the decode batch
+    a LazyBatch (default: engine_instance.LAZY_MIN_BATCH; a value given also replaces
+    BEFORE_LAZY_MIN_BATCH), `lazy_mixed=False` runs chunked mixed steps with the decode batch
     materialised (tests check that every way gives the same answer). `serving` (default: the
     latency model's, from a profile's "serving" section) adds what serving costs beyond the
     engine (placement/serving.py)."""
@@ -71,7 +112,7 @@ class Simulator:
     def __init__(self, deployment: Deployment, workload: Workload, phase: str = "both",
                  exact_blocks: bool = False, prefix_caching: bool = False,
                  slo: tuple[float, float] | None = None, max_misses: int | None = None,
-                 max_run_steps: int = 1 << 30, lazy_min_batch: int = 32, lazy_mixed: bool = True,
+                 max_run_steps: int = 1 << 30, lazy_min_batch: int | None = None, lazy_mixed: bool = True,
                  serving: ServingTerms | None = None, routing: str = "load"):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -230,7 +271,8 @@ class Simulator:
         sampling = self._sampling.get(out)
         if sampling is None:
             sampling = self._sampling[out] = SamplingParams(max_tokens=out, ignore_eos=True)
-        req = Request(str(i), prompt, sampling, arrival_s=now)
+        cls = SimRequest if self.prefix_caching or self.exact_blocks else CountedRequest
+        req = cls(str(i), prompt, sampling, arrival_s=now)
         req.index = i
         return req
 
@@ -250,7 +292,7 @@ class Simulator:
             self._num_assigned_colocated[k] += 1
         else:
             free = _free_for_routing(self.colocated, now, [c.bm.blocks_for(c.queued_tokens) for c in self.colocated])
-            k = pick_decode(free, -(1 << 60))
+            k = free.index(max(free))       # pick_decode(free, -inf): the most, ties to the first
         return self.colocated[k].arrive(req, now)
 
     def _dispatch(self, now):
@@ -390,11 +432,11 @@ def _free_for_routing(instances, now, minus=None, need=None) -> list[int]:
     exact counts (`free_blocks`, O(batch) mid-run) computed only for instances that could be
     picked: an instance whose upper bound is below another's lower bound cannot win, and the
     winner's lower bound decides as well as its exact count when it already covers `need`."""
-    upper, lower = [], []
-    for i, inst in enumerate(instances):
-        u = inst.bm.num_free_blocks - (minus[i] if minus else 0)
-        upper.append(u)
-        lower.append(u - inst.pending_blocks)
+    upper = [inst.bm.num_free_blocks for inst in instances]
+    if minus:
+        upper = [u - m for u, m in zip(upper, minus)]
+    # pending_blocks is 0 without a run in flight.
+    lower = [u if inst.run is None else u - inst.pending_blocks for u, inst in zip(upper, instances)]
     top = max(lower)
     contenders = [i for i, u in enumerate(upper) if u >= top]
     if len(contenders) == 1 and (need is None or top >= need):
