@@ -172,9 +172,9 @@ class EngineInstance:
         if len(running) <= m:
             if not self.lazy.admit(req):
                 self._materialize()
-        elif not self.lazy_before and (running[-1] is not req and running.index(req) < m):
-            # A request of the batch the lazy batch would miss (see _keep_lazy), where the
-            # rules of before_min_batch held none: the plain path steps it, so drop the lazy one.
+        elif running[-1] is not req and running.index(req) < m:
+            # A request of the batch the lazy batch would miss (a prefill step moved several
+            # requests past the batch cap): the plain path steps it, so drop the lazy one.
             self._materialize()
 
     def _materialize(self):
