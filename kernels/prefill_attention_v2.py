@@ -290,6 +290,14 @@ def _num_sms(dev) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
+def _search_steps(num_seqs: int) -> int:
+    """The unrolled search's steps, a constexpr: one value for every batch below 256 sequences.
+    Steps past log2(num_seqs + 1) are no-ops; one value per batch size made Triton compile a
+    kernel for each new batch size in a serving run (0.3 s a prefill batch at 48 req/s on the
+    H200, 15:35 UTC)."""
+    return 8 if num_seqs < 256 else num_seqs.bit_length()
+
+
 def launch_v2(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens,
                cache_strides, has_prefix, cfg, interpreted):
     T, Hq, D = q.shape
@@ -314,7 +322,7 @@ def launch_v2(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, p
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         PAGE=k_cache.shape[1] if has_prefix else 1, HAS_PREFIX=has_prefix,
         WS=ws, SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")), PIPE=bool(cfg.get("PIPE", False)),
-        PERSISTENT=persistent, SEARCH_STEPS=max(1, B.bit_length()), DEVICE_DESC=device_desc,
+        PERSISTENT=persistent, SEARCH_STEPS=_search_steps(B), DEVICE_DESC=device_desc,
         UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
