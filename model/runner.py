@@ -147,7 +147,31 @@ class ModelRunner:
         ids = torch.tensor([0, 1], device=self.device)
         layers, heads = (0, self.kv_cache.shape[0]), (0, self.kv_cache.shape[4])
         unpack_kv(pack_kv(self.kv_cache, ids, layers, heads), self.kv_cache, ids, layers, heads)
+        self._warm_long_prefill_attention()
         torch.cuda.synchronize(self.device)
+
+    def _warm_long_prefill_attention(self) -> None:
+        """Prefills of >= 2k tokens take another attention kernel where it measured faster
+        (kernels/prefill_attention_v2.py, DEFAULT_V2_BY_TOKENS): compile it now too, alone and
+        after a cached prefix, one and two sequences, on scratch tensors (the cache only read)."""
+        from kernels.prefill_attention import prefill_attention
+        from kernels.prefill_attention_v2 import DEFAULT_V2_BY_TOKENS
+        kv = self.kv_cache
+        bs, hk, d = kv.shape[3], kv.shape[4], kv.shape[5]
+        starts = [t for t, name in DEFAULT_V2_BY_TOKENS.get(d, []) if name]
+        if not starts:
+            return
+        attn = self.model.layers[0].self_attn
+        t = max(starts)
+        q = torch.randn(t, attn.num_heads, d, device=self.device, dtype=kv.dtype)
+        k = torch.randn(t, hk, d, device=self.device, dtype=kv.dtype)
+        v = torch.randn_like(k)
+        tables = torch.zeros(2, 1, dtype=torch.int32, device=self.device)
+        for cu in ([0, t], [0, t // 2, t]):
+            cu_t = torch.tensor(cu, dtype=torch.int32, device=self.device)
+            prefill_attention(q, k, v, cu_t, attn.scale)
+            prefix = torch.full((len(cu) - 1,), bs, dtype=torch.int32, device=self.device)
+            prefill_attention(q, k, v, cu_t, attn.scale, kv[0, 0], kv[0, 1], tables[:len(cu) - 1], prefix)
 
     def _slots(self, table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
