@@ -33,9 +33,6 @@ from placement.lazy import LazyBatch
 from placement.lazy_mixed import lazy_mixed_step
 
 LAZY_MIN_BATCH = 8              # running requests from which decode runs use a LazyBatch
-# The threshold before it came down from 32: where a lazy batch can miss requests of the batch
-# (see `_keep_lazy`), it lives and misses them exactly as it did under that threshold.
-BEFORE_LAZY_MIN_BATCH = 32
 
 
 class EngineInstance:
@@ -53,10 +50,6 @@ class EngineInstance:
         self.lazy_mixed = lazy_mixed and max_run_steps > 0
         # A LazyBatch pays off from a few running requests; below, plain passes are cheaper.
         self.lazy_min_batch = LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
-        self.before_min_batch = BEFORE_LAZY_MIN_BATCH if lazy_min_batch is None else lazy_min_batch
-        # From this many running requests a (non-empty) lazy batch stays whatever it tracks.
-        self.keep_above = max(self.lazy_min_batch, self.before_min_batch) // 2
-        self.lazy_before = False        # whether the rules of before_min_batch would hold one now
         self.max_run_steps = max_run_steps      # 0: every step through policy.schedule (tests)
         self.bm = make_block_manager(group.num_blocks, block_size, exact_blocks, prefix_caching)
         self.policy = ColocatedPolicy(self.bm, group.max_batch_tokens, group.max_batch_size,
@@ -181,7 +174,6 @@ class EngineInstance:
         if self.lazy is not None:
             self.lazy.materialize_all()
             self.lazy = None
-        self.lazy_before = False
 
     # Fast-forward runs ----------------------------------------------------------------
     def _need(self, num_steps):
@@ -346,16 +338,13 @@ class EngineInstance:
         if not running:
             return None
         lazy = self.lazy
-        before = self._before(lazy, len(running))
-        if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
-                and not self._keep_lazy(running):
+        if lazy is not None and not self._keep_lazy(len(running)):
             self._materialize()
             lazy = None
         if self.use_lazy and (lazy is not None or len(running) >= self.lazy_min_batch):
             if lazy is None:
                 self._build_lazy()
                 lazy = self.lazy
-            self.lazy_before = before and lazy is not None
             if lazy is not None:
                 heap = lazy.heap
                 limit = heap[0][0] - lazy.step if heap else 1 << 30     # lazy.steps_to_first_finish()
@@ -369,41 +358,17 @@ class EngineInstance:
 
     def _try_lazy_mixed(self, now):
         running = self.decode.running
-        lazy = self.lazy
-        before = self._before(lazy, len(running))
-        if lazy is not None and not (lazy.state and len(running) >= self.keep_above) \
-                and not self._keep_lazy(running):
+        if self.lazy is not None and not self._keep_lazy(len(running)):
             self._materialize()
         if self.lazy is None and len(running) >= self.lazy_min_batch:
             self._build_lazy()
-        self.lazy_before = before and self.lazy is not None
         return lazy_mixed_step(self, now) if self.lazy is not None else None
 
-    def _before(self, lazy, n: int) -> bool:
-        """Whether the rules of before_min_batch (build from it, drop below half of it or
-        when empty, at these same points) would hold a lazy batch after this check."""
-        return n >= self.before_min_batch or (self.lazy_before and lazy is not None and bool(lazy.state)
-                                              and n >= self.before_min_batch // 2)
-
-    def _keep_lazy(self, running) -> bool:
-        """Whether the lazy batch stays for the next step (else it is materialised).
-
-        A lazy batch can miss requests of the batch: `_track` admits a request only while
-        running holds at most max_batch_size, so when a prefill_first step moves several
-        requests into decode past that size, those that still fall within the batch are not
-        tracked (the plain path would step them) until the lazy batch is rebuilt. That
-        behaviour is kept as it was, so such a batch is dropped exactly when it was before
-        (below BEFORE_LAZY_MIN_BATCH // 2 running); a batch that tracks everything gives
-        the plain path's answers, so it may stay down to lazy_min_batch // 2. (A batch that
-        the before_min_batch rules would not hold is dropped by `_track` instead of missing
-        requests: the plain path steps them there.)"""
-        size = self.lazy.size
-        if not size:
-            return False
-        n = len(running)
-        m = self.decode.max_batch_size
-        floor = self.lazy_min_batch if size == (n if n < m else m) else self.before_min_batch
-        return n >= floor // 2
+    def _keep_lazy(self, num_running: int) -> bool:
+        """Whether the lazy batch stays for the next step (else it is materialised): it tracks
+        every request of the batch (`_track` drops one that would miss any), so it gives the
+        plain path's answers; below half the threshold plain passes are cheaper."""
+        return bool(self.lazy.state) and num_running >= self.lazy_min_batch // 2
 
     def _build_lazy(self):
         lazy = LazyBatch(self.block_size)

@@ -103,8 +103,7 @@ class Simulator:
     `exact_blocks` uses the engine's BlockManager instead of the counting twin;
     `max_run_steps=0` turns fast-forwarding off: every step goes through
     `ColocatedPolicy.schedule`; `lazy_min_batch` is the batch size from which decode runs use
-    a LazyBatch (default: engine_instance.LAZY_MIN_BATCH; a value given also replaces
-    BEFORE_LAZY_MIN_BATCH), `lazy_mixed=False` runs chunked mixed steps with the decode batch
+    a LazyBatch (default: engine_instance.LAZY_MIN_BATCH), `lazy_mixed=False` runs chunked mixed steps with the decode batch
     materialised (tests check that every way gives the same answer). `serving` (default: the
     latency model's, from a profile's "serving" section) adds what serving costs beyond the
     engine (placement/serving.py)."""

@@ -61,10 +61,10 @@ def _bursts(n=300, burst=6, gap=0.25):
 
 
 @pytest.mark.parametrize("burst,gap", [(6, 0.25), (12, 0.3), (25, 0.8)])
-def test_a_lazy_batch_that_misses_requests_is_kept_as_before(burst, gap):
-    # (6, 0.25), (12, 0.3): the previous rules' lazy batch misses requests (the plain path
-    # differs); (25, 0.8): a burst moves the running list from below 32 past the cap, where
-    # only the new threshold holds a lazy batch (EngineInstance._track drops it).
+def test_bursts_past_the_cap_give_the_same_figures_at_either_threshold(burst, gap):
+    # Prefill steps of several prompts move the running list past the batch cap (25, 0.8: from
+    # below 32), where a lazy batch that missed requests of the batch would differ: the one of
+    # either threshold is dropped instead (EngineInstance._track).
     _, dep = list(_small_deployments())[-1]
     wl = _bursts(300, burst, gap)
     _assert_identical(simulate(dep, wl), simulate(dep, wl, **BEFORE))
