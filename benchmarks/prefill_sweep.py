@@ -1,6 +1,6 @@
 """Prefill attention against cuDNN, per length and kernel variant (issue 18): the v1 causal FA-2
 kernel (kernels/prefill_attention.py, its default config and, with --v1-sweep, a wider set of
-tiles and pipeline depths) and the v2 variants (tensor descriptors, pipelined, persistent,
+tiles and pipeline depths) and the v2 variants (tensor descriptors, persistent,
 warp-specialised: `V2_CONFIGS` in kernels/prefill_attention_v2.py) beside torch SDPA's cuDNN and
 FLASH backends measured in the same run on the same inputs (bf16, 32 query / 8 KV heads, head
 dim 128, one sequence). Every kernel's output is checked against an fp32 reference at every

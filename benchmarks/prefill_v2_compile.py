@@ -17,6 +17,8 @@ SMEM_LIMIT = 232448  # bytes of dynamic shared memory per block on sm_90
 
 def source(fn, cfg: dict, has_prefix: bool, num_seqs: int):
     from triton.compiler import ASTSource
+
+    from kernels.prefill_attention_v2 import _search_steps
     bm, bn, d = cfg["BLOCK_M"], cfg["BLOCK_N"], 128
     dev = cfg.get("DEVICE_DESC", False)
     desc = (lambda r: "*bf16") if dev else (lambda r: f"tensordesc<bf16[{r},{d}]>")
@@ -25,8 +27,7 @@ def source(fn, cfg: dict, has_prefix: bool, num_seqs: int):
     consts = dict(GROUP=4, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, PAGE=16 if has_prefix else 1,
                   HAS_PREFIX=has_prefix, WS=bool(cfg.get("WS")) and not has_prefix,
                   SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")),
-                  PIPE=bool(cfg.get("PIPE")),
-                  PERSISTENT=bool(cfg.get("PERSISTENT")), SEARCH_STEPS=max(1, num_seqs.bit_length()),
+                  PERSISTENT=bool(cfg.get("PERSISTENT")), SEARCH_STEPS=_search_steps(num_seqs),
                   DEVICE_DESC=dev, UPCAST=False, DOT_PRECISION="tf32")
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

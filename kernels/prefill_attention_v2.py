@@ -3,7 +3,7 @@
 Hopper, so that each of its techniques can be measured against v1 and cuDNN
 (benchmarks/prefill_sweep.py): Q, K, V loads and O stores through tensor descriptors (TMA, made
 on the host or in the kernel), one masked key loop that Hopper's warp specialisation accepts,
-a software-pipelined off-diagonal loop, and persistent scheduling, longest tiles first.
+and persistent scheduling, longest tiles first.
 `prefill_attention._launch` runs it for config VARIANT="v2" (V2_CONFIGS) and, by default, where
 DEFAULT_V2_BY_TOKENS says so; otherwise, and for head dims it cannot take, v1 runs.
 
@@ -62,38 +62,11 @@ def _attend_new_tma(acc, l_i, m_i, q, K, V, row0, col, lo, hi, offs_m, qk_scale,
 
 
 @jit
-def _attend_left_pipelined(acc, l_i, m_i, q, K, V, row0, col, hi, qk_scale, BLOCK_N: tl.constexpr,
-                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """v2 stage 2 (keys [0, hi), hi > 0 a multiple of BLOCK_N, no masks), software-pipelined as
-    in FlashAttention-3: the scores of key tile j+1 are issued before the softmax of tile j, so
-    the tensor cores can work while the softmax runs on the same warps."""
-    k = K.load([row0, col])
-    if UPCAST:
-        k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    for n0 in range(BLOCK_N, hi, BLOCK_N):
-        n0 = tl.multiple_of(n0, BLOCK_N)
-        k = K.load([row0 + n0, col])
-        v = V.load([row0 + n0 - BLOCK_N, col])
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk_next = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, None, False, DOT_PRECISION)
-        qk = qk_next
-    v = V.load([row0 + hi - BLOCK_N, col])
-    if UPCAST:
-        v = v.to(tl.float32)
-    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, None, False, DOT_PRECISION)
-    return acc, l_i, m_i
-
-
-@jit
 def _prefill_tile_v2(w, QD, KD, VD, OD, O, CU, KC, VC, BT, PLEN, qk_scale, stride_ot, stride_oh,
                      stride_cb, stride_ct, stride_ch, stride_btb, num_seqs, num_heads,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                     WS: tl.constexpr, SINGLE_LOOP: tl.constexpr, PIPE: tl.constexpr,
+                     WS: tl.constexpr, SINGLE_LOOP: tl.constexpr,
                      SEARCH_STEPS: tl.constexpr, DEVICE_DESC: tl.constexpr, UPCAST: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """One work item w = virtual tile * num_heads + q head of the v2 kernel."""
@@ -128,15 +101,6 @@ def _prefill_tile_v2(w, QD, KD, VD, OD, O, CU, KC, VC, BT, PLEN, qk_scale, strid
             acc, l_i, m_i = _attend_new_tma(acc, l_i, m_i, q, KD, VD, seq_start, col, 0,
                                             tl.minimum(m_start + BLOCK_M, seq_len), offs_m,
                                             qk_scale, offs_n, BLOCK_N, True, WS, UPCAST,
-                                            DOT_PRECISION)
-        elif PIPE:
-            if m_start > 0:
-                acc, l_i, m_i = _attend_left_pipelined(acc, l_i, m_i, q, KD, VD, seq_start, col,
-                                                       m_start, qk_scale, BLOCK_N, UPCAST,
-                                                       DOT_PRECISION)
-            acc, l_i, m_i = _attend_new_tma(acc, l_i, m_i, q, KD, VD, seq_start, col, m_start,
-                                            tl.minimum(m_start + BLOCK_M, seq_len), offs_m,
-                                            qk_scale, offs_n, BLOCK_N, True, False, UPCAST,
                                             DOT_PRECISION)
         else:
             acc, l_i, m_i = _attend_new_tma(acc, l_i, m_i, q, KD, VD, seq_start, col, 0, m_start,
@@ -173,14 +137,14 @@ def _prefill_kernel_v2(QD, KD, VD, OD, O, CU, KC, VC, BT, PLEN, qk_scale, stride
                        num_seqs, num_heads, num_kv_heads, total_work, num_tokens,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                       WS: tl.constexpr, SINGLE_LOOP: tl.constexpr, PIPE: tl.constexpr,
+                       WS: tl.constexpr, SINGLE_LOOP: tl.constexpr,
                        PERSISTENT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                        DEVICE_DESC: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The v2 (tutorial-06-style Hopper) kernel: Q, K, V loads and full-tile O stores through
     tensor descriptors (TMA), made on the host or (DEVICE_DESC: QD..OD are the base pointers)
     in the kernel, which Hopper's warp specialisation needs; the keys in one masked loop
     (SINGLE_LOOP) or an unmasked then a masked diagonal loop; the key loop warp-specialised
-    (WS; single loop only); a software-pipelined off-diagonal loop (PIPE), and persistent
+    (WS; single loop only), and persistent
     scheduling: a grid of about one program per SM walking the work items in order, longest
     tiles first. See V2_CONFIGS."""
     if DEVICE_DESC:
@@ -197,12 +161,12 @@ def _prefill_kernel_v2(QD, KD, VD, OD, O, CU, KC, VC, BT, PLEN, qk_scale, stride
             _prefill_tile_v2(w, QD, KD, VD, OD, O, CU, KC, VC, BT, PLEN, qk_scale, stride_ot,
                              stride_oh, stride_cb, stride_ct, stride_ch, stride_btb, num_seqs,
                              num_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE, HAS_PREFIX, WS,
-                             SINGLE_LOOP, PIPE, SEARCH_STEPS, DEVICE_DESC, UPCAST, DOT_PRECISION)
+                             SINGLE_LOOP, SEARCH_STEPS, DEVICE_DESC, UPCAST, DOT_PRECISION)
     else:
         _prefill_tile_v2(tl.program_id(0), QD, KD, VD, OD, O, CU, KC, VC, BT, PLEN, qk_scale,
                          stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_btb,
                          num_seqs, num_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE, HAS_PREFIX,
-                         WS, SINGLE_LOOP, PIPE, SEARCH_STEPS, DEVICE_DESC, UPCAST, DOT_PRECISION)
+                         WS, SINGLE_LOOP, SEARCH_STEPS, DEVICE_DESC, UPCAST, DOT_PRECISION)
 
 
 def _v2(bm, bn, w, st, **kw) -> dict:
@@ -214,8 +178,7 @@ def _v2(bm, bn, w, st, **kw) -> dict:
 # (tl.make_tensor_descriptor, which Hopper's warp specialisation needs); single: one key loop
 # with the causal mask on every tile instead of an unmasked loop then a masked diagonal one;
 # ws: that loop warp-specialised (sm_90: a 4-warp producer issuing the bulk copies and two
-# 4-warp consumer warpgroups of 64 rows each, registers moved to them with setmaxnreg); pipe:
-# the scores of the next key tile issued before the softmax of the current one; persist: one
+# 4-warp consumer warpgroups of 64 rows each, registers moved to them with setmaxnreg); persist: one
 # program per SM walking the work items, longest tiles first. Tiles: v1's best (128x64, 8 warps,
 # 3 stages) for the v1-shaped loops, the tutorial's Hopper ones (128x128 at 2 stages, the most
 # that fits shared memory with warp specialisation; 128x64 at 3-4) for the single loop.
@@ -223,7 +186,6 @@ V2_CONFIGS = {
     "v2-host-128x64-w8-s3": _v2(128, 64, 8, 3),
     "v2-host-128x128-w8-s2": _v2(128, 128, 8, 2),
     "v2-dev-128x64-w8-s3": _v2(128, 64, 8, 3, DEVICE_DESC=True),
-    "v2-pipe-128x64-w8-s3": _v2(128, 64, 8, 3, PIPE=True),
     "v2-persist-128x64-w8-s3": _v2(128, 64, 8, 3, PERSISTENT=True),
     "v2-single-dev-128x128-w4-s2": _v2(128, 128, 4, 2, DEVICE_DESC=True, SINGLE_LOOP=True),
     "v2-ws-single-dev-128x128-w4-s2": _v2(128, 128, 4, 2, DEVICE_DESC=True, SINGLE_LOOP=True, WS=True),
@@ -232,6 +194,9 @@ V2_CONFIGS = {
 }
 # Not offered: warp-specialised 128x64 tiles (3 or 4 stages, persistent or not) compile on the
 # H200's Triton 3.6 but write inf/NaN (2026-12-02 15:02 UTC run, docs/benchmarks.md).
+# Removed after that run: a software-pipelined off-diagonal loop (FlashAttention-3's next-tile
+# scores before the current softmax): Triton waits on the scores' MMA at once, so nothing
+# overlapped, and it measured 0.77-0.81x cuDNN against v1's 0.87-0.91x.
 
 
 # Per head dim, (minimum total tokens, V2_CONFIGS name or None for v1) rules in increasing
@@ -321,7 +286,7 @@ def launch_v2(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, p
         block_tables.stride(0), B, Hq, k.shape[1], total, T,
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         PAGE=k_cache.shape[1] if has_prefix else 1, HAS_PREFIX=has_prefix,
-        WS=ws, SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")), PIPE=bool(cfg.get("PIPE", False)),
+        WS=ws, SINGLE_LOOP=bool(cfg.get("SINGLE_LOOP")),
         PERSISTENT=persistent, SEARCH_STEPS=_search_steps(B), DEVICE_DESC=device_desc,
         UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

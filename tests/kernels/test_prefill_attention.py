@@ -124,11 +124,10 @@ def test_dispatch(target, gen, monkeypatch):
     assert len(calls) == (1 if target.device == "cuda" else 0)
 
 
-# The v2 kernel (tensor descriptors, optional pipelined / persistent / warp-specialised loops).
+# The v2 kernel (tensor descriptors, optional persistent / warp-specialised loops).
 # Small tiles on the interpreter; the descriptors are made on the host or in the kernel.
 V2_CPU_MODES = {
     "host": dict(),
-    "pipe": dict(PIPE=True),
     "single": dict(SINGLE_LOOP=True),
     "persist-dev-ws-single": dict(PERSISTENT=True, DEVICE_DESC=True, WS=True, SINGLE_LOOP=True),
 }
@@ -169,8 +168,7 @@ def _is_unsupported(e: Exception) -> bool:
 
 
 # each loop structure once with a cached prefix (a compile per variant and prefix flag costs)
-V2_PREFIX_GPU = ["v2-host-128x64-w8-s3", "v2-pipe-128x64-w8-s3", "v2-persist-128x64-w8-s3",
-                 "v2-ws-single-dev-128x128-w4-s2"]
+V2_PREFIX_GPU = ["v2-host-128x64-w8-s3", "v2-persist-128x64-w8-s3", "v2-ws-single-dev-128x128-w4-s2"]
 
 
 @pytest.mark.gpu
