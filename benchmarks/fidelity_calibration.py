@@ -14,39 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.procs import descendants, process_table
+
+
 # CPU accounting (Linux /proc): who used the cores during a run -------------------------------
-def _proc_table() -> dict[int, tuple[int, float, str]]:
-    """pid -> (parent pid, CPU seconds so far, command line) for every live process."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                f = stat[stat.rindex(")") + 2:].split()
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                out[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick, cmd)
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _tree(table: dict, root: int) -> set[int]:
-    kids, todo = {root}, [root]
-    while todo:
-        p = todo.pop()
-        for pid, (ppid, _, _) in table.items():
-            if ppid == p and pid not in kids:
-                kids.add(pid)
-                todo.append(pid)
-    return kids
-
-
 def cpu_snapshot(serve_pid: int) -> dict:
     """CPU seconds so far: the serve process (controller, gRPC), its worker actors, the rest of
     its Ray, the client (this script and its finished children), and the whole machine."""
     import resource
-    table = _proc_table()
-    kids = _tree(table, serve_pid) - {serve_pid}
+    table = process_table()
+    kids = descendants(table, serve_pid) - {serve_pid}
     ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     f = Path("/proc/stat").read_text().split("\n")[0].split()[1:]
     return {"serve": table.get(serve_pid, (0, 0.0, ""))[1],

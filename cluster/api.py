@@ -89,28 +89,11 @@ def _kill_own_ray_processes() -> int:
     """SIGKILL the Ray processes that descend from this process (what a failed `ray.init` left
     running), and nothing else: other processes' Ray clusters are untouched. Linux (/proc) only."""
     import signal
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return 0
-    children: dict[int, list[int]] = {}
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    todo, killed = list(children.get(os.getpid(), [])), 0
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            cmd = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmd for m in _RAY_PROCESS_MARKERS):
+
+    from cluster.procs import descendants, process_table
+    table, me, killed = process_table(), os.getpid(), 0
+    for pid in descendants(table, me) - {me}:
+        if any(m in table[pid][2] for m in _RAY_PROCESS_MARKERS):
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
