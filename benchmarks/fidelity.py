@@ -44,6 +44,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CPU_PHASE = {"num_cpus_per_rank": 1, "torch_threads": 1, "num_kv_blocks": 1024}
 CPU_PLAN = {"model": "embedded", "prefill": dict(CPU_PHASE), "decode": dict(CPU_PHASE)}
+# Decode lengths per batch so that each batch decodes for ~1.5 s on the 2-core machine (steps of
+# ~3, 5, 9, 14, 25 ms), three measurements each (one varies by +-0.15 in speed): ~30 s.
+CPU_INTERFERENCE = {"decode_batches": (1, 4, 16, 32, 64), "decode_tokens": (512, 320, 160, 112, 64),
+                    "num_prefills": 16, "repeats": 3}
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
@@ -152,7 +156,10 @@ def online(args, fit_rates, load_terms=None) -> int:
     runs = []
     try:
         t0 = time.monotonic()
-        cal = calibrate(server, proc.pid, engine, shared=shared_gpu)
+        # On CPU too: the two workers slow each other on the host's cores beyond a share of them
+        # (placement/serving.py, CoreShare); decode batches as large as these runs reach.
+        cal = calibrate(server, proc.pid, engine, shared=shared_gpu or cpu,
+                        interference_kw=CPU_INTERFERENCE if cpu else None)
         fit = fit_calibration(cal, kv_bytes, gpu=not cpu)
         save_profile(calibrated_profile(engine_profile, fit, cpu_cores=cores), out / "profile-serving.json")
         result["calibration"] = {"raw": cal, "fit": fit, "seconds": time.monotonic() - t0}

@@ -69,38 +69,57 @@ def _lstsq_nonneg(x, y, scale=None):
 
 
 def calibrate(server: str, serve_pid: int, engine, prompt_lens=(16, 128, 512), batches=(1, 4, 16),
-              repeats: int = 7, shared: bool = False) -> dict:
+              repeats: int = 9, shared: bool = False, interference_kw: dict | None = None) -> dict:
     """Zero-load measurements against the running server, each beside the engine model's time:
     prefill steps one request at a time, decode steps of b requests decoding together (median
     inter-token gap in the middle of 64 tokens), the first-to-second-token gap, the TTFT
     outside the workers; the CPU the frontend and client spend per token; the cores the rest of
-    the machine used meanwhile; with `shared` (prefill and decode on one GPU), how they slow
-    each other (`interference`)."""
+    the machine used meanwhile; with `shared` (prefill and decode on one GPU, or CPU workers on
+    the same host's cores), how they slow each other (`interference`, with `interference_kw`)."""
     from cluster.bench import replay
     out = {"prefill": [], "decode": [], "handover": [], "ttft_offset": []}
     start = cpu_snapshot(serve_pid)
-    for n in prompt_lens:
-        a = bench_args(server, f"random:{n},2,0", num_requests=repeats, max_concurrency=1, num_warmups=1)
-        recs = [r for r in asyncio.run(replay(a))[0] if r.ok and r.num_tokens == 2]
+    # The lengths in turns (`rounds` of repeats / rounds each), so that a slow spell of the
+    # machine does not land on one length's measurements only (the 512-token prefill's median
+    # measured 66, 79 and 95 ms in three runs when its seven came one after another).
+    by_len: dict = {n: [] for n in prompt_lens}
+    rounds = max(1, min(repeats, 3))
+    for k in range(rounds):
+        for n in prompt_lens:
+            a = bench_args(server, f"random:{n},2,0", num_requests=-(-repeats // rounds), max_concurrency=1,
+                           num_warmups=1 if k == 0 else 0)
+            by_len[n] += [r for r in asyncio.run(replay(a))[0] if r.ok and r.num_tokens == 2]
+    for n, recs in by_len.items():
         out["prefill"].append((n, float(np.median([r.timings["prefill_compute_s"] for r in recs])),
                                engine.prefill_time([n])))
         out["ttft_offset"] += [r.ttft_s - r.timings["prefill_queue_s"] - r.timings["prefill_compute_s"] for r in recs]
         out["handover"].append((n, float(np.median([r.itl_s[0] for r in recs]))))
+    # What the frontend (serve process, the rest of Ray, the client) burns with nothing streaming.
+    idle0 = cpu_snapshot(serve_pid)
+    time.sleep(1.0)
+    idle = cpu_usage(idle0, cpu_snapshot(serve_pid))
+    front = [(0.0, idle["serve"] + idle["ray"] + idle["client"])]
     before, tokens = cpu_snapshot(serve_pid), 0
     for n in (64, 448):
         for b in batches:
             a = bench_args(server, f"random:{n},64,0", num_requests=b, num_warmups=0)
+            s0 = cpu_snapshot(serve_pid)
             recs = [r for r in asyncio.run(replay(a))[0] if r.ok]
+            use = cpu_usage(s0, cpu_snapshot(serve_pid))
             tokens += sum(r.num_tokens for r in recs)
+            span = max(r.last_token_s for r in recs) - min(r.first_token_s for r in recs) if recs else 0.0
+            if span > 0:                        # tokens/s while streaming, and the frontend's cores then
+                front.append((sum(r.num_tokens - 1 for r in recs) / span, use["serve"] + use["ray"] + use["client"]))
             itl = float(np.median([g for r in recs for g in r.itl_s[20:50]]))
             ctx = b * (n + 36)                  # context of the middle steps
             out["decode"].append((b, ctx, itl, engine.decode_time(b, ctx)))
     after = cpu_snapshot(serve_pid)
     out["frontend_cpu_s_per_token"] = sum(after[k] - before[k] for k in ("serve", "ray", "client")) / max(1, tokens)
+    out["frontend_cores_by_rate"] = sorted(front)
     out["other_cores"] = cpu_usage(start, after)["other"]
     if shared:
         try:
-            out["interference"] = interference(server)
+            out["interference"] = interference(server, **(interference_kw or {}))
         except Exception as e:  # noqa: BLE001 - the run goes on with the even split, and says why
             out["interference_error"] = f"{type(e).__name__}: {e}"[:500]
     return out
@@ -111,8 +130,8 @@ def _token_times(rec, start_unix_s: float) -> np.ndarray:
     return start_unix_s + rec.first_token_s + np.concatenate([[0.0], np.cumsum(rec.itl_s)])
 
 
-def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 64, 128), decode_tokens: int = 256,
-                 num_prefills: int = 24) -> dict:
+def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 64, 128), decode_tokens=256,
+                 num_prefills: int = 24, repeats: int = 1) -> dict:
     """How a prefill and a decode instance sharing a GPU slow each other, at several decode
     batch sizes (the prefill's share of the GPU falls as the decode's batch grows). Alone:
     prefill-only requests (1 output token) of `prompt_len` tokens one at a time with the
@@ -124,7 +143,10 @@ def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 6
     decode's ITL alone comes from the same run, before and after the prefills' window, as a
     line in the step's index (its step time grows with its context), read at the window's
     steps. `by_batch` holds one row per batch; the top-level keys are the row at 16 (or the
-    nearest), the scalar older profiles carry (`shared_speeds`). ~1-2 s per batch."""
+    nearest), the scalar older profiles carry (`shared_speeds`). ~1-2 s per batch.
+    `decode_tokens`: one count, or one per batch (a small batch's steps are short: it needs more
+    of them to outlast the prefills). `repeats` > 1 measures each batch that many times and
+    keeps the median speeds (on CPU one measurement's decode speed varies by +-0.15)."""
     from cluster.bench import replay
     t0 = time.monotonic()
     alone = [r.timings["prefill_compute_s"] for r in asyncio.run(replay(bench_args(
@@ -132,9 +154,12 @@ def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 6
         num_warmups=1)))[0] if r.ok]
     alone_p = float(np.median(alone))
     rows = []
-    for b in decode_batches:
+    tokens = [decode_tokens] * len(decode_batches) if isinstance(decode_tokens, int) else list(decode_tokens)
+    if len(tokens) != len(decode_batches):
+        raise ValueError(f"interference: {len(tokens)} decode token counts for {len(decode_batches)} batches")
+    for b, n in zip(decode_batches, tokens):
         lead_s = 0.3 + 0.003 * b                        # the batch's own prefills, then some steps alone
-        dec_spec = f"random:64,{decode_tokens},0"
+        dec_spec = f"random:64,{n},0"
 
         async def together():
             dec = asyncio.create_task(replay(bench_args(server, dec_spec, num_requests=b, num_warmups=0)))
@@ -142,9 +167,17 @@ def interference(server: str, prompt_len: int = 256, decode_batches=(1, 4, 16, 6
             pre = await replay(bench_args(server, f"random:{prompt_len},1,0", num_requests=num_prefills,
                                           max_concurrency=1, num_warmups=0))
             return pre, await dec
-        (precs, _, _, pnotes), (drecs, _, _, dnotes) = asyncio.run(together())
-        row = interference_row(b, alone_p, precs, pnotes["start_unix_s"], drecs, dnotes["start_unix_s"])
-        if row is not None:
+        reps = []
+        for _ in range(repeats):
+            (precs, _, _, pnotes), (drecs, _, _, dnotes) = asyncio.run(together())
+            row = interference_row(b, alone_p, precs, pnotes["start_unix_s"], drecs, dnotes["start_unix_s"])
+            if row is not None:
+                reps.append(row)
+        if reps:
+            row = dict(reps[0])
+            if len(reps) > 1:
+                row["shared_speeds"] = [float(np.median([r["shared_speeds"][k] for r in reps])) for k in (0, 1)]
+                row["repeats"] = [r["shared_speeds"] for r in reps]
             rows.append(row)
     if not rows:
         raise RuntimeError("interference: no decode batch gave a measurement")
@@ -214,8 +247,8 @@ def interference_row(batch: int, prefill_alone_s: float, precs, p_start_unix_s: 
 
 def fit_calibration(cal: dict, kv_bytes_per_token: int, gpu: bool = False) -> dict:
     """serving step = scale * engine step + overhead (+ per request, decode). On CPU `scale` is
-    1 / the share of a core a worker gets (fitted on prefill steps, whose lengths separate it
-    from the overhead; the same for decode, one core each); on a GPU the device is the
+    the machine's speed now against the profile's, fitted on each phase's own steps (the prefill's
+    lengths and the decode's batches separate it from the overheads); on a GPU the device is the
     worker's own, scale is 1 and the overheads are the median excess over the engine's times.
     The overheads are what a step costs beyond the forward pass. The hand-over (first to second token, less one decode step) becomes the KV
     link's latency + bytes / bandwidth."""
@@ -226,9 +259,10 @@ def fit_calibration(cal: dict, kv_bytes_per_token: int, gpu: bool = False) -> di
         d_o, d_s = max(0.0, float(np.median([m - e for _, _, m, e in dec]))), 0.0
     else:
         p_scale, p_o = _lstsq_nonneg([[e, 1] for _, _, e in pre], [m for _, m, _ in pre])
-        d_scale = p_scale
-        d_o, d_s = _lstsq_nonneg([[1, b] for b, _, _, _ in dec], [m - d_scale * e for _, _, m, e in dec],
-                                 [m for _, _, m, _ in dec])
+        # The decode's own scale, from its own steps: tying it to the prefill's made every decode
+        # step as slow as the calibration's prefills happened to run (0.47-0.62 of the profile in
+        # three runs of 2026-12-02 18:30-18:45 while the decode steps measured the same each time).
+        d_scale, d_o, d_s = _lstsq_nonneg([[e, 1, b] for b, _, _, e in dec], [m for _, _, m, _ in dec])
     fit = {"prefill_scale": float(p_scale), "prefill_overhead_s": float(p_o), "decode_scale": float(d_scale),
            "decode_overhead_s": float(d_o), "decode_overhead_s_per_request": float(d_s)}
     step1 = [d_scale * e + d_o + d_s for b, _, _, e in dec if b == 1]
@@ -245,6 +279,7 @@ def fit_calibration(cal: dict, kv_bytes_per_token: int, gpu: bool = False) -> di
     fit.update({"kv_latency_s": float(lat), "kv_bandwidth": float(1 / per_byte),
                 "ttft_offset_s": float(np.median(cal["ttft_offset"])),
                 "frontend_cpu_s_per_token": cal["frontend_cpu_s_per_token"],
+                "frontend_cores_by_rate": cal.get("frontend_cores_by_rate"),
                 "other_cores": cal["other_cores"]})
     if "interference" in cal:
         fit["shared_speeds"] = cal["interference"]["shared_speeds"]
@@ -273,6 +308,25 @@ def calibrated_profile(profile: dict, fit: dict, tp: int = 1, cpu_cores: float =
     return p
 
 
+def frontend_table(points) -> list[list[float]]:
+    """The calibration's (tokens/s, cores) points as the serving term's table: the cores with
+    nothing streaming, then the median of the streaming points, flat from the lowest streaming
+    rate measured on. On the 2-core machine the frontend's cores do not grow with the tokens
+    once it streams at all (0.17 cores at 120 tokens/s, 0.3 from 460 to 810 in the 18:37 run;
+    the calibration's short runs scatter 0.23-0.39 between 300 and 1,450 tokens/s), so a run
+    with a decode step in flight about 60% of the time averages what it measured."""
+    pts = [(float(r), max(0.0, float(c))) for r, c in points]
+    idle = [c for r, c in pts if r <= 0]
+    streaming = sorted(pts for pts in pts if pts[0] > 0)
+    rows = [[0.0, float(np.mean(idle)) if idle else 0.0]]
+    if streaming:
+        med = float(np.median([c for _, c in streaming]))
+        rows.append([streaming[0][0], med])
+        if streaming[-1][0] > streaming[0][0]:
+            rows.append([streaming[-1][0], med])
+    return rows
+
+
 def serving_terms(fit: dict, cpu_cores: float = 0.0, **loaded) -> dict:
     """The profile's "serving" section (placement/serving.py) from the zero-load fit: the time
     outside the workers before the prefill (all of it: the simulator's clock starts at the
@@ -287,5 +341,7 @@ def serving_terms(fit: dict, cpu_cores: float = 0.0, **loaded) -> dict:
     if cpu_cores:
         terms.update(host_cores=float(cpu_cores), other_cores=max(0.0, float(fit.get("other_cores", 0.0))),
                      frontend_cpu_s_per_token=float(fit.get("frontend_cpu_s_per_token", 0.0)))
+        if fit.get("frontend_cores_by_rate"):  # recordings before 2026-12-02 18:50 lack it
+            terms["frontend_cores_by_rate"] = frontend_table(fit["frontend_cores_by_rate"])
     terms.update(loaded)
     return terms

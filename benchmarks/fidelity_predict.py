@@ -117,28 +117,35 @@ def run_overrides(run: dict, other_share: float | None) -> dict | None:
 # decode's current batch) the scale should come out near 1. Fitted after the other load terms
 # (one coordinate step); it scales the table's prefill speeds too.
 PREFILL_SHARE_GRID = (0.85, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.98, 1.0, 1.03, 1.06)
+# On CPU the co-run table (the two workers slowing each other on the host's cores, measured at
+# zero load by `interference` with prefills back to back) is scaled for both workers: under load
+# the prefills come as the arrivals bring them and the decode's batch changes every step.
+CORUN_SCALE_GRID = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
+SHARE_TERMS = ("prefill_share_scale", "decode_share_scale")
 
 
 def with_load_terms(profile: dict, terms: dict) -> dict:
     """`profile` with load terms in its serving section; `prefill_share_scale` scales the
     shared GPU's prefill speed; `other_share` is per run (run_overrides), not a serving term."""
     serving = {**profile.get("serving", {}), **{k: v for k, v in terms.items()
-                                               if k not in ("other_share", "prefill_share_scale")}}
-    scale = terms.get("prefill_share_scale")
-    if scale is not None and serving.get("shared_speeds"):
+                                               if k not in ("other_share", *SHARE_TERMS)}}
+    ps, ds = terms.get("prefill_share_scale", 1.0), terms.get("decode_share_scale", 1.0)
+    if (ps, ds) != (1.0, 1.0) and serving.get("shared_speeds"):
         p, d = serving["shared_speeds"]
-        serving["shared_speeds"] = [min(1.0, p * scale), d]
-    if scale is not None and serving.get("shared_speeds_by_batch"):
-        serving["shared_speeds_by_batch"] = [[b, min(1.0, p * scale), d] for b, p, d in serving["shared_speeds_by_batch"]]
+        serving["shared_speeds"] = [min(1.0, p * ps), min(1.0, d * ds)]
+    if (ps, ds) != (1.0, 1.0) and serving.get("shared_speeds_by_batch"):
+        serving["shared_speeds_by_batch"] = [[b, min(1.0, p * ps), min(1.0, d * ds)]
+                                             for b, p, d in serving["shared_speeds_by_batch"]]
     return dict(profile, serving=serving)
 
 
 def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False,
                    grid: dict | None = None) -> tuple[dict, float]:
     """The load terms (LOAD_GRID's, and on CPU `other_share`) that minimise the summed loss over
-    `runs` (dicts with "run", the bench JSON, and "cpu_cores"), by grid search; then, on a
-    shared GPU, the prefill's share under load (PREFILL_SHARE_GRID) with those fixed. Returns
-    (terms, loss)."""
+    `runs` (dicts with "run", the bench JSON, and "cpu_cores"), by grid search; then, where the
+    profile has measured speeds (a shared GPU's, or the CPU workers' co-run table), their scales
+    under load (on a GPU the prefill's, PREFILL_SHARE_GRID; on CPU both, CORUN_SCALE_GRID) by
+    coordinate descent with the other terms. Returns (terms, loss)."""
     import itertools
 
     def total(terms):
@@ -150,7 +157,11 @@ def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False
     grid = dict(grid or LOAD_GRID)
     if cpu:
         grid["other_share"] = OTHER_SHARE_GRID
-    shared_gpu = not cpu and bool((profile.get("serving") or {}).get("shared_speeds"))
+    has_speeds = bool((profile.get("serving") or {}).get("shared_speeds"))
+    # The speeds' scales fitted after the grid's terms: the prefill's on a shared GPU, both on CPU.
+    share_grids = {} if not has_speeds else \
+        {"prefill_share_scale": PREFILL_SHARE_GRID} if not cpu else \
+        {"prefill_share_scale": CORUN_SCALE_GRID, "decode_share_scale": CORUN_SCALE_GRID}
     cache: dict = {}
 
     def cached(terms):
@@ -158,25 +169,24 @@ def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False
         if key not in cache:
             cache[key] = total(terms)
         return cache[key]
-    # Coordinate descent: the grid's terms with the prefill's share fixed, then the share with
-    # them fixed, until neither moves (the share and the decode step's term both move TPOT and
-    # TTFT under load, so fitting each once, in one order, can stop short of the joint best).
-    best, best_loss, share = {}, float("inf"), None
-    for _ in range(4 if shared_gpu else 1):
+    # The grid's terms together first (the speeds unscaled).
+    best, best_loss = {}, float("inf")
+    for values in itertools.product(*grid.values()):
+        terms = dict(zip(grid, values))
+        loss = cached(terms)
+        if loss < best_loss - 1e-12:
+            best, best_loss = terms, loss
+    # Then one term at a time (the speeds' scales too), until none moves: the share and the
+    # decode step's term both move TPOT and TTFT under load, so fitting each once, in one order,
+    # can stop short of the joint best.
+    for _ in range(6 if share_grids else 0):
         moved = False
-        for values in itertools.product(*grid.values()):
-            terms = dict(zip(grid, values), **({} if share is None else {"prefill_share_scale": share}))
-            loss = cached(terms)
-            if loss < best_loss - 1e-12:
-                best, best_loss, moved = terms, loss, True
-        if not shared_gpu:
-            break
-        base = {k: v for k, v in best.items() if k != "prefill_share_scale"}
-        for scale in PREFILL_SHARE_GRID:
-            terms = dict(base, prefill_share_scale=scale)
-            loss = cached(terms)
-            if loss < best_loss - 1e-12:
-                best, best_loss, moved, share = terms, loss, True, scale
+        for name, values in {**share_grids, **grid}.items():
+            for v in values:
+                terms = dict(best, **{name: v})
+                loss = cached(terms)
+                if loss < best_loss - 1e-12:
+                    best, best_loss, moved = terms, loss, True
         if not moved:
             break
     return best, best_loss
@@ -221,9 +231,10 @@ def load_terms_from(path) -> dict:
         zero = [e.get("serving_calibration", {}).get("shared_speeds") for e in d.get("tp", {}).values()]
         zero = next((z for z in zero if z), None)
         if zero and d["serving"].get("shared_speeds"):
-            scale = round(d["serving"]["shared_speeds"][0] / zero[0], 4)
-            if scale != 1.0:
-                terms["prefill_share_scale"] = scale
+            for i, name in enumerate(SHARE_TERMS):
+                scale = round(d["serving"]["shared_speeds"][i] / zero[i], 4)
+                if scale != 1.0:
+                    terms[name] = scale
         return terms
     raise ConfigError(f"--load-terms-from {p}: neither a fidelity.json with a summary nor a profile with a serving section")
 

@@ -11,7 +11,9 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
                 "shared_speeds": [0.54, 0.53],    // shared GPU: speeds while both are busy
                 "shared_speeds_by_batch": [[1, 0.9, 0.6], [16, 0.6, 0.48], [128, 0.5, 0.5]],
                                                   // ... beside a decode batch of b: [b, prefill, decode]
-                "host_cores": 2, "other_cores": 0.3, "frontend_cpu_s_per_token": 0.0009}
+                "host_cores": 2, "other_cores": 0.3, "frontend_cpu_s_per_token": 0.0009,
+                "frontend_cores_by_rate": [[0, 0.15], [120, 0.18], [800, 0.3]]}
+                                                  // ... CPU: the frontend's cores at tokens/s
 
 - The runtime's hand-over is a queue: each prefill rank has one sender thread per decode rank
   that moves one request's KV after another in the prefill's numbering (kv_transfer/agent.py;
@@ -38,14 +40,22 @@ hold under load (issue 15), fitted by `benchmarks/fidelity.py` and kept in a pro
   decode's current batch (clamped at the table's ends), whenever both are busy
   (`speeds_at`). Without the table the scalar `shared_speeds` holds at every batch.
 - On CPU the device IS the cores (`host_cores` > 0): the prefill and decode workers (one
-  thread each), the frontend and client (`frontend_cpu_s_per_token` of CPU per streamed
-  token) and everyone else on the machine (`other_cores`, measured, as threads of at most a
-  core each) share them; each busy worker runs at its max-min fair share (processor sharing).
+  thread each), the frontend and client and everyone else on the machine (`other_cores`,
+  measured, as threads of at most a core each) share them; each busy worker runs at its
+  max-min fair share (processor sharing). The frontend's cores follow the tokens streamed:
+  `frontend_cores_by_rate` (rows [tokens/s, cores], measured at zero load: ~0.15 cores with
+  nothing streaming, ~0.3 at 800 tokens/s on the 2-core machine, interpolated, flat past the
+  last row), or without it `frontend_cpu_s_per_token` x tokens/s (which, one average over the
+  calibration, put 0.9 cores on the frontend at 2,000 tokens/s where it used 0.3). Beside a
+  busy worker of the other phase, a worker runs no faster than the co-run table says
+  (`shared_speeds_by_batch`, measured on the CPU cluster as on a shared GPU; CoreShare).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+
+import numpy as np
 
 from engine.errors import ConfigError
 
@@ -63,6 +73,7 @@ class ServingTerms:
     host_cores: float = 0.0
     other_cores: float = 0.0
     frontend_cpu_s_per_token: float = 0.0
+    frontend_cores_by_rate: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -73,6 +84,11 @@ class ServingTerms:
             elif f.name == "shared_speeds_by_batch":
                 if v is not None:
                     check_speed_table(v, "serving.shared_speeds_by_batch")
+            elif f.name == "frontend_cores_by_rate":
+                if v is not None and (not v or any(len(r) != 2 or r[0] < 0 or r[1] < 0 for r in v)
+                                      or [r[0] for r in v] != sorted({r[0] for r in v})):
+                    raise ConfigError(f"serving.frontend_cores_by_rate must be rows [tokens_per_s >= 0, cores >= 0] "
+                                      f"with distinct rates in increasing order, got {v!r}")
             elif f.name == "handover_serial":
                 if not isinstance(v, bool):
                     raise ConfigError(f"serving.handover_serial must be true or false, got {v!r}")
@@ -92,6 +108,12 @@ class ServingTerms:
             d["shared_speeds"] = tuple(float(x) for x in d["shared_speeds"])
         if d.get("shared_speeds_by_batch") is not None:
             d["shared_speeds_by_batch"] = speed_table(d["shared_speeds_by_batch"])
+        if d.get("frontend_cores_by_rate") is not None:
+            try:
+                d["frontend_cores_by_rate"] = tuple((float(r), float(c)) for r, c in d["frontend_cores_by_rate"])
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"serving.frontend_cores_by_rate must be rows [tokens_per_s, cores], "
+                                  f"got {d['frontend_cores_by_rate']!r}") from e
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -102,6 +124,10 @@ class ServingTerms:
             d["shared_speeds_by_batch"] = [list(r) for r in d["shared_speeds_by_batch"]]
         else:
             del d["shared_speeds_by_batch"]     # profiles without the table stay as they were
+        if d["frontend_cores_by_rate"] is not None:
+            d["frontend_cores_by_rate"] = [list(r) for r in d["frontend_cores_by_rate"]]
+        else:
+            del d["frontend_cores_by_rate"]
         return d
 
     def handover_delay(self, in_flight: int) -> float:
@@ -179,11 +205,25 @@ class CoreShare:
     """CPU deployments: every worker instance, the frontend and the other processes share
     `host_cores`. After each event the simulator calls `update(now)`; when the set of busy
     workers or the frontend's demand (CPU per token x the decode instances' token rate)
-    has changed, each busy worker's speed becomes its fair share (events returned)."""
+    has changed, each busy worker's speed becomes its fair share (events returned).
 
-    def __init__(self, terms: ServingTerms, instances: list):
+    With a co-run table (`shared_speeds_by_batch`, or the scalar `shared_speeds`: measured on the
+    running CPU cluster by benchmarks/fidelity_calibration.py's `interference`, as on a shared
+    GPU) a busy prefill worker beside a busy decode worker runs at no more than the table's
+    prefill speed at that decode's batch, and the decode at no more than its decode speed: on
+    the 2-vCPU machine the two slow each other to ~0.6-0.8 even with a core each (caches,
+    memory, the host under the VM), which a share of cores does not show. The lower of the
+    share and the table's speed holds (both count the frontend's CPU; the table measured it)."""
+
+    def __init__(self, terms: ServingTerms, instances: list, prefills: list = (), decodes: list = ()):
         self.terms, self.instances = terms, instances
         self.state = None
+        table = terms.shared_speeds_by_batch or \
+            (((0.0, *terms.shared_speeds),) if terms.shared_speeds else None)
+        self.table = table if table and prefills and decodes else None
+        self._prefill = {id(p) for p in prefills}
+        self._decodes = list(decodes)
+        self._speeds: dict = {}
 
     def frontend_cores(self) -> float:
         rate = 0.0
@@ -192,13 +232,41 @@ class CoreShare:
             if run is not None and run[2] > 0:
                 size = len(run[4]) if run[4] is not None else inst.lazy.size
                 rate += size / run[2]           # tokens/s of the run in flight, at its speed
+        table = self.terms.frontend_cores_by_rate
+        if table:
+            # Measured at zero load while streaming (benchmarks/fidelity_calibration.py): a base
+            # with nothing streaming, growing less than in proportion with the tokens.
+            cores = float(np.interp(rate, [r for r, _ in table], [c for _, c in table]))
+        else:
+            cores = self.terms.frontend_cpu_s_per_token * rate
         # Rounded so that a batch growing by one request does not cut every run.
-        return round(self.terms.frontend_cpu_s_per_token * rate, 2)
+        return round(cores, 2)
+
+    def _corun(self) -> dict | None:
+        """Co-run speed caps {id(instance): cap} while prefill and decode workers are both busy."""
+        busy_d = [d for d in self._decodes if d.busy]
+        if not busy_d or not any(inst.busy and id(inst) in self._prefill for inst in self.instances):
+            return None
+        caps = {}
+        for d in busy_d:
+            b = min(len(d.decode.running), d.decode.max_batch_size)
+            sp = self._speeds.get(b)
+            if sp is None:
+                sp = self._speeds[b] = speeds_at(self.table, b)
+            caps[id(d)] = sp[1]
+        b = max(min(len(d.decode.running), d.decode.max_batch_size) for d in busy_d)
+        p_cap = self._speeds.get(b) or speeds_at(self.table, b)
+        for inst in self.instances:
+            if inst.busy and id(inst) in self._prefill:
+                caps[id(inst)] = p_cap[0]
+        return caps
 
     def update(self, now: float) -> list:
         busy = tuple(inst.busy for inst in self.instances)
-        front = self.frontend_cores() if self.terms.frontend_cpu_s_per_token else 0.0
-        state = (busy, front)
+        front = self.frontend_cores() \
+            if self.terms.frontend_cpu_s_per_token or self.terms.frontend_cores_by_rate else 0.0
+        caps = self._corun() if self.table is not None else None
+        state = (busy, front, tuple(sorted(caps.items())) if caps else None)
         if state == self.state:
             return []
         self.state = state
@@ -210,5 +278,8 @@ class CoreShare:
         shares = _water_fill(demands, self.terms.host_cores)
         events = []
         for inst, b, share in zip(self.instances, busy, shares):
-            events.extend(inst.set_speed(now, min(1.0, share) if b else 1.0) or ())
+            speed = min(1.0, share)
+            if caps and id(inst) in caps:
+                speed = min(speed, caps[id(inst)])
+            events.extend(inst.set_speed(now, speed if b else 1.0) or ())
         return events

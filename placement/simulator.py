@@ -201,7 +201,7 @@ class Simulator:
         p_speed, d_speed = self.dep.shared_speeds
         busy = [(False, False, p_speed, d_speed)] * len(pairs)
         table, table_speeds = self.dep.shared_speed_table, {}
-        cores = CoreShare(self.serving, self.prefills + self.decodes + self.colocated) \
+        cores = CoreShare(self.serving, self.prefills + self.decodes + self.colocated, self.prefills, self.decodes) \
             if self.serving and self.serving.host_cores else None
         while heap and not self.stopped:
             now, _, handler, arg = pop(heap)

@@ -195,3 +195,35 @@ def test_the_run_with_the_table_holds_at_every_rate_from_half_of_them(tmp_path):
     # The committed serving profile is this fit.
     committed = json.loads((REPO / "placement" / "profiles" / "H200_llama-3-8b-serving-1p1d.json").read_text())
     assert committed["serving"] == serving
+
+
+def test_cpu_calibration_fits_each_phase_its_own_speed():
+    # The prefills measured 2x the profile, the decode steps half of it: the decode's scale
+    # comes from its own steps (tying it to the prefill's made every decode step as slow as
+    # the calibration's prefills happened to run).
+    from benchmarks.fidelity_calibration import fit_calibration
+    pre = [(n, 2 * e, e) for n, e in ((16, 0.01), (128, 0.03), (512, 0.13))]
+    dec = [(b, c, 0.5 * e, e) for b, c, e in ((1, 100, 0.006), (4, 400, 0.009), (16, 1600, 0.02), (16, 7744, 0.038))]
+    cal = {"prefill": pre, "decode": dec, "handover": [(16, 0.01), (512, 0.012)], "ttft_offset": [0.005],
+           "frontend_cpu_s_per_token": 4e-4, "other_cores": 0.0}
+    fit = fit_calibration(cal, 1024, gpu=False)
+    assert fit["prefill_scale"] == pytest.approx(2.0, rel=1e-3) and fit["prefill_overhead_s"] == pytest.approx(0, abs=1e-6)
+    assert fit["decode_scale"] == pytest.approx(0.5, rel=1e-3)
+    assert fit["decode_overhead_s"] == pytest.approx(0, abs=1e-6)
+
+
+def test_the_frontend_table_is_idle_then_the_median_while_streaming():
+    from benchmarks.fidelity_calibration import calibrated_profile, fit_calibration, frontend_table
+    from placement.latency_profile import ProfiledModel, load_profile
+    pts = [(0.0, 0.03), (304, 0.24), (367, 0.39), (471, 0.28), (905, 0.37), (1455, 0.36)]
+    assert frontend_table(pts) == [[0.0, 0.03], [304.0, 0.36], [1455.0, 0.36]]
+    assert frontend_table([(0.0, 0.05)]) == [[0.0, 0.05]]
+    assert frontend_table([]) == [[0.0, 0.0]]
+    # Through the fit into a CPU profile's serving section, which the simulator reads.
+    pre = [(n, e, e) for n, e in ((16, 0.01), (128, 0.03), (512, 0.13))]
+    dec = [(b, c, e, e) for b, c, e in ((1, 100, 0.006), (4, 400, 0.009), (16, 1600, 0.02))]
+    cal = {"prefill": pre, "decode": dec, "handover": [(16, 0.01), (512, 0.012)], "ttft_offset": [0.005],
+           "frontend_cpu_s_per_token": 4e-4, "other_cores": 0.0, "frontend_cores_by_rate": pts}
+    engine = load_profile(REPO / "placement" / "profiles" / "cpu_embedded.json")
+    serving = ProfiledModel(calibrated_profile(engine, fit_calibration(cal, 1024), cpu_cores=2.0)).serving
+    assert serving.frontend_cores_by_rate == ((0.0, 0.03), (304.0, 0.36), (1455.0, 0.36))

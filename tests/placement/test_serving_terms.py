@@ -193,3 +193,39 @@ def test_a_serving_profile_with_the_table_reaches_the_deployment(tmp_path):
     path.write_text(json.dumps(prof))
     dep = deployment_from_plan(plan, latency=str(path))
     assert dep.shared_speed_table == ((1, 0.9, 0.6), (128, 0.5, 0.5))
+
+
+def test_cpu_workers_beside_each_other_run_no_faster_than_the_corun_table():
+    # Two cores, nobody else, but the CPU cluster measured each worker at half speed while the
+    # other phase's worker is busy (`shared_speeds_by_batch` on CPU): the same times as one
+    # core shared (test_cpu_workers_share_the_cores), though each worker has a core.
+    wl = workload([0.0, 1.66], [100, 100], [11, 2])
+    table = [[1, 0.5, 0.5], [16, 0.5, 0.5]]
+    r = simulate(dep_with({"host_cores": 2, "shared_speeds_by_batch": table}), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 3.085])
+    np.testing.assert_allclose(r.finish_s, [2.51, 3.295])
+    # The scalar speeds do the same at every batch; speeds of 1 change nothing.
+    r = simulate(dep_with({"host_cores": 2, "shared_speeds": [0.5, 0.5]}), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 3.085])
+    r = simulate(dep_with({"host_cores": 2, "shared_speeds": [1.0, 1.0]}), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 2.66])
+    # The lower of the share and the table holds: one core shared is half speed already.
+    r = simulate(dep_with({"host_cores": 1, "shared_speeds": [0.8, 0.8]}), wl)
+    np.testing.assert_allclose(r.first_token_s, [1.0, 3.085])
+
+
+def test_the_frontend_takes_the_cores_its_table_says():
+    wl = workload([0.0, 1.66], [100, 100], [11, 2])
+    idle = simulate(dep_with({"host_cores": 1.2}), wl)
+    # 0.2 cores with nothing streaming leaves the lone prefill its core; while tokens stream
+    # (from 5 tokens/s on) the frontend wants 0.6 and the three share the 1.2 cores, 0.4 each.
+    busy = simulate(dep_with({"host_cores": 1.2, "frontend_cores_by_rate": [[0, 0.2], [5, 0.6]]}), wl)
+    assert busy.first_token_s[0] == pytest.approx(idle.first_token_s[0])
+    assert busy.finish_s[0] > idle.finish_s[0] and busy.first_token_s[1] > idle.first_token_s[1]
+    terms = ServingTerms.from_dict({"host_cores": 2, "frontend_cores_by_rate": [[0, 0.1], [300, 0.3]]})
+    assert terms.frontend_cores_by_rate == ((0.0, 0.1), (300.0, 0.3))
+    assert ServingTerms.from_dict(terms.to_dict()) == terms
+    assert "frontend_cores_by_rate" not in ServingTerms(host_cores=2).to_dict()
+    for bad in ([[300, 0.3], [0, 0.1]], [[0, -1]], [[0]], []):
+        with pytest.raises(ConfigError, match="frontend_cores_by_rate"):
+            ServingTerms.from_dict({"frontend_cores_by_rate": bad})
