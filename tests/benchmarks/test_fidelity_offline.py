@@ -227,3 +227,28 @@ def test_the_frontend_table_is_idle_then_the_median_while_streaming():
     engine = load_profile(REPO / "placement" / "profiles" / "cpu_embedded.json")
     serving = ProfiledModel(calibrated_profile(engine, fit_calibration(cal, 1024), cpu_cores=2.0)).serving
     assert serving.frontend_cores_by_rate == ((0.0, 0.03), (304.0, 0.36), (1455.0, 0.36))
+
+
+def test_the_cpu_recording_is_repredicted_as_recorded_and_misses_where_it_did(tmp_path):
+    # The 19:11 CPU run (2-core machine, 240 requests per rate, the co-run table and the
+    # frontend's table measured at zero load), re-predicted with its own fitted terms. What it
+    # shows (docs/benchmarks.md, "Fidelity under load on the 2-core CPU machine", run 8):
+    # attainment within 3 points at every rate up to the 50% point, p90 TPOT within 16%, p90
+    # TTFT within 15% at 2, 4, 8, 12 req/s but off by up to 33% at 6, 10, 14, 16: issue 15's CPU
+    # target is not met. The test pins that state (a change to the simulator that moves it
+    # shows here) and that the recording's table reaches the prediction.
+    rec = REPO / "benchmarks" / "recorded" / "fidelity-cpu-2026-12-02"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", "--from-dir", str(rec), "--load-terms-from",
+                           str(rec / "profile-serving.json"), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "fidelity.json").read_text())
+    covered = [r for r in res["runs"] if r["in_range"]]
+    assert [r["rate"] for r in covered] == [2, 4, 6, 8, 10, 12, 14, 16]
+    v = {r["rate"]: r["verdict"]["calibrated"] for r in covered}
+    assert all(abs(x["attainment_pp"]) <= 3 and abs(x["tpot_p90_rel"]) <= 0.17 for x in v.values()), v
+    assert all(abs(v[r]["ttft_p90_rel"]) <= 0.15 for r in (2, 4, 8, 12)), v
+    assert max(abs(x["ttft_p90_rel"]) for x in v.values()) == pytest.approx(0.33, abs=0.02), v
+    serving = json.loads((tmp_path / "profile-serving.json").read_text())["serving"]
+    assert [row[0] for row in serving["shared_speeds_by_batch"]] == [1, 4, 16, 32]     # 64 gave no row there
+    assert serving["frontend_cores_by_rate"][0][0] == 0 and serving["host_cores"] == 2
