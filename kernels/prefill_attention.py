@@ -297,6 +297,11 @@ def _launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_l
         v2.launch_v2(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens,
                    cache_strides, has_prefix, cfg, interpreted)
         return out
+    if cfg.get("VARIANT") == "v3" and v2.v2_ok(q, k, v, out, interpreted):
+        from kernels.prefill_attention_v3 import launch_v3
+        launch_v3(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens,
+                  cache_strides, has_prefix, cfg, interpreted)
+        return out
     use_tma = cfg.get("TMA", False) and _tma_ok(q, k, v)
     k_arg, v_arg = (_kv_descriptor(k, cfg["BLOCK_N"]), _kv_descriptor(v, cfg["BLOCK_N"])) if use_tma else (k, v)
     grid = (Hq, T // cfg["BLOCK_M"] + B)

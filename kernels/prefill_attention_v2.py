@@ -199,12 +199,23 @@ V2_CONFIGS = {
 # overlapped, and it measured 0.77-0.81x cuDNN against v1's 0.87-0.91x.
 
 
-# Per head dim, (minimum total tokens, V2_CONFIGS name or None for v1) rules in increasing
-# order, the last match wins: which v2 variant replaces the v1 kernel by default. From the H200
-# run of 2026-12-02 15:02 UTC (benchmarks/prefill_sweep.py prints the rules a run supports):
-# host-made descriptors with v1's tiles are 1.04-1.05x v1 at 2k-16k tokens (0.90-0.96x cuDNN);
-# shorter prefills were not measured and keep v1.
-DEFAULT_V2_BY_TOKENS: dict[int, list[tuple[int, str | None]]] = {128: [(2048, "v2-host-128x64-w8-s3")]}
+# Per head dim, (minimum total tokens, config name or None for v1) rules in increasing order,
+# the last match wins: which kernel replaces the v1 kernel by default. A name is a V2_CONFIGS or
+# a V3_CONFIGS (kernels/prefill_attention_v3.py) entry. From the H200 sweep of 2026-12-03 06:12
+# UTC (benchmarks/prefill_v3_sweep.py, one sequence, 32 q / 8 kv heads, docs/benchmarks.md,
+# "Prefill attention v3"): v3 with 64x64 tiles and two programs per SM is 1.04-1.05x cuDNN at
+# 2k tokens; v3 with 128x128 tiles is 0.96-1.00x cuDNN at 4k-16k (the earlier default, v2 with
+# 128x64 tiles, 0.89-0.94x in the same run). Shorter prefills were not measured and keep v1.
+DEFAULT_V2_BY_TOKENS: dict[int, list[tuple[int, str | None]]] = {
+    128: [(2048, "v3-64x64-w4-s3"), (4096, "v3-128x128-w8-s3")]}
+
+
+def named_config(name: str) -> dict:
+    """A V2_CONFIGS or V3_CONFIGS entry by name."""
+    if name in V2_CONFIGS:
+        return V2_CONFIGS[name]
+    from kernels.prefill_attention_v3 import V3_CONFIGS  # it imports this module
+    return V3_CONFIGS[name]
 
 
 def default_variant(num_tokens: int, head_dim: int) -> dict | None:
@@ -212,7 +223,7 @@ def default_variant(num_tokens: int, head_dim: int) -> dict | None:
     for min_tokens, cfg_name in DEFAULT_V2_BY_TOKENS.get(head_dim, []):
         if num_tokens >= min_tokens:
             name = cfg_name
-    return V2_CONFIGS[name] if name else None
+    return named_config(name) if name else None
 
 
 def v2_ok(q, k, v, out, interpreted: bool) -> bool:

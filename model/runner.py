@@ -162,16 +162,17 @@ class ModelRunner:
         if not starts:
             return
         attn = self.model.layers[0].self_attn
-        t = max(starts)
-        q = torch.randn(t, attn.num_heads, d, device=self.device, dtype=kv.dtype)
-        k = torch.randn(t, hk, d, device=self.device, dtype=kv.dtype)
-        v = torch.randn_like(k)
         tables = torch.zeros(2, 1, dtype=torch.int32, device=self.device)
-        for cu in ([0, t], [0, t // 2, t]):
-            cu_t = torch.tensor(cu, dtype=torch.int32, device=self.device)
-            prefill_attention(q, k, v, cu_t, attn.scale)
-            prefix = torch.full((len(cu) - 1,), bs, dtype=torch.int32, device=self.device)
-            prefill_attention(q, k, v, cu_t, attn.scale, kv[0, 0], kv[0, 1], tables[:len(cu) - 1], prefix)
+        for t in starts:  # each rule's kernel
+            q = torch.randn(t, attn.num_heads, d, device=self.device, dtype=kv.dtype)
+            k = torch.randn(t, hk, d, device=self.device, dtype=kv.dtype)
+            v = torch.randn_like(k)
+            for cu in ([0, t], [0, t // 2, t]):
+                cu_t = torch.tensor(cu, dtype=torch.int32, device=self.device)
+                prefill_attention(q, k, v, cu_t, attn.scale)
+                prefix = torch.full((len(cu) - 1,), bs, dtype=torch.int32, device=self.device)
+                prefill_attention(q, k, v, cu_t, attn.scale, kv[0, 0], kv[0, 1], tables[:len(cu) - 1],
+                                  prefix)
 
     def _slots(self, table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size

@@ -88,7 +88,7 @@ def test_v3_configs_are_well_formed():
 @pytest.mark.parametrize("name,lens,prefix", [
     *[pytest.param(n, [1, 64, 65, 3, 2048], None, id=f"{n}-ragged") for n in v3.V3_CONFIGS],
     *[pytest.param(n, [700, 129, 1000], [300, 0, 1200], id=f"{n}-prefix")
-      for n in ("v3-lazy-128x64-w8-s2-r128", "v3-128x32-w4-s3")]])
+      for n in ("v3-lazy-128x64-w8-s2-r128", "v3-128x32-w4-s3", "v3-64x64-w4-s3", "v3-128x128-w8-s3")]])
 def test_v3_gpu_variants_match_reference(gen, name, lens, prefix):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs a Hopper GPU")
@@ -102,4 +102,45 @@ def test_v3_gpu_variants_match_reference(gen, name, lens, prefix):
         if _is_unsupported(e):
             pytest.skip(f"{name} does not compile here: {type(e).__name__}: {str(e)[:200]}")
         raise
+    assert_close(out, mod.prefill_attention_ref(*args), target)
+
+
+def test_the_default_rules_name_real_configs_in_increasing_order():
+    from kernels import prefill_attention_v2 as v2
+    for d, rules in v2.DEFAULT_V2_BY_TOKENS.items():
+        starts = [t for t, _ in rules]
+        assert starts == sorted(starts), d
+        for t, name in rules:
+            if name:
+                assert v2.default_variant(t, d) is v2.named_config(name)
+                assert v2.named_config(name)["VARIANT"] in ("v2", "v3")
+    assert v2.default_variant(1, 128) is None  # short prefills keep v1
+
+
+def test_the_launcher_routes_a_v3_config_to_the_v3_kernel(gen, monkeypatch):
+    # prefill_attention._launch runs launch_v3 for VARIANT="v3" (what DEFAULT_V2_BY_TOKENS picks)
+    calls = []
+    real = v3.launch_v3
+    monkeypatch.setattr(v3, "launch_v3", lambda *a: (calls.append(1), real(*a)))
+    target = Target("cpu", torch.float32)
+    q, k, v, cu, kw = _inputs(target, gen, 4, 2, 32, 16, [40, 17], [16, 0])
+    args = _args(q, k, v, cu, 32 ** -0.5, kw)
+    out = mod._launch(*args, config=CPU_TILES)
+    assert calls, "the v3 kernel did not run"
+    assert_close(out, mod.prefill_attention_ref(*args), target)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,prefix", [([2048], None), ([1500, 600], [0, 512]), ([4096], None),
+                                         ([3000, 2000, 9], [1024, 0, 16])],
+                         ids=["2k", "2k-prefix", "4k", "5k-prefix"])
+def test_the_default_dispatch_on_gpu_matches_reference(gen, lens, prefix):
+    # what the model's prefill runs at >= 2k tokens (the DEFAULT_V2_BY_TOKENS rules), in bf16
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper GPU")
+    target = Target("cuda", torch.bfloat16)
+    q, k, v, cu, kw = _inputs(target, gen, 32, 8, 128, 16, lens, prefix)
+    args = _args(q, k, v, cu, 128 ** -0.5, kw)
+    out = torch.full_like(q, float("nan"))
+    mod.prefill_attention(*args, out=out)
     assert_close(out, mod.prefill_attention_ref(*args), target)
