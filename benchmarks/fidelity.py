@@ -79,7 +79,7 @@ def stop_server(proc) -> None:
             proc.wait()
 
 
-from benchmarks.fidelity_calibration import calibrate, calibrated_profile, cpu_snapshot, cpu_usage, fit_calibration  # noqa: E402,F401
+from benchmarks.fidelity_calibration import calibrate, calibrated_profile, cpu_snapshot, cpu_usage, fit_calibration, speed_probe  # noqa: E402,F401
 from benchmarks.fidelity_predict import format_row, predict_runs  # noqa: E402
 
 
@@ -94,6 +94,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-slo-s", type=float, default=1.0)
     ap.add_argument("--tpot-slo-s", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speed-probes", choices=["auto", "on", "off"], default="auto",
+                    help="a zero-load speed probe (7 prefills, one decode batch: a few seconds) before every "
+                         "rate and after the last, and each run predicted at the speed they measured against "
+                         "the calibration's (auto: on CPU, whose speed drifts by +-25%% over minutes)")
     ap.add_argument("--profile", default=None, help="engine profile (default: measured now with `disagg profile`)")
     ap.add_argument("--ray-worker-niceness", type=int, default=None,
                     help="RAY_worker_niceness for the cluster (Ray's default 15 makes the workers yield the "
@@ -164,6 +168,8 @@ def online(args, fit_rates, load_terms=None) -> int:
         save_profile(calibrated_profile(engine_profile, fit, cpu_cores=cores), out / "profile-serving.json")
         result["calibration"] = {"raw": cal, "fit": fit, "seconds": time.monotonic() - t0}
         print(f"calibration: {json.dumps(fit)}", file=sys.stderr)
+        probes = args.speed_probes == "on" or (args.speed_probes == "auto" and cpu)
+        probe = speed_probe(server) if probes else None
         for rate in [float(x) for x in args.rates.split(",")]:
             path = out / f"bench-rate{rate:g}.json"
             snap = cpu_snapshot(proc.pid)
@@ -177,6 +183,9 @@ def online(args, fit_rates, load_terms=None) -> int:
                            cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
             runs.append({"rate": rate, "cpu_cores": cpu_usage(snap, cpu_snapshot(proc.pid)),
                          "run": json.loads(path.read_text())})
+            if probes:      # after this run, before the next: the next run's probe_before
+                runs[-1]["probe_before"], probe = probe, speed_probe(server)
+                runs[-1]["probe_after"] = probe
             r = runs[-1]
             print(f"rate {rate:g} req/s: measured attainment {r['run']['attainment']:.3f}, p90 TTFT "
                   f"{r['run']['ttft_s']['p90'] * 1e3:.1f} ms, p90 TPOT {r['run']['tpot_s']['p90'] * 1e3:.1f} ms; "
@@ -184,7 +193,7 @@ def online(args, fit_rates, load_terms=None) -> int:
     finally:
         stop_server(proc)
     # Written before the prediction so that `--from-dir` can redo it from the same folder.
-    result["runs"] = [{"rate": r["rate"], "cpu_cores": r["cpu_cores"]} for r in runs]
+    result["runs"] = [{k: r[k] for k in ("rate", "cpu_cores", "probe_before", "probe_after") if k in r} for r in runs]
     (out / "fidelity.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     return _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, cores, fit_rates, out, load_terms)
 
@@ -220,7 +229,8 @@ def offline(src: Path, out: Path, fit_rates, load_terms=None) -> int:
         path = src / f"bench-rate{r['rate']:g}.json"
         if not path.is_file():
             raise SystemExit(f"--from-dir {src}: {path.name} is missing")
-        runs.append({"rate": r["rate"], "cpu_cores": r.get("cpu_cores"), "run": json.loads(path.read_text())})
+        runs.append({**{k: r[k] for k in ("rate", "cpu_cores", "probe_before", "probe_after") if k in r},
+                     "run": json.loads(path.read_text())})
     cores = float(rec.get("cpu_count") or (2 if cpu else 0)) if cpu else 0.0
     out.mkdir(parents=True, exist_ok=True)
     result = dict(rec, recorded_in=str(src), repredicted=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

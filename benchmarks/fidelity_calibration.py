@@ -59,6 +59,63 @@ def bench_args(server: str, workload: str, **kw) -> argparse.Namespace:
 
 
 # Calibration ------------------------------------------------------------------------------
+# The probe's request shapes: the calibration's 512-token prefill and its decode batch of 4 with
+# 64-token prompts, so that a probe divided by the calibration's measurement of the same shape is
+# how fast the machine runs now against then.
+PROBE_PREFILL_LEN, PROBE_DECODE_BATCH, PROBE_DECODE_PROMPT = 512, 4, 64
+
+
+def speed_probe(server: str, prefills: int = 7) -> dict:
+    """How fast the workers run now, at zero load, in a few seconds: the median compute of
+    `prefills` 512-token prefills one at a time, and the median inter-token gap of 4 requests
+    decoding 64 tokens together (the calibration's shapes). The 2-vCPU VM's speed drifts by
+    +-25% over minutes with nothing of ours running (the host's other tenants): a 512-token
+    prefill alone took 105-120 ms, then 79-85 ms ten minutes later on the same server
+    (2026-12-03 06:30 UTC), and the calibration of run 9 measured 79 ms where the served runs'
+    own lone prefills of 480-512 tokens took 97 ms. benchmarks/fidelity.py probes before every
+    rate and after the last, and the prediction scales each run's profile by the probes around
+    it over the calibration's own measurement."""
+    from cluster.bench import replay
+    a = bench_args(server, f"random:{PROBE_PREFILL_LEN},2,0", num_requests=prefills, max_concurrency=1,
+                   num_warmups=0)
+    pre = [r.timings["prefill_compute_s"] for r in asyncio.run(replay(a))[0] if r.ok]
+    a = bench_args(server, f"random:{PROBE_DECODE_PROMPT},64,0", num_requests=PROBE_DECODE_BATCH, num_warmups=0)
+    itl = [g for r in asyncio.run(replay(a))[0] if r.ok for g in r.itl_s[20:50]]
+    return {"prefill_s": float(np.median(pre)) if pre else None, "decode_itl_s": float(np.median(itl)) if itl else None,
+            "time_unix_s": time.time()}
+
+
+def probe_ratios(cal: dict, before: dict | None, after: dict | None) -> tuple[float, float]:
+    """(prefill, decode): how much slower than at the calibration the machine ran around one
+    run, from the probes before and after it (their geometric mean; one alone if the other is
+    missing) over the calibration's measurement of the same shapes. (1, 1) without probes."""
+    ref_p = next((m for n, m, _ in cal.get("prefill", []) if n == PROBE_PREFILL_LEN), None)
+    ref_d = next((m for b, ctx, m, _ in cal.get("decode", [])
+                  if b == PROBE_DECODE_BATCH and ctx == PROBE_DECODE_BATCH * (PROBE_DECODE_PROMPT + 36)), None)
+
+    def ratio(key, ref):
+        vals = [p[key] for p in (before, after) if p and p.get(key)]
+        if not vals or not ref:
+            return 1.0
+        return float(np.exp(np.mean(np.log(vals))) / ref)
+    return ratio("prefill_s", ref_p), ratio("decode_itl_s", ref_d)
+
+
+def at_speed(profile: dict, prefill_ratio: float, decode_ratio: float) -> dict:
+    """`profile` with every prefill time scaled by prefill_ratio and every decode step by
+    decode_ratio (a machine that runs that much slower)."""
+    if (prefill_ratio, decode_ratio) == (1.0, 1.0):
+        return profile
+    p = copy.deepcopy(profile)
+    for e in p["tp"].values():
+        for k in "abc":
+            e["prefill"][k] *= prefill_ratio
+            e["decode"][k] *= decode_ratio
+        if e.get("prefill_floor_s"):
+            e["prefill_floor_s"] *= prefill_ratio
+    return p
+
+
 def _lstsq_nonneg(x, y, scale=None):
     """Coefficients >= 0 minimising error relative to `scale` (default y), as placement's
     profile fit does."""

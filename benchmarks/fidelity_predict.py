@@ -124,6 +124,14 @@ CORUN_SCALE_GRID = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 SHARE_TERMS = ("prefill_share_scale", "decode_share_scale")
 
 
+def run_speed(profile: dict, run: dict) -> dict:
+    """`profile` at the speed the machine ran during `run` (its "speed": the prefill's and the
+    decode's time over the calibration's, from the zero-load probes around it; CPU runs since
+    2026-12-03), or as calibrated."""
+    from benchmarks.fidelity_calibration import at_speed
+    return at_speed(profile, *run.get("speed", (1.0, 1.0)))
+
+
 def with_load_terms(profile: dict, terms: dict) -> dict:
     """`profile` with load terms in its serving section; `prefill_share_scale` scales the
     shared GPU's prefill speed; `other_share` is per run (run_overrides), not a serving term."""
@@ -151,7 +159,7 @@ def fit_load_terms(plan, profile: dict, runs: list[dict], slo, cpu: bool = False
     def total(terms):
         share = terms.get("other_share")
         prof = with_load_terms(profile, terms)
-        return sum(_loss(measured(r["run"]), simulate_run(plan, prof, r["run"], 0.0, slo,
+        return sum(_loss(measured(r["run"]), simulate_run(plan, run_speed(prof, r), r["run"], 0.0, slo,
                                                           serving=run_overrides(r, share)), slo)
                    for r in runs)
     grid = dict(grid or LOAD_GRID)
@@ -245,8 +253,11 @@ def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: 
     the zero-load calibration plus the load terms fitted on `fit` runs (checked on the others),
     or `load_terms` fitted on another recording (every run then checks them).
     `runs`: dicts with "rate", "run" (bench JSON) and "cpu_cores" (what each part used)."""
-    from benchmarks.fidelity_calibration import calibrated_profile, fit_calibration
+    from benchmarks.fidelity_calibration import calibrated_profile, fit_calibration, probe_ratios
     fit = fit_calibration(cal_raw, kv_bytes, gpu=gpu)
+    for r in runs:
+        if r.get("probe_before") or r.get("probe_after"):
+            r["speed"] = probe_ratios(cal_raw, r.get("probe_before"), r.get("probe_after"))
     zero = calibrated_profile(engine_profile, fit, cpu_cores=cpu_cores)
     if load_terms is not None:
         fit_runs, loaded, loss = [], dict(load_terms), float("nan")
@@ -259,10 +270,13 @@ def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: 
     for r in sorted(runs, key=lambda r: r["rate"]):
         meas = measured(r["run"])
         preds = {"engine": simulate_run(plan, engine_profile, r["run"], 0.0, slo),
-                 "zero-load calibration": simulate_run(plan, zero, r["run"], 0.0, slo,
+                 "zero-load calibration": simulate_run(plan, run_speed(zero, r), r["run"], 0.0, slo,
                                                        serving=run_overrides(r, 1.0 if cpu_cores else None)),
-                 "calibrated": simulate_run(plan, full, r["run"], 0.0, slo, serving=run_overrides(r, share))}
-        out.append({"rate": r["rate"], "cpu_cores": r.get("cpu_cores"), "measured": meas, "predicted": preds,
+                 "calibrated": simulate_run(plan, run_speed(full, r), r["run"], 0.0, slo,
+                                            serving=run_overrides(r, share))}
+        out.append({"rate": r["rate"], "cpu_cores": r.get("cpu_cores"),
+                    **{k: r[k] for k in ("probe_before", "probe_after", "speed") if k in r},
+                    "measured": meas, "predicted": preds,
                     "verdict": {k: verdict(meas, v) for k, v in preds.items()},
                     "role": "fit" if r in fit_runs else "check",
                     "in_range": any(r is x for x in in_range(runs))})
@@ -278,7 +292,9 @@ def predict_runs(plan, engine_profile: dict, cal_raw: dict, kv_bytes: int, gpu: 
 def format_row(r: dict) -> str:
     m = r["measured"]
     cores = f" (cores used: {r['cpu_cores']})" if r.get("cpu_cores") else ""
-    lines = [f"rate {r['rate']:g} req/s [{r.get('role', '')}{', in range' if r.get('in_range') else ''}]{cores}",
+    speed = " (time x{:.2f} prefill, x{:.2f} decode against the calibration, probed)".format(*r["speed"]) \
+        if r.get("speed") else ""
+    lines = [f"rate {r['rate']:g} req/s [{r.get('role', '')}{', in range' if r.get('in_range') else ''}]{cores}{speed}",
              f"  {'measured':<24} attainment {m['attainment']:.3f}  p90 TTFT {m['ttft_p90_s'] * 1e3:7.1f} ms  "
              f"p90 TPOT {m['tpot_p90_s'] * 1e3:6.1f} ms{_kv(m)}"]
     for k, p in r["predicted"].items():

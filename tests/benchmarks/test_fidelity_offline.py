@@ -252,3 +252,48 @@ def test_the_cpu_recording_is_repredicted_as_recorded_and_misses_where_it_did(tm
     serving = json.loads((tmp_path / "profile-serving.json").read_text())["serving"]
     assert [row[0] for row in serving["shared_speeds_by_batch"]] == [1, 4, 16, 32]     # 64 gave no row there
     assert serving["frontend_cores_by_rate"][0][0] == 0 and serving["host_cores"] == 2
+
+
+def test_the_speed_probes_scale_each_run_against_the_calibration():
+    # The 2-vCPU VM's speed drifts over minutes: each run is predicted at the speed the
+    # zero-load probes before and after it measured, over the calibration's same shapes.
+    from benchmarks.fidelity_calibration import at_speed, probe_ratios
+    from placement.latency_profile import load_profile
+    cal = {"prefill": [(16, 0.01, 0.01), (512, 0.08, 0.1)],
+           "decode": [(1, 100, 0.003, 0.004), (4, 400, 0.005, 0.006), (16, 1600, 0.01, 0.01)]}
+    before, after = {"prefill_s": 0.1, "decode_itl_s": 0.006}, {"prefill_s": 0.1 * 1.44, "decode_itl_s": 0.005}
+    p, d = probe_ratios(cal, before, after)
+    assert p == pytest.approx(0.12 / 0.08) and d == pytest.approx((0.006 * 0.005) ** 0.5 / 0.005)
+    assert probe_ratios(cal, before, None) == (pytest.approx(1.25), pytest.approx(1.2))
+    assert probe_ratios(cal, None, None) == (1.0, 1.0)
+    assert probe_ratios({"prefill": [], "decode": []}, before, after) == (1.0, 1.0)    # no shape to divide by
+    engine = load_profile(REPO / "placement" / "profiles" / "cpu_embedded.json")
+    assert at_speed(engine, 1.0, 1.0) is engine
+    slow = at_speed(engine, 1.5, 0.5)
+    for tp, e in engine["tp"].items():
+        for k in "abc":
+            assert slow["tp"][tp]["prefill"][k] == pytest.approx(1.5 * e["prefill"][k])
+            assert slow["tp"][tp]["decode"][k] == pytest.approx(0.5 * e["decode"][k])
+    assert engine["tp"]["1"]["prefill"]["a"] != slow["tp"]["1"]["prefill"]["a"]     # a copy, not changed in place
+
+
+def test_a_probed_run_is_predicted_at_its_speed(tmp_path):
+    # The same recorded run with probes saying the machine ran 1.3x slower than at the
+    # calibration: every queue grows, so TTFT and TPOT come out longer than without.
+    from benchmarks import fidelity_predict as fp
+    from engine.plan import Plan
+    rec = REPO / "benchmarks" / "recorded" / "fidelity-cpu-2026-12-02"
+    res = json.loads((rec / "fidelity.json").read_text())
+    cal = res["calibration"]["raw"]
+    plan = Plan.load(rec / "plan.json")
+    run = {"rate": 10.0, "run": json.loads((rec / "bench-rate10.json").read_text())}
+    p512 = next(m for n, m, _ in cal["prefill"] if n == 512)
+    d4 = next(m for b, c, m, _ in cal["decode"] if b == 4 and c == 400)
+    probed = dict(run, probe_before={"prefill_s": 1.3 * p512, "decode_itl_s": 1.3 * d4})
+    from placement.latency_profile import load_profile
+    engine = load_profile(REPO / "placement" / "profiles" / "cpu_embedded.json")
+    out = fp.predict_runs(plan, engine, cal, 4096, False, [run, probed], (1.0, 0.05), cpu_cores=2.0,
+                          load_terms={})
+    plain, slow = (r["predicted"]["calibrated"] for r in out["runs"])
+    assert out["runs"][1]["speed"] == (pytest.approx(1.3), pytest.approx(1.3))
+    assert slow["ttft_p90_s"] > 1.1 * plain["ttft_p90_s"] and slow["tpot_p90_s"] > 1.1 * plain["tpot_p90_s"]
