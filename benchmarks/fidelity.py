@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-probes", choices=["auto", "on", "off"], default="auto",
                     help="a zero-load speed probe (7 prefills, one decode batch: a few seconds) before every "
                          "rate and after the last, and each run predicted at the speed they measured against "
-                         "the calibration's (auto: on CPU, whose speed drifts by +-25%% over minutes)")
+                         "the calibration's (auto: on CPU, whose speed drifts by 25-100%% minute to minute)")
     ap.add_argument("--profile", default=None, help="engine profile (default: measured now with `disagg profile`)")
     ap.add_argument("--ray-worker-niceness", type=int, default=None,
                     help="RAY_worker_niceness for the cluster (Ray's default 15 makes the workers yield the "
