@@ -24,6 +24,11 @@ instances gave too little more). With 1024-token prompts the per-request costs o
 prefill (controller, client, hand-over, decode) weigh less and two instances measure 1.75-1.87x
 one here; the test now measures that factor and fails with it named if it is below 1.3x.
 
+Where the fixed split kept up with the prefill-heavy half after all (attainment >= 0.8 there:
+this VM's speed drifts by 25-100% between minutes, and a CI run on 2026-12-03 replayed at a rate
+the lone instance served at 92%), the rate goes up 1.25x and the fixed split replays again (at
+most three times); the auto run replays what the last fixed run did.
+
 Both runs replay the same requests; both must complete every request with exactly the tokens
 asked (no lost request); the auto run must score higher attainment on the whole replay and on
 the prefill-heavy part, log its flip with the figures compared, and show it in the Prometheus
@@ -52,6 +57,7 @@ PHASE1_S, PHASE2_S = 6.0, 22.0
 COMPRESS = 10.0
 CAL_PROMPTS = 12
 MIN_SPEEDUP = 1.3                       # two prefill instances against one, measured
+KEPT_UP, RATE_STEP, OFF_ATTEMPTS = 0.8, 1.25, 3     # the fixed split's replay at a higher rate if it kept up
 
 
 def cli(*args, timeout=240) -> subprocess.CompletedProcess:
@@ -107,9 +113,12 @@ def set_role(info, instance, role):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def bench(d, info, name, ttft_slo, traces):
+def bench(d, info, name, ttft_slo, traces, seed):
+    """The replay; `seed` picks the prompts' token ids (a replay on a server that served another one
+    takes a new seed, or its prompts would hit the prefix cache the earlier one filled)."""
     out = d / f"{name}.json"
     r = cli("bench", "--server", f"127.0.0.1:{info['port']}", "--replay", traces, "--time-scale", 1 / COMPRESS,
+            "--seed", seed,
             "--ttft-slo-s", ttft_slo, "--tpot-slo-s", 1.0, "--window-s", 4, "--num-warmups", 0,
             "--request-timeout-s", 120, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -162,11 +171,26 @@ def test_replan_auto_beats_the_fixed_start_on_a_shifting_replay(tmp_path):
         # Arrivals between one instance's capacity and two's, as far from each in ratio (the
         # geometric mean): at 1.8x, one instance is 1.34x loaded and two are 0.75x.
         rate2 = speedup ** 0.5 / t_prefill
-        n2 = int(PHASE2_S * rate2)
-        write_trace(d / "prefill_heavy.csv", np.cumsum(rng.exponential(COMPRESS / rate2, n2)),
-                    rng.integers(PROMPT * 3 // 4, PROMPT * 5 // 4, n2), np.full(n2, OUT))
         traces = f"{d / 'decode_heavy.csv'},{d / 'prefill_heavy.csv'}"
-        off = bench(d, info, "off", ttft_slo, traces)
+        # This VM's speed drifts by 25-100% from one minute to the next (docs/benchmarks.md, CPU
+        # fidelity runs 9 and 10): where the lone prefill instance kept up with the prefill-heavy
+        # half after all (the machine ran faster than when calibrated), that replay shows no
+        # split's gain, so the rate goes up by the slack and the fixed split replays again.
+        for attempt in range(OFF_ATTEMPTS):
+            n2 = int(PHASE2_S * rate2)
+            write_trace(d / "prefill_heavy.csv", np.cumsum(np.random.default_rng(8).exponential(COMPRESS / rate2, n2)),
+                        rng.integers(PROMPT * 3 // 4, PROMPT * 5 // 4, n2), np.full(n2, OUT))
+            seed = 100 + attempt
+            off = bench(d, info, f"off{attempt}", ttft_slo, traces, seed)
+            if off["segments"][1]["attainment"] < KEPT_UP:
+                break
+            print(f"the lone prefill instance kept up at {rate2:.2f} req/s "
+                  f"({off['segments'][1]['attainment']:.2f} attainment): replaying at {rate2 * RATE_STEP:.2f}")
+            rate2 *= RATE_STEP
+        assert off["segments"][1]["attainment"] < KEPT_UP, (
+            f"one prefill instance kept up with the prefill-heavy half even at {rate2 / RATE_STEP:.2f} req/s "
+            f"({RATE_STEP}x a rate {OFF_ATTEMPTS - 1} times): the calibration ({t_prefill * 1e3:.0f} ms per prompt) "
+            f"is far from what the machine runs now")
     finally:
         stop(proc)
     factor = t_prefill / ProfiledModel(load_profile(str(PROFILE)), 1, 1).prefill_time([PROMPT])
@@ -176,7 +200,7 @@ def test_replan_auto_beats_the_fixed_start_on_a_shifting_replay(tmp_path):
                        "--replan-confirmations", 2, "--replan-dwell-s", 10, "--replan-margin", 0.05,
                        "--replan-latency-model", scaled_profile(d, factor))
     try:
-        auto = bench(d, info, "auto", ttft_slo, traces)
+        auto = bench(d, info, "auto", ttft_slo, traces, seed)      # a fresh server: the last fixed run's prompts
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10).read().decode()
     finally:
         stop(proc)
