@@ -163,7 +163,7 @@ def online(args, fit_rates, load_terms=None) -> int:
         # On CPU too: the two workers slow each other on the host's cores beyond a share of them
         # (placement/serving.py, CoreShare); decode batches as large as these runs reach.
         cal = calibrate(server, proc.pid, engine, shared=shared_gpu or cpu,
-                        interference_kw=CPU_INTERFERENCE if cpu else None)
+                        interference_kw=CPU_INTERFERENCE if cpu else None, decode_rounds=3 if cpu else 1)
         fit = fit_calibration(cal, kv_bytes, gpu=not cpu)
         save_profile(calibrated_profile(engine_profile, fit, cpu_cores=cores), out / "profile-serving.json")
         result["calibration"] = {"raw": cal, "fit": fit, "seconds": time.monotonic() - t0}
