@@ -198,6 +198,20 @@ def online(args, fit_rates, load_terms=None) -> int:
     return _predict_and_write(result, plan, engine_profile, cal, kv_bytes, runs, slo, cores, fit_rates, out, load_terms)
 
 
+def read_bench(folder: Path, rate: float) -> dict:
+    """One rate's bench JSON of a recorded run: bench-rate<R>.json, or .json.gz (the recordings
+    committed under benchmarks/recorded/ are gzipped: the GPU device copies at most 64 MiB)."""
+    import gzip
+    path = Path(folder) / f"bench-rate{rate:g}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    gz = path.with_name(path.name + ".gz")
+    if gz.is_file():
+        with gzip.open(gz, "rt") as f:
+            return json.load(f)
+    raise SystemExit(f"--from-dir {folder}: {path.name} (or .gz) is missing")
+
+
 def offline(src: Path, out: Path, fit_rates, load_terms=None) -> int:
     """Re-predict a recorded run: its calibration measurements, plan and bench runs, with the
     current simulator and fit. Writes fidelity.json and profile-serving.json under `out`."""
@@ -226,11 +240,8 @@ def offline(src: Path, out: Path, fit_rates, load_terms=None) -> int:
     slo = (args["ttft_slo_s"], args["tpot_slo_s"])
     runs = []
     for r in rec["runs"]:
-        path = src / f"bench-rate{r['rate']:g}.json"
-        if not path.is_file():
-            raise SystemExit(f"--from-dir {src}: {path.name} is missing")
         runs.append({**{k: r[k] for k in ("rate", "cpu_cores", "probe_before", "probe_after") if k in r},
-                     "run": json.loads(path.read_text())})
+                     "run": read_bench(src, r["rate"])})
     cores = float(rec.get("cpu_count") or (2 if cpu else 0)) if cpu else 0.0
     out.mkdir(parents=True, exist_ok=True)
     result = dict(rec, recorded_in=str(src), repredicted=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

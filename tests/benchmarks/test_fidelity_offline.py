@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fidelity import read_bench
+
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = REPO / "benchmarks" / "recorded" / "fidelity-h200-2026-12-02"
 ASYNC = REPO / "benchmarks" / "recorded" / "fidelity-h200-2026-12-02b"     # after async scheduling
@@ -29,7 +31,7 @@ def test_offline_repredicts_a_recorded_run(tmp_path):
     assert res["summary"]["range_rates"] == [8, 16, 24, 32, 48, 64]
     for r in res["runs"]:
         assert set(r["predicted"]) == {"engine", "zero-load calibration", "calibrated"}
-        assert r["measured"]["attainment"] == json.loads((RECORDED / f"bench-rate{r['rate']:g}.json").read_text())["attainment"]
+        assert r["measured"]["attainment"] == read_bench(RECORDED, r["rate"])["attainment"]
     # The calibrated profile carries the fitted terms, and placement reads it back.
     from placement.latency_profile import ProfiledModel, load_profile
     terms = ProfiledModel(load_profile(out / "profile-serving.json")).serving
@@ -286,7 +288,7 @@ def test_a_probed_run_is_predicted_at_its_speed(tmp_path):
     res = json.loads((rec / "fidelity.json").read_text())
     cal = res["calibration"]["raw"]
     plan = Plan.load(rec / "plan.json")
-    run = {"rate": 10.0, "run": json.loads((rec / "bench-rate10.json").read_text())}
+    run = {"rate": 10.0, "run": read_bench(rec, 10.0)}
     p512 = next(m for n, m, _ in cal["prefill"] if n == 512)
     d4 = next(m for b, c, m, _ in cal["decode"] if b == 4 and c == 400)
     probed = dict(run, probe_before={"prefill_s": 1.3 * p512, "decode_itl_s": 1.3 * d4})
