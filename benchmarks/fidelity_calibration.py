@@ -65,6 +65,11 @@ def bench_args(server: str, workload: str, **kw) -> argparse.Namespace:
 PROBE_PREFILL_LEN, PROBE_DECODE_BATCH, PROBE_DECODE_PROMPT = 512, 4, 64
 
 
+def decode_context(batch: int, prompt_len: int) -> int:
+    """The context of a calibration decode batch's middle steps (gaps 20-50 of 64 tokens)."""
+    return batch * (prompt_len + 36)
+
+
 def speed_probe(server: str, prefills: int = 7, decode_batches: int = 3) -> dict:
     """How fast the workers run now, at zero load, in a few seconds: the median compute of
     `prefills` 512-token prefills one at a time, and the median inter-token gap of
@@ -88,9 +93,6 @@ def speed_probe(server: str, prefills: int = 7, decode_batches: int = 3) -> dict
             "time_unix_s": time.time()}
 
 
-PROBE_DECODE_CONTEXT = PROBE_DECODE_BATCH * (PROBE_DECODE_PROMPT + 36)     # the middle steps' context
-
-
 def probe_ratios(cal: dict, before: dict | None, after: dict | None) -> tuple[float, float]:
     """(prefill, decode): how much slower than at the calibration the machine ran around one
     run, from the probes before and after it (their geometric mean; one alone if the other is
@@ -100,7 +102,7 @@ def probe_ratios(cal: dict, before: dict | None, after: dict | None) -> tuple[fl
     rates within target, against 1 and 2.)"""
     ref_p = next((m for n, m, _ in cal.get("prefill", []) if n == PROBE_PREFILL_LEN), None)
     ref_d = next((m for b, ctx, m, _ in cal.get("decode", [])
-                  if b == PROBE_DECODE_BATCH and ctx == PROBE_DECODE_CONTEXT), None)
+                  if b == PROBE_DECODE_BATCH and ctx == decode_context(b, PROBE_DECODE_PROMPT)), None)
 
     def ratio(key, ref):
         vals = [p[key] for p in (before, after) if p and p.get(key)]
@@ -184,7 +186,7 @@ def calibrate(server: str, serve_pid: int, engine, prompt_lens=(16, 128, 512), b
                     front.append((sum(r.num_tokens - 1 for r in recs) / span, use["serve"] + use["ray"] + use["client"]))
                 gaps.setdefault((n, b), []).extend(g for r in recs for g in r.itl_s[20:50])
     for (n, b), g in gaps.items():
-        ctx = b * (n + 36)                          # context of the middle steps
+        ctx = decode_context(b, n)
         out["decode"].append((b, ctx, float(np.median(g)), engine.decode_time(b, ctx)))
     after = cpu_snapshot(serve_pid)
     out["frontend_cpu_s_per_token"] = sum(after[k] - before[k] for k in ("serve", "ray", "client")) / max(1, tokens)

@@ -210,25 +210,11 @@ def prefill_attention_v3(q, k, v, cu_seqlens, scale, k_cache=None, v_cache=None,
     used (odd head dim, pre-Hopper GPU, 8-bit or misaligned data) the v1 kernel runs."""
     from kernels import prefill_attention as mod
     from kernels._launch import is_interpreted
-    mod._check("prefill_attention", q, k, v, cu_seqlens, k_cache, v_cache, block_tables,
-               prefix_lens)
-    interpreted = is_interpreted(_prefill_kernel_v3)
     if isinstance(config, str) or config is None:
         config = V3_CONFIGS[config or "v3-128x64-w8-s3"]
-    cfg = dict(mod._config(q.shape[2], interpreted), **config)
     out = output_like("prefill_attention", out, q)
-    T = q.shape[0]
-    B = cu_seqlens.shape[0] - 1
-    if T == 0 or B == 0:
-        return out
-    if not v3_ok(q, k, v, out, interpreted):
-        return mod._launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables,
-                           prefix_lens, config={}, out=out)
-    has_prefix = prefix_lens is not None
-    if not has_prefix:  # placeholders: HAS_PREFIX=False prunes every access to them
-        k_cache = v_cache = k
-        block_tables = prefix_lens = cu_seqlens
-    cache_strides = k_cache.stride()[:3] if has_prefix else (0, 0, 0)
-    launch_v3(q, k, v, out, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens,
-              cache_strides, has_prefix, cfg, interpreted)
-    return out
+    if not v3_ok(q, k, v, out, is_interpreted(_prefill_kernel_v3)):
+        config = {}         # v1 with its own tiles
+    # prefill_attention._launch checks the arguments and routes VARIANT "v3" to launch_v3.
+    return mod._launch(q, k, v, cu_seqlens, scale, k_cache, v_cache, block_tables, prefix_lens,
+                       config=config, out=out)

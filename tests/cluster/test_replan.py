@@ -127,10 +127,8 @@ def bench(d, info, name, ttft_slo, traces, seed):
 
 def scaled_profile(d, factor: float):
     """The committed CPU profile with every time coefficient multiplied by `factor`."""
-    prof = json.loads(PROFILE.read_text())
-    for entry in prof["tp"].values():
-        for phase in ("prefill", "decode"):
-            entry[phase] = {k: v * factor for k, v in entry[phase].items()}
+    from benchmarks.fidelity_calibration import at_speed
+    prof = at_speed(json.loads(PROFILE.read_text()), factor, factor)
     path = d / "profile-now.json"
     path.write_text(json.dumps(prof))
     return path
